@@ -1,0 +1,75 @@
+"""Converters that walk a model's module tree and swap normalisation layers.
+
+``from_torch`` / ``to_torch`` swap torch.nn.BatchNorm1d/2d/3d and ours both ways, keeping
+module names, the very same parameter and buffer tensors (so an optimizer built before the
+swap keeps working and the state_dict is unchanged) and the train/eval flag.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from . import modules
+
+_TORCH_TO_OURS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.BatchNorm1d: modules.BatchNorm1d,
+    nn.BatchNorm2d: modules.BatchNorm2d,
+    nn.BatchNorm3d: modules.BatchNorm3d,
+}
+_OURS_TO_TORCH = {ours: theirs for theirs, ours in _TORCH_TO_OURS.items()}
+
+
+def replace_modules(model: nn.Module, swap: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    """Return ``model`` with every submodule ``m`` for which ``swap(m)`` is not None
+    replaced by that result (the model itself too). Children are swapped in place."""
+    new = swap(model)
+    if new is not None:
+        return new
+    for name, child in model.named_children():
+        replaced = replace_modules(child, swap)
+        if replaced is not child:
+            setattr(model, name, replaced)
+    return model
+
+
+def transplant(old: nn.Module, new: nn.Module) -> nn.Module:
+    """Move ``old``'s parameters and buffers (the same tensors) and train flag onto ``new``."""
+    for name, param in old.named_parameters(recurse=False):
+        setattr(new, name, param)
+    for name, buf in old.named_buffers(recurse=False):
+        new._buffers[name] = buf
+    return new.train(old.training)
+
+
+def _bn_args(m: nn.Module) -> dict:
+    return dict(
+        num_features=m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
+        track_running_stats=m.track_running_stats, bias=getattr(m, "bias", None) is not None
+        or not m.affine,
+    )
+
+
+def _swap_with(table: dict[type[nn.Module], type[nn.Module]]):
+    def swap(m: nn.Module) -> nn.Module | None:
+        cls = table.get(type(m))
+        if cls is None:
+            return None
+        return transplant(m, cls(**_bn_args(m), device="meta"))
+
+    return swap
+
+
+def from_torch(model: nn.Module) -> nn.Module:
+    """Swap every torch.nn.BatchNorm1d/2d/3d in ``model`` for batchnorm's.
+
+    Only exact torch.nn classes are swapped (a user subclass may override forward).
+    Names, parameters, buffers and the train/eval flag are kept. Returns the model (the
+    swapped module when ``model`` itself is a BatchNorm)."""
+    return replace_modules(model, _swap_with(_TORCH_TO_OURS))
+
+
+def to_torch(model: nn.Module) -> nn.Module:
+    """Swap batchnorm's BatchNorm1d/2d/3d back to torch.nn's (for export or sharing)."""
+    return replace_modules(model, _swap_with(_OURS_TO_TORCH))

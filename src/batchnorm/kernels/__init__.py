@@ -1,0 +1,91 @@
+"""Compute backends behind one small interface (see ``torch_backend`` for the contract).
+
+A backend is a module with ``name``, ``supports(x) -> bool`` and any of the kernel
+functions of ``torch_backend``. For each call the dispatcher takes the first backend, in
+order of preference, that is enabled, supports the tensor and implements the function;
+the pure-torch backend closes every list, so a call never fails for want of a kernel.
+
+Choosing by hand::
+
+    batchnorm.kernels.set_backend("torch")      # force the pure-torch path everywhere
+    with batchnorm.kernels.use_backend("cpu"):  # or only inside a block
+        ...
+
+``"auto"`` (the default, or the environment variable ``BATCHNORM_BACKEND``) prefers the
+fused CPU kernels for CPU tensors and the Triton kernels for CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from collections.abc import Iterator
+from types import ModuleType
+
+from torch import Tensor
+
+from . import torch_backend
+
+BACKENDS = ("auto", "torch", "cpu", "triton")
+_OPTIONAL = {"cpu": "batchnorm.kernels.cpu_backend", "triton": "batchnorm.kernels.triton_backend"}
+_loaded: dict[str, ModuleType | None] = {"torch": torch_backend}
+_choice = os.environ.get("BATCHNORM_BACKEND", "auto")
+
+
+def _check(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: expected one of {BACKENDS}")
+    return name
+
+
+def load(name: str) -> ModuleType | None:
+    """The backend module ``name``, or None when its optional dependency is missing."""
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(_OPTIONAL[name])
+        except ImportError:
+            _loaded[name] = None
+    return _loaded[name]
+
+
+def set_backend(name: str) -> None:
+    """Choose the backend for every later call: "auto", "torch", "cpu" or "triton"."""
+    global _choice
+    _choice = _check(name)
+
+
+def get_backend() -> str:
+    """The backend choice in force."""
+    return _choice
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Within the block, use backend ``name`` (falling back to torch where it does not apply)."""
+    global _choice
+    previous, _choice = _choice, _check(name)
+    try:
+        yield
+    finally:
+        _choice = previous
+
+
+def _preference(x: Tensor) -> tuple[str, ...]:
+    if _choice != "auto":
+        return (_choice,)
+    return ("triton",) if x.is_cuda else ("cpu",)
+
+
+def pick(op: str, x: Tensor) -> ModuleType:
+    """The backend that runs kernel function ``op`` on tensor ``x``."""
+    for name in _preference(x):
+        backend = load(name) if name != "torch" else torch_backend
+        if backend is not None and hasattr(backend, op) and backend.supports(x):
+            return backend
+    return torch_backend
+
+
+def call(op: str, *args, **kwargs):
+    """Run kernel function ``op``; its first argument (a tensor) guides the choice."""
+    return getattr(pick(op, args[0]), op)(*args, **kwargs)

@@ -1,0 +1,197 @@
+"""Pure-torch backend: always available, always correct, any device, dtype and layout.
+
+Every backend implements the functions below on tensors whose channel axis is 1,
+shape ``(N, C, *)``. Statistics (``mean``, ``invstd``, sums) are 1-d tensors of length C
+in the accumulation dtype: float64 for float64 input, float32 otherwise (half inputs are
+accumulated in float32). ``invstd = 1 / sqrt(var + eps)`` with the *biased* variance.
+Outputs keep the input's dtype and memory format. Faster backends are tested against
+this one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import activations
+
+name = "torch"
+
+
+def supports(x: Tensor) -> bool:
+    """The pure-torch path takes everything."""
+    return True
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reduce_dims(x: Tensor) -> list[int]:
+    """Every axis except the channel axis 1."""
+    return [0, *range(2, x.dim())]
+
+
+def channel_view(v: Tensor, x: Tensor) -> Tensor:
+    """A per-channel vector shaped to broadcast against ``x`` (1, C, 1, ...)."""
+    return v.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance, accumulated in ``acc_dtype`` (two-pass, exact
+    for large means: no E[x^2] - E[x]^2 cancellation)."""
+    var, mean = torch.var_mean(x.to(acc_dtype(x.dtype)), dim=reduce_dims(x), correction=0)
+    return mean, var
+
+
+def _scale_shift(
+    mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """y = x * scale + shift with scale = weight * invstd, shift = bias - mean * scale."""
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(invstd.dtype)
+    return scale, shift
+
+
+def normalize(
+    x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> Tensor:
+    """y = (x - mean) * invstd * weight + bias, computed in the accumulation dtype."""
+    scale, shift = _scale_shift(mean, invstd, weight, bias)
+    y = x.to(scale.dtype) * channel_view(scale, x) + channel_view(shift, x)
+    return y.to(x.dtype)
+
+
+def forward_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training forward: batch statistics, then normalise. Returns (y, mean, invstd)."""
+    mean, var = batch_stats(x)
+    invstd = torch.rsqrt(var + eps)
+    return normalize(x, mean, invstd, weight, bias), mean, invstd
+
+
+def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
+    """The two reductions of the backward: sum(dy) and sum(dy * x_hat) per channel."""
+    acc = mean.dtype
+    dims = reduce_dims(x)
+    dyf = dy.to(acc)
+    x_hat = (x.to(acc) - channel_view(mean, x)) * channel_view(invstd, x)
+    return dyf.sum(dims), (dyf * x_hat).sum(dims)
+
+
+def backward_elemt(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+    count: float,
+) -> Tensor:
+    """dx = weight * invstd * (dy - sum_dy / m - x_hat * sum_dy_xhat / m), m = ``count``.
+
+    The sums may come from more data than ``x`` (sync BN passes all-reduced sums and the
+    global count)."""
+    acc = mean.dtype
+    k = invstd if weight is None else weight.to(acc) * invstd
+    x_hat = (x.to(acc) - channel_view(mean, x)) * channel_view(invstd, x)
+    dx = channel_view(k, x) * (
+        dy.to(acc) - channel_view(sum_dy / count, x) - x_hat * channel_view(sum_dy_xhat / count, x)
+    )
+    return dx.to(x.dtype)
+
+
+def backward(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    output_mask: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Closed-form training backward. Returns (dx, dweight, dbias), None where masked off.
+
+    dweight = sum(dy * x_hat), dbias = sum(dy) (in the accumulation dtype; the caller casts
+    to the parameter dtype)."""
+    sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean, invstd)
+    dx = None
+    if output_mask[0]:
+        count = x.numel() // x.shape[1]
+        dx = backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
+    return (
+        dx,
+        sum_dy_xhat if output_mask[1] else None,
+        sum_dy if output_mask[2] else None,
+    )
+
+
+def backward_eval(
+    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
+    output_mask: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Backward of the eval forward (fixed statistics): dx = dy * weight * invstd."""
+    acc = mean.dtype
+    dims = reduce_dims(x)
+    dx = dw = db = None
+    if output_mask[0]:
+        k = invstd if weight is None else weight.to(acc) * invstd
+        dx = (dy.to(acc) * channel_view(k, x)).to(x.dtype)
+    if output_mask[1]:
+        x_hat = (x.to(acc) - channel_view(mean, x)) * channel_view(invstd, x)
+        dw = (dy.to(acc) * x_hat).sum(dims)
+    if output_mask[2]:
+        db = dy.to(acc).sum(dims)
+    return dx, dw, db
+
+
+def forward_train_act(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: str, alpha: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training forward of BN followed by an activation. Returns (z, mean, invstd)."""
+    y, mean, invstd = forward_train(x, weight, bias, eps)
+    return activations.apply(y.to(mean.dtype), act, alpha).to(x.dtype), mean, invstd
+
+
+def forward_eval_act(
+    x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None,
+    act: str, alpha: float,
+) -> Tensor:
+    """Eval forward of BN (given statistics) followed by an activation."""
+    y = normalize(x, mean, invstd, weight, bias)
+    return activations.apply(y.to(mean.dtype), act, alpha).to(x.dtype)
+
+
+def backward_act(
+    dz: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
+    bias: Tensor | None, act: str, alpha: float, training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of BN + invertible activation from the OUTPUT z alone (no input saved).
+
+    y = act^-1(z); x_hat = (y - bias) / weight; dy = dz * act'(y); then the BN backward in
+    terms of x_hat (training: closed form through the batch statistics; eval: fixed
+    statistics). ``weight`` must have no zero entry (the layer keeps |weight| away from
+    0). Returns (dx, dweight, dbias) in the accumulation dtype for dweight/dbias."""
+    acc = mean.dtype
+    dims = reduce_dims(z)
+    zf = z.to(acc)
+    y = activations.inverse(zf, act, alpha)
+    dy = dz.to(acc) * activations.grad_from_output(zf, act, alpha)
+    x_hat = y if bias is None else y - channel_view(bias.to(acc), z)
+    if weight is not None:
+        x_hat = x_hat / channel_view(weight.to(acc), z)
+    sum_dy = dy.sum(dims)
+    sum_dy_xhat = (dy * x_hat).sum(dims)
+    k = invstd if weight is None else weight.to(acc) * invstd
+    if training:
+        m = z.numel() // z.shape[1]
+        dx = channel_view(k, z) * (
+            dy - channel_view(sum_dy / m, z) - x_hat * channel_view(sum_dy_xhat / m, z)
+        )
+    else:
+        dx = dy * channel_view(k, z)
+    return dx.to(z.dtype), sum_dy_xhat, sum_dy

@@ -1,0 +1,124 @@
+"""Statistics helpers shared by every variant: moments, their exact merge, running updates.
+
+Design: a batch is summarised per channel by ``Moments(count, mean, m2)`` where
+``m2 = sum((x - mean)^2)``. Two summaries merge exactly (Chan, Golub & LeVeque 1979):
+
+    n = n_a + n_b,  delta = mean_b - mean_a
+    mean = mean_a + delta * n_b / n
+    m2   = m2_a + m2_b + delta^2 * n_a * n_b / n
+
+Ghost BN, sync BN, PreciseBN and micro-batch accumulation all reduce to this merge.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import kernels
+
+
+class Moments(NamedTuple):
+    """Per-channel count, mean and sum of squared deviations (float32 or float64)."""
+
+    count: Tensor
+    mean: Tensor
+    m2: Tensor
+
+    @property
+    def var(self) -> Tensor:
+        """Biased variance m2 / count (what BN normalises with); 0 where count is 0."""
+        return self.m2 / self.count.clamp(min=1)
+
+    @property
+    def unbiased_var(self) -> Tensor:
+        """Unbiased variance m2 / (count - 1) (what BN stores); inf where count <= 1."""
+        return self.m2 / (self.count - 1)
+
+
+def moments(x: Tensor) -> Moments:
+    """Moments of ``x`` (N, C, *) per channel, from the fastest applicable kernel."""
+    mean, var = kernels.call("batch_stats", x)
+    count = torch.full_like(mean, x.numel() // max(x.shape[1], 1))
+    return Moments(count, mean, var * count)
+
+
+def merge(a: Moments, b: Moments) -> Moments:
+    """Chan's exact merge of two summaries; empty summaries (count 0) are neutral."""
+    n = a.count + b.count
+    safe_n = n.clamp(min=1)
+    delta = b.mean - a.mean
+    mean = a.mean + delta * (b.count / safe_n)
+    m2 = a.m2 + b.m2 + delta * delta * (a.count * b.count / safe_n)
+    return Moments(n, mean, m2)
+
+
+def merge_all(parts: Iterable[Moments]) -> Moments:
+    """Merge any number of summaries (at least one)."""
+    parts = iter(parts)
+    total = next(parts)
+    for part in parts:
+        total = merge(total, part)
+    return total
+
+
+def var_from_invstd(invstd: Tensor, eps: float) -> Tensor:
+    """The biased variance behind ``invstd = 1/sqrt(var + eps)``, recovered in float64."""
+    return (invstd.double().pow(-2) - eps).clamp(min=0).to(invstd.dtype)
+
+
+@torch.no_grad()
+def update_running(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: float,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None = None,
+    warn: bool = True,
+) -> Tensor:
+    """Fold one batch's statistics into the running buffers, in place.
+
+    PyTorch's convention: ``momentum`` weights the NEW batch,
+    ``running = (1 - momentum) * running + momentum * stat``; ``momentum=None`` is the
+    cumulative average (factor ``1 / num_batches_tracked`` after the increment). The
+    stored variance is the unbiased one, ``var * count / (count - 1)``.
+
+    Guard: if any batch statistic is non-finite (NaN/Inf input, fp16 overflow) nothing is
+    updated, ``num_batches_tracked`` included, and a warning names the channels. The
+    guard uses ``torch.where`` (no host sync) so it also works under ``torch.compile``;
+    only the warning inspects values, and it is skipped while compiling.
+
+    Returns a 0-d bool tensor: whether the update was applied.
+    """
+    unbiased = var * (count / (count - 1)) if count > 1 else var
+    finite = torch.isfinite(mean) & torch.isfinite(unbiased)
+    ok = finite.all()
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        factor = 1.0 / num_batches_tracked.clamp(min=1).to(running_mean.dtype)
+    else:
+        factor = torch.tensor(momentum, dtype=running_mean.dtype, device=running_mean.device)
+    factor = torch.where(ok, factor, torch.zeros_like(factor))
+    new_mean = torch.where(ok, mean.to(running_mean.dtype), running_mean)
+    new_var = torch.where(ok, unbiased.to(running_var.dtype), running_var)
+    running_mean.lerp_(new_mean, factor)
+    running_var.lerp_(new_var, factor)
+    if warn and not torch.compiler.is_compiling() and not bool(ok):
+        bad = (~finite).nonzero().flatten().tolist()
+        warnings.warn(
+            f"batch statistics are not finite in channel(s) {bad[:20]}"
+            f"{' ...' if len(bad) > 20 else ''}: running statistics were NOT updated "
+            "(the output follows IEEE arithmetic). Check the input for NaN/Inf or overflow.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return ok

@@ -1,0 +1,82 @@
+"""The explicit backward: gradcheck and gradgradcheck in float64, the custom Function
+really is what runs, and torch.compile works with it."""
+
+import pytest
+import torch
+
+import batchnorm
+from batchnorm.autograd import BatchNormEval, BatchNormTrain
+
+
+def _inputs(shape, affine=True):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    c = shape[1]
+    w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_() if affine else None
+    b = torch.randn(c, dtype=torch.float64, requires_grad=True) if affine else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (3, 2, 4), (2, 3, 3, 2)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_training_gradcheck_and_gradgradcheck(shape, affine):
+    x, w, b = _inputs(shape, affine)
+    f = lambda x, w, b: BatchNormTrain.apply(x, w, b, 1e-5)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (2, 3, 3, 2)])
+def test_eval_gradcheck_and_gradgradcheck(shape):
+    x, w, b = _inputs(shape)
+    mean = torch.randn(shape[1], dtype=torch.float64)
+    invstd = torch.rand(shape[1], dtype=torch.float64) + 0.5
+    f = lambda x, w, b: BatchNormEval.apply(x, mean, invstd, w, b)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+def test_module_runs_the_explicit_backward():
+    bn = batchnorm.BatchNorm2d(3)
+    y = bn(torch.randn(4, 3, 2, 2, requires_grad=True))
+    assert "BatchNormTrain" in type(y.grad_fn).__name__
+
+
+def test_gradient_penalty_matches_torch():
+    # d/dx of ||d loss/dx||^2 needs the second derivative through the batch statistics
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    out = []
+    for bn in (batchnorm.BatchNorm1d(3, dtype=torch.float64), torch.nn.BatchNorm1d(3, dtype=torch.float64)):
+        xi = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad((bn(xi) ** 3).sum(), xi, create_graph=True)
+        (gg,) = torch.autograd.grad(g.pow(2).sum(), xi)
+        out.append(gg)
+    torch.testing.assert_close(out[0], out[1], rtol=1e-9, atol=1e-9)
+
+
+def test_bias_false_matches_torch():
+    ours, theirs = batchnorm.BatchNorm2d(3, bias=False), torch.nn.BatchNorm2d(3, bias=False)
+    x = torch.randn(4, 3, 5, 5)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours(x1).pow(2).sum().backward()
+    theirs(x2).pow(2).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), batchnorm.BatchNorm2d(4), torch.nn.ReLU())
+    eager = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), batchnorm.BatchNorm2d(4), torch.nn.ReLU())
+    eager.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 3, 8, 8)
+    for mode in ("train", "eval"):
+        model.train(mode == "train")
+        eager.train(mode == "train")
+        y1, y2 = compiled(x), eager(x)
+        torch.testing.assert_close(y1, y2)
+        y1.sum().backward()
+        y2.sum().backward()
+        torch.testing.assert_close(model[0].weight.grad, eager[0].weight.grad)
+    torch.testing.assert_close(model[1].running_mean, eager[1].running_mean)
+    assert model[1].num_batches_tracked.item() == 1
