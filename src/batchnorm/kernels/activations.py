@@ -15,6 +15,11 @@ from torch import Tensor
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu", "gelu")
 
+# elu saturates: below y of about -17 its float32 output is exactly -alpha, whose inverse is
+# -inf (and 0 * inf = NaN in the backward). Every backend clamps z / alpha at this floor,
+# so such elements are recovered as y = log(2^-23), about -15.9: finite, with elu'(y) < 2e-7.
+ELU_FLOOR = -1.0 + 2.0**-23
+
 
 def check(act: str, alpha: float) -> None:
     """Raise a clear error for an unknown activation or a parameter it cannot use."""
@@ -68,7 +73,7 @@ def inverse(z: Tensor, act: str, alpha: float) -> Tensor:
     if act == "leaky_relu":
         return torch.where(z >= 0, z, z / alpha)
     if act == "elu":
-        return torch.where(z > 0, z, torch.log1p(z / alpha))
+        return torch.where(z > 0, z, torch.log1p((z / alpha).clamp(min=ELU_FLOOR)))
     raise ValueError(f"activation {act!r} (alpha={alpha}) is not invertible")
 
 

@@ -1,0 +1,401 @@
+"""The Triton kernels, run on CPU tensors by Triton's interpreter, against float64 math
+and the pure-torch backend.
+
+The interpreter must be chosen before ``triton.jit`` decorates the kernels, so this module
+sets ``TRITON_INTERPRET=1`` before importing the backend (and reloads the backend if an
+earlier test imported it without the interpreter); the variable is set again while
+this module's tests run and restored after them. The interpreter runs the tiny block
+sizes of ``INTERPRETER_TUNING``, so these small shapes cross block edges and split their
+reductions over several programs. Its float32 -> bfloat16 conversion truncates where a
+GPU rounds to nearest, hence one bfloat16 step of tolerance.
+"""
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+_previous = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from batchnorm import kernels  # noqa: E402
+from batchnorm.kernels import activations, torch_backend  # noqa: E402
+from batchnorm.kernels import _triton_kernels, triton_backend as tb  # noqa: E402
+
+if not tb.INTERPRETED:  # imported earlier for the GPU: rebuild the kernels for the interpreter
+    importlib.reload(_triton_kernels)
+    tb = importlib.reload(tb)
+if _previous is None:  # keep the variable to this module's tests (see _interpreter below)
+    del os.environ["TRITON_INTERPRET"]
+else:
+    os.environ["TRITON_INTERPRET"] = _previous
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter():
+    """Triton also reads TRITON_INTERPRET at launch time (lazy imports)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
+EPS = 1e-5
+# (shape, channels_last): odd sizes, C = 1/3/7/9/17, spatial 1/5/33, N = 1..3; the
+# interpreter's blocks are 16 spatial positions or 8 channels wide.
+CASES = [
+    ((3, 7, 33), False),
+    ((3, 7, 33), True),
+    ((2, 3, 5, 7), False),
+    ((1, 17, 3, 3), True),
+    ((5, 9), False),
+    ((2, 1, 5), False),
+    ((1, 3, 1), True),
+]
+CASE_IDS = [f"{'x'.join(map(str, s))}-{'cl' if cl else 'nchw'}" for s, cl in CASES]
+# Output tolerances against float64 math (bfloat16/float16: one rounding step of the output).
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
+STATS_TOL = dict(rtol=1e-5, atol=1e-6)  # float32 statistics against float64
+
+
+def make(shape, channels_last=False, dtype=torch.float32, scale=2.0, shift=0.5):
+    """A test input in the requested layout (channel axis innermost when channels_last)."""
+    x = torch.randn(shape) * scale + shift
+    if channels_last:
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    return x.to(dtype)
+
+
+def params(C):
+    return torch.randn(C) * 0.5 + 1.0, torch.randn(C) * 0.3
+
+
+def f64(*ts):
+    return [None if t is None else t.double() for t in ts]
+
+
+def close(actual, expected, **tol):
+    torch.testing.assert_close(actual.double(), expected.double(), **tol)
+
+
+def test_triton_supports_dense_layouts_and_half_types_only():
+    x = make((2, 3, 4, 5))
+    assert tb.supports(x)
+    assert tb.supports(x.to(memory_format=torch.channels_last))
+    assert tb.supports(x.bfloat16()) and tb.supports(x.half())
+    assert not tb.supports(x.double())  # float64 stays on the pure-torch path
+    assert not tb.supports(x[:, :, ::2])  # neither NCHW-contiguous nor channels last
+    assert not tb.supports(x.transpose(2, 3))
+    assert not tb.supports(torch.randn(5))
+    assert not tb.supports(torch.randn(0, 3, 4))
+
+
+@pytest.mark.parametrize("shape,cl", CASES, ids=CASE_IDS)
+def test_triton_training_forward_and_backward_match_float64(shape, cl):
+    x = make(shape, cl)
+    w, b = params(shape[1])
+    dy = make(shape, cl)
+    y, mean, invstd = tb.forward_train(x, w, b, EPS)
+    y64, mean64, invstd64 = torch_backend.forward_train(*f64(x, w, b), EPS)
+    close(mean, mean64, **STATS_TOL)
+    close(invstd, invstd64, **STATS_TOL)
+    close(y, y64, **TOL[torch.float32])
+    assert y.dtype == x.dtype and y.stride() == x.stride()
+    dx, dw, db = tb.backward(dy, x, mean, invstd, w)
+    dx64, dw64, db64 = torch_backend.backward(*f64(dy, x, mean64, invstd64, w))
+    close(dx, dx64, **TOL[torch.float32])
+    close(dw, dw64, rtol=1e-5, atol=1e-4)
+    close(db, db64, rtol=1e-5, atol=1e-4)
+    assert dx.stride() == x.stride() and dw.dtype == torch.float32
+
+
+@pytest.mark.parametrize("shape,cl", CASES[:4], ids=CASE_IDS[:4])
+def test_triton_batch_stats_and_normalize_match_torch_backend(shape, cl):
+    x = make(shape, cl)
+    mean, var = tb.batch_stats(x)
+    mean_t, var_t = torch_backend.batch_stats(x)
+    close(mean, mean_t, **STATS_TOL)
+    close(var, var_t, **STATS_TOL)
+    w, b = params(shape[1])
+    invstd = torch.rsqrt(var_t + EPS)
+    for weight, bias in [(w, b), (None, None), (w, None), (None, b)]:
+        y = tb.normalize(x, mean_t, invstd, weight, bias)
+        close(y, torch_backend.normalize(x, mean_t, invstd, weight, bias), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("shape,cl", CASES[1:3], ids=CASE_IDS[1:3])
+def test_triton_backward_pieces_take_sums_and_count_from_a_larger_batch(shape, cl):
+    """backward_reduce + backward_elemt with all-reduced sums and a global count (sync BN)."""
+    x, dy = make(shape, cl), make(shape, cl)
+    w, _ = params(shape[1])
+    mean, var = torch_backend.batch_stats(x)
+    invstd = torch.rsqrt(var + EPS)
+    sums = tb.backward_reduce(dy, x, mean, invstd)
+    sums64 = torch_backend.backward_reduce(*f64(dy, x, mean, invstd))
+    for s, s64 in zip(sums, sums64):
+        close(s, s64, rtol=1e-5, atol=1e-4)
+    count = 3 * x.numel() // x.shape[1]
+    sum_dy, sum_dy_xhat = 3 * sums64[0], 3 * sums64[1]  # two more replicas' sums
+    dx = tb.backward_elemt(dy, x, mean, invstd, w, sum_dy.float(), sum_dy_xhat.float(), count)
+    dx64 = torch_backend.backward_elemt(*f64(dy, x, mean, invstd, w, sum_dy, sum_dy_xhat), count)
+    close(dx, dx64, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("mask", [(True, True, True), (True, False, False), (False, True, True)])
+def test_triton_backward_masks_and_eval_backward(mask):
+    shape = (3, 7, 33)
+    x, dy = make(shape), make(shape)
+    w, _ = params(7)
+    mean, var = torch_backend.batch_stats(x)
+    invstd = torch.rsqrt(var + EPS)
+    for ours, theirs in [(tb.backward, torch_backend.backward),
+                         (tb.backward_eval, torch_backend.backward_eval)]:
+        got = ours(dy, x, mean, invstd, w, mask)
+        want = theirs(*f64(dy, x, mean, invstd, w), mask)
+        for g, e, on in zip(got, want, mask):
+            assert (g is None) == (not on)
+            if on:
+                close(g, e, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cl", [False, True])
+def test_triton_half_inputs_keep_their_dtype_with_float32_statistics(dtype, cl):
+    shape = (3, 9, 5)
+    x, dy = make(shape, cl, dtype), make(shape, cl, dtype)
+    w, b = params(9)
+    y, mean, invstd = tb.forward_train(x, w, b, EPS)
+    y64, mean64, invstd64 = torch_backend.forward_train(*f64(x, w, b), EPS)
+    assert y.dtype == dtype and mean.dtype == torch.float32 and y.stride() == x.stride()
+    close(mean, mean64, **STATS_TOL)
+    close(invstd, invstd64, **STATS_TOL)
+    close(y, y64, **TOL[dtype])
+    dx, dw, db = tb.backward(dy, x, mean, invstd, w)
+    dx64, dw64, db64 = torch_backend.backward(*f64(dy, x, mean64, invstd64, w))
+    assert dx.dtype == dtype and dw.dtype == torch.float32
+    close(dx, dx64, **TOL[dtype])
+    close(dw, dw64, rtol=1e-5, atol=1e-4)
+    close(db, db64, rtol=1e-5, atol=1e-4)
+
+
+def test_triton_statistics_survive_a_large_mean():
+    """mean 1e4, std 1 in float32: E[x^2] - E[x]^2 would lose every digit of the variance."""
+    x = make((3, 2, 65), scale=1.0, shift=1e4)
+    mean, var = tb.batch_stats(x)
+    mean64, var64 = torch_backend.batch_stats(x.double())
+    close(mean, mean64, rtol=1e-7, atol=0)
+    close(var, var64, rtol=1e-4, atol=0)
+    y, _, _ = tb.forward_train(x, None, None, EPS)
+    close(y, torch_backend.forward_train(x.double(), None, None, EPS)[0], rtol=0, atol=2e-3)
+
+
+def test_triton_dy_in_another_layout_than_x():
+    x = make((2, 5, 3, 3), channels_last=True)
+    dy = make((2, 5, 3, 3))
+    mean, var = torch_backend.batch_stats(x)
+    invstd = torch.rsqrt(var + EPS)
+    dx, dw, db = tb.backward(dy, x, mean, invstd, None)
+    want = torch_backend.backward(*f64(dy, x, mean, invstd), None)
+    assert dx.stride() == x.stride()
+    for g, e in zip((dx, dw, db), want):
+        close(g, e, rtol=1e-5, atol=1e-4)
+
+
+ACTS = [("identity", 0.0), ("relu", 0.0), ("leaky_relu", 0.1), ("elu", 1.3), ("silu", 0.0),
+        ("gelu", 0.0)]
+
+
+@pytest.mark.parametrize("act,alpha", ACTS, ids=[a for a, _ in ACTS])
+def test_triton_forward_with_activation_matches_float64(act, alpha):
+    x = make((2, 7, 33), channels_last=act in ("elu", "gelu"))
+    w, b = params(7)
+    z, mean, invstd = tb.forward_train_act(x, w, b, EPS, act, alpha)
+    z64, mean64, invstd64 = torch_backend.forward_train_act(*f64(x, w, b), EPS, act, alpha)
+    close(z, z64, **TOL[torch.float32])
+    z_eval = tb.forward_eval_act(x, mean64.float(), invstd64.float(), w, b, act, alpha)
+    close(z_eval, torch_backend.forward_eval_act(*f64(x, mean64, invstd64, w, b), act, alpha),
+          **TOL[torch.float32])
+
+
+INVERTIBLE = [("identity", 0.0), ("leaky_relu", 0.1), ("elu", 1.3)]
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("act,alpha", INVERTIBLE, ids=[a for a, _ in INVERTIBLE])
+def test_triton_backward_with_activation_from_the_output(act, alpha, training):
+    cl = act == "leaky_relu"
+    x, dz = make((3, 9, 5), cl), make((3, 9, 5), cl)
+    w, b = params(9)
+    z, mean, invstd = tb.forward_train_act(x, w, b, EPS, act, alpha)
+    got = tb.backward_act(dz, z, mean, invstd, w, b, act, alpha, training)
+    want = torch_backend.backward_act(*f64(dz, z, mean, invstd, w, b), act, alpha, training)
+    assert got[0].stride() == z.stride()
+    for g, e in zip(got, want):
+        close(g, e, rtol=1e-5, atol=1e-4)
+    # without weight and bias
+    got = tb.backward_act(dz, z, mean, invstd, None, None, act, alpha, training)
+    want = torch_backend.backward_act(*f64(dz, z, mean, invstd), None, None, act, alpha, training)
+    for g, e in zip(got, want):
+        close(g, e, rtol=1e-5, atol=1e-4)
+
+
+def test_triton_backward_with_activation_equals_autograd_in_float64():
+    """The from-output backward gives the true gradient of act(BN(x)) (training mode)."""
+    x, dz = make((2, 3, 17)), make((2, 3, 17))
+    w, b = params(3)
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, w, b))
+    out = activations.apply(torch.nn.functional.batch_norm(
+        x64, None, None, w64, b64, training=True, eps=EPS), "elu", 1.3)
+    out.backward(dz.double())
+    z, mean, invstd = tb.forward_train_act(x, w, b, EPS, "elu", 1.3)
+    dx, dw, db = tb.backward_act(dz, z, mean, invstd, w, b, "elu", 1.3, True)
+    close(dx, x64.grad, rtol=1e-4, atol=1e-4)
+    close(dw, w64.grad, rtol=1e-4, atol=1e-4)
+    close(db, b64.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_activation_errors_are_clear():
+    x = make((2, 3, 5))
+    z, mean, invstd = tb.forward_train_act(x, None, None, EPS, "relu", 0.0)
+    with pytest.raises(ValueError, match="not invertible"):
+        tb.backward_act(x, z, mean, invstd, None, None, "relu", 0.0, True)
+    with pytest.raises(ValueError, match="unknown activation"):
+        tb.forward_train_act(x, None, None, EPS, "tanh", 0.0)
+
+
+@pytest.mark.parametrize("cl", [False, True])
+def test_triton_gpu_block_sizes_under_the_interpreter(monkeypatch, cl):
+    """The GPU's block sizes (512 spatial positions, 128 channels per block) on shapes
+    that cross them, split over several programs."""
+    monkeypatch.setattr(tb, "_tuning", lambda device: tb.GPU_TUNING)
+    monkeypatch.setattr(tb, "_sm_count", lambda device: 2)
+    shape = (9, 130, 2, 3) if cl else (3, 2, 1100)
+    x, dy = make(shape, cl), make(shape, cl)
+    w, b = params(shape[1])
+    y, mean, invstd = tb.forward_train(x, w, b, EPS)
+    y64, mean64, invstd64 = torch_backend.forward_train(*f64(x, w, b), EPS)
+    close(mean, mean64, **STATS_TOL)
+    close(y, y64, **TOL[torch.float32])
+    dx, dw, db = tb.backward(dy, x, mean, invstd, w)
+    dx64, dw64, db64 = torch_backend.backward(*f64(dy, x, mean64, invstd64, w))
+    close(dx, dx64, **TOL[torch.float32])
+    close(dw, dw64, rtol=1e-5, atol=1e-4)
+
+
+def test_triton_dispatcher_selects_the_backend_for_supported_tensors():
+    x = make((2, 3, 5))
+    with kernels.use_backend("triton"):
+        assert kernels.pick("forward_train", x).name == "triton"
+        assert kernels.pick("forward_train", x.double()) is torch_backend
+
+
+def test_triton_missing_means_the_backend_is_absent(monkeypatch):
+    """Without the optional ``triton`` package the module does not import and the
+    dispatcher falls back to the pure-torch backend."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` fail
+    for mod in ("batchnorm.kernels.triton_backend", "batchnorm.kernels._triton_kernels"):
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setattr(kernels, "_loaded", {"torch": torch_backend})
+    with pytest.raises(ImportError):
+        importlib.import_module("batchnorm.kernels.triton_backend")
+    assert kernels.load("triton") is None
+    with kernels.use_backend("triton"):
+        assert kernels.pick("forward_train", make((2, 3, 5))) is torch_backend
+
+
+@pytest.mark.parametrize("cl", [False, True])
+def test_triton_bench_pairs_agree_with_native_on_cpu(cl):
+    """The GPU benchmark times ours against native: the pairs compute the same thing."""
+    from batchnorm import bench_gpu
+
+    x, dy = make((2, 5, 3, 4), cl), make((2, 5, 3, 4), cl)
+    w, b = params(5)
+    for op in bench_gpu.OPS:
+        ours, native = bench_gpu.op_pair(op.name, x, w, b, dy)
+        close(ours(), native(), rtol=1e-5, atol=1e-5)
+
+
+# Compiled for an H100 (sm_90) without a GPU: the interpreter accepts code that the
+# compiler rejects (e.g. a non-constexpr global). One variant per kernel and feature.
+_COMPILE = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import ASTSource
+from batchnorm.kernels import _triton_kernels as k
+
+FLOATS = ("alpha", "eps", "inv_count")
+VARIANTS = [
+    ("stats_partial_kernel", "bf16", dict(CL=False, BLOCK_R=8, BLOCK_K=512)),
+    ("stats_partial_kernel", "fp32", dict(CL=True, BLOCK_R=32, BLOCK_K=128)),
+    ("stats_merge_kernel", "fp32", dict(BLOCK_C=64, BLOCK_P=64)),
+    ("normalize_kernel", "fp16", dict(HAS_W=True, HAS_B=True, ACT=5, CL=False, BLOCK_R=8, BLOCK_K=512)),
+    ("normalize_kernel", "bf16", dict(HAS_W=False, HAS_B=False, ACT=3, CL=True, BLOCK_R=32, BLOCK_K=128)),
+    ("normalize_kernel", "fp32", dict(HAS_W=True, HAS_B=False, ACT=4, CL=True, BLOCK_R=32, BLOCK_K=128)),
+    ("grad_partial_kernel", "bf16", dict(FROM_OUTPUT=True, HAS_CENTER=True, ACT=3, CL=False, BLOCK_R=8, BLOCK_K=512)),
+    ("grad_partial_kernel", "fp32", dict(FROM_OUTPUT=False, HAS_CENTER=True, ACT=0, CL=True, BLOCK_R=32, BLOCK_K=128)),
+    ("grad_merge_kernel", "fp32", dict(SCALE_MODE=2, BLOCK_C=64, BLOCK_P=64)),
+    ("grad_elemt_kernel", "fp16", dict(TRAINING=True, FROM_OUTPUT=True, HAS_W=True, HAS_CENTER=True, ACT=2, CL=True, BLOCK_R=32, BLOCK_K=128)),
+    ("grad_elemt_kernel", "bf16", dict(TRAINING=True, FROM_OUTPUT=False, HAS_W=False, HAS_CENTER=True, ACT=0, CL=False, BLOCK_R=8, BLOCK_K=512)),
+    ("grad_elemt_kernel", "fp32", dict(TRAINING=False, FROM_OUTPUT=False, HAS_W=True, HAS_CENTER=False, ACT=0, CL=False, BLOCK_R=8, BLOCK_K=512)),
+]
+for name, dtype, const in VARIANTS:
+    fn = getattr(k, name)
+    sig = {}
+    for arg in fn.arg_names:
+        if arg in const:
+            sig[arg] = "constexpr"
+        elif arg.endswith(("_ptr", "_out")):
+            sig[arg] = "*" + (dtype if arg in ("x_ptr", "y_ptr", "g_ptr", "v_ptr", "dx_ptr") else "fp32")
+        else:
+            sig[arg] = "fp32" if arg in FLOATS else "i32"
+    triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+print("compiled", len(VARIANTS))
+"""
+
+
+def test_triton_kernels_compile_for_an_h100():
+    import subprocess
+
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton build has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_triton_backend_behind_the_module_matches_torch_nn():
+    """BatchNorm2d with the Triton backend forced: the same outputs, gradients and running
+    statistics as torch.nn.BatchNorm2d (training step, then eval)."""
+    import batchnorm
+
+    x = make((3, 5, 4, 3), channels_last=True)
+    dy = make((3, 5, 4, 3), channels_last=True)
+    ours, theirs = batchnorm.BatchNorm2d(5), torch.nn.BatchNorm2d(5)
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.weight.copy_(torch.linspace(0.5, 1.5, 5))
+            m.bias.copy_(torch.linspace(-1, 1, 5))
+    xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with kernels.use_backend("triton"):
+        assert kernels.pick("forward_train", x).name == "triton"
+        yo = ours(xo)
+        yo.backward(dy)
+        ours.eval()
+        eval_o = ours(x)
+    yt = theirs(xt)
+    yt.backward(dy)
+    theirs.eval()
+    close(yo, yt, rtol=1e-5, atol=1e-5)
+    close(xo.grad, xt.grad, rtol=1e-5, atol=1e-5)
+    close(ours.weight.grad, theirs.weight.grad, rtol=1e-5, atol=1e-4)
+    close(ours.bias.grad, theirs.bias.grad, rtol=1e-5, atol=1e-4)
+    close(ours.running_mean, theirs.running_mean, rtol=1e-5, atol=1e-6)
+    close(ours.running_var, theirs.running_var, rtol=1e-5, atol=1e-6)
+    close(eval_o, theirs(x), rtol=1e-5, atol=1e-5)
