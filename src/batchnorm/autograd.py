@@ -32,7 +32,7 @@ from . import ops
 from .kernels.torch_backend import acc_dtype, channel_view, reduce_dims
 
 
-def _like_layout(t: Tensor, x: Tensor) -> Tensor:
+def like_layout(t: Tensor, x: Tensor) -> Tensor:
     """``t`` in the memory layout of ``x`` (kernels expect dy laid out like x)."""
     if x.dim() in (4, 5) and not x.is_contiguous() and x.is_contiguous(
         memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d
@@ -109,7 +109,7 @@ class BatchNormTrain(torch.autograd.Function):
         if torch.is_grad_enabled():
             dx, dw, db = differentiable_backward(dy, x, weight, ctx.eps)
         else:
-            dx, dw, db = ops.backward(_like_layout(dy, x), x, mean, invstd, weight)
+            dx, dw, db = ops.backward(like_layout(dy, x), x, mean, invstd, weight)
         need = ctx.needs_input_grad
         return (
             dx if need[0] else None,

@@ -12,6 +12,13 @@ from collections.abc import Callable
 from torch import nn
 
 from . import modules
+from .variants.export import variant_to_torch
+from .variants.frozen import freeze, unfreeze
+
+__all__ = [
+    "replace_modules", "transplant", "from_torch", "to_torch", "freeze", "unfreeze",
+    "convert_sync_batchnorm",
+]
 
 _TORCH_TO_OURS: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm1d: modules.BatchNorm1d,
@@ -71,5 +78,18 @@ def from_torch(model: nn.Module) -> nn.Module:
 
 
 def to_torch(model: nn.Module) -> nn.Module:
-    """Swap batchnorm's BatchNorm1d/2d/3d back to torch.nn's (for export or sharing)."""
-    return replace_modules(model, _swap_with(_OURS_TO_TORCH))
+    """Swap batchnorm's BatchNorm1d/2d/3d back to torch.nn's (for export or sharing).
+
+    The variants become the torch.nn modules closest to them (what is kept and what is
+    lost: ``batchnorm.variants.export``)."""
+    plain = _swap_with(_OURS_TO_TORCH)
+
+    def swap(m: nn.Module) -> nn.Module | None:
+        replaced = variant_to_torch(m)
+        return plain(m) if replaced is None else replaced
+
+    return replace_modules(model, swap)
+
+
+# Sync conversion lives with SyncBatchNorm; re-exported here with the other converters.
+from .distributed import convert_sync_batchnorm  # noqa: E402

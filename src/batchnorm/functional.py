@@ -65,6 +65,8 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    *,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Batch normalization with the semantics of ``torch.nn.functional.batch_norm``.
 
@@ -72,7 +74,16 @@ def batch_norm(
     updates them in place (``momentum`` weights the new batch; the unbiased variance is
     stored; non-finite statistics are never written). Otherwise normalises with the
     running statistics. See ``batchnorm.BatchNorm2d`` for the formula and shapes.
+
+    ``mask`` (keyword): statistics from the selected / weighted positions only, shape
+    ``(N,)`` or the input's shape without the channel axis, bool or float weights; see
+    ``batchnorm.variants.masked.masked_batch_norm`` and ``batchnorm.MaskedBatchNorm1d``.
     """
+    if mask is not None:
+        from .variants.masked import masked_batch_norm  # the variant builds on this module
+
+        return masked_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                 momentum, eps, mask=mask)
     _check_float(input)
     if training:
         count = _values_per_channel(input)

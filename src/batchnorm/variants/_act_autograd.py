@@ -1,0 +1,143 @@
+"""Autograd Functions for BN followed by an activation, ``z = act(gamma * x_hat + beta)``.
+
+Two ways to keep what the backward needs:
+
+``OutputSavingBNAct`` (invertible activations: identity, leaky_relu with slope > 0, elu)
+    keeps only the output ``z`` (which the next layer keeps anyway) and the per-channel
+    statistics. The backward recovers ``y = act^-1(z)``, ``act'(y)`` from ``z`` and
+    ``x_hat = (y - beta) / gamma``, then runs BN's closed form in ``x_hat``
+    (InPlace-ABN's idea, Rota Bulo et al. 2018), through the ``batchnorm::backward_act``
+    custom op so fused kernels run when present. Division by gamma needs gamma away from
+    0: the layer uses the *effective weight* ``sign(gamma) * max(|gamma|, weight_eps)``
+    (sign(0) = +1) in the forward and backward, and hands the gradient with respect to
+    the effective weight to gamma unchanged (straight-through), so a weight near zero
+    still learns. The recovered x_hat carries a relative error of about
+    ``ulp(|y|) / |gamma_eff|``. Double backward is not available (it would need x).
+
+``InputSavingBNAct`` (any activation; the only choice for relu, silu, gelu)
+    keeps the input ``x`` and recomputes ``y`` and ``act'(y)`` in the backward, then runs
+    BN's closed form through ``batchnorm::backward``. Double backward works.
+
+Both take fixed statistics ``(mean, invstd)`` for evaluation, or ``None`` to use (and
+return) the batch's own.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..autograd import like_layout, differentiable_backward
+from ..kernels import activations
+from ..kernels.torch_backend import channel_view, reduce_dims
+
+
+def effective_weight(weight: Tensor | None, weight_eps: float) -> Tensor | None:
+    """``sign(w) * max(|w|, weight_eps)`` with sign(0) = +1 (no gradient)."""
+    if weight is None or weight_eps == 0:
+        return None if weight is None else weight.detach()
+    w = weight.detach()
+    return torch.where(w >= 0, w.clamp(min=weight_eps), w.clamp(max=-weight_eps))
+
+
+def _forward(x, weight, bias, mean, invstd, eps, act, alpha):
+    if mean is None:
+        return ops.forward_train_act(x, weight, bias, eps, act, alpha)
+    z = ops.forward_eval_act(x, mean, invstd, weight, bias, act, alpha)
+    return z, mean.view_as(mean), invstd.view_as(invstd)  # views: autograd forbids saving inputs returned as-is
+
+
+def _grads(ctx, dx, dw, db, weight):
+    need = ctx.needs_input_grad
+    return (
+        dx if need[0] else None,
+        dw.to(weight.dtype) if need[1] and weight is not None else None,
+        db.to(weight.dtype) if need[2] and weight is not None else None,
+    ) + (None,) * 6
+
+
+class OutputSavingBNAct(torch.autograd.Function):
+    """(z, mean, invstd) = act(BN(x)), saving z: for invertible activations only."""
+
+    @staticmethod
+    def forward(x, weight, bias, mean, invstd, eps: float, act: str, alpha: float, weight_eps: float):
+        return _forward(x, effective_weight(weight, weight_eps), bias, mean, invstd, eps, act, alpha)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _x, weight, bias, mean_in, _invstd, _eps, act, alpha, weight_eps = inputs
+        z, mean, invstd = output
+        ctx.save_for_backward(z, effective_weight(weight, weight_eps), bias, mean, invstd)
+        ctx.act, ctx.alpha, ctx.training = act, alpha, mean_in is None
+        ctx.mark_non_differentiable(mean, invstd)
+
+    @staticmethod
+    def backward(ctx, dz, _dmean, _dinvstd):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "double backward through BatchNormAct in memory-saving mode is not "
+                "available: it keeps only its output, and second derivatives need the "
+                "input. Build the layer with memory_saving=False."
+            )
+        z, weight, bias, mean, invstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if not ctx.training and not (need[1] or need[2]):
+            # fixed statistics and no parameter gradient: dx = dz * act'(y) * gamma * invstd
+            k = invstd if weight is None else weight.to(invstd.dtype) * invstd
+            slope = activations.grad_from_output(z.to(invstd.dtype), ctx.act, ctx.alpha)
+            dx = (dz.to(invstd.dtype) * slope * channel_view(k, z)).to(z.dtype)
+            return (dx,) + (None,) * 8
+        dx, dw, db = ops.backward_act(
+            like_layout(dz, z), z, mean, invstd, weight, bias, ctx.act, ctx.alpha, ctx.training
+        )
+        return _grads(ctx, dx, dw, db, weight)
+
+
+class InputSavingBNAct(torch.autograd.Function):
+    """(z, mean, invstd) = act(BN(x)), saving x and recomputing y in the backward."""
+
+    @staticmethod
+    def forward(x, weight, bias, mean, invstd, eps: float, act: str, alpha: float):
+        return _forward(x, weight, bias, mean, invstd, eps, act, alpha)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, mean_in, _invstd, eps, act, alpha = inputs
+        _z, mean, invstd = output
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.eps, ctx.act, ctx.alpha, ctx.training = eps, act, alpha, mean_in is None
+        ctx.mark_non_differentiable(mean, invstd)
+
+    @staticmethod
+    def backward(ctx, dz, _dmean, _dinvstd):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        acc = mean.dtype
+        if torch.is_grad_enabled():  # double backward: statistics recomputed from x
+            if ctx.training:
+                var, mean = torch.var_mean(x.to(acc), dim=reduce_dims(x), correction=0)
+                invstd = torch.rsqrt(var + ctx.eps)
+            y = _affine(x, mean, invstd, weight, bias)
+        else:
+            y = ops.normalize(x, mean, invstd, weight, bias).to(acc)
+        dy = dz.to(acc) * activations.grad(y, ctx.act, ctx.alpha)
+        if ctx.training and torch.is_grad_enabled():
+            dx, dw, db = differentiable_backward(dy, x, weight, ctx.eps)
+        elif ctx.training:
+            dx, dw, db = ops.backward(like_layout(dy.to(x.dtype), x), x, mean, invstd, weight)
+        else:
+            k = invstd if weight is None else weight.to(acc) * invstd
+            dx = (dy * channel_view(k, x)).to(x.dtype)
+            x_hat = (x.to(acc) - channel_view(mean, x)) * channel_view(invstd, x)
+            dims = reduce_dims(x)
+            dw, db = (dy * x_hat).sum(dims), dy.sum(dims)
+        return _grads(ctx, dx, dw, db, weight)[:8]
+
+
+def _affine(x: Tensor, mean: Tensor, invstd: Tensor, weight, bias) -> Tensor:
+    y = (x.to(mean.dtype) - channel_view(mean, x)) * channel_view(invstd, x)
+    if weight is not None:
+        y = y * channel_view(weight.to(mean.dtype), x)
+    if bias is not None:
+        y = y + channel_view(bias.to(mean.dtype), x)
+    return y

@@ -1,0 +1,186 @@
+"""BatchNorm and its activation as one layer, with fused kernels and, for invertible
+activations, the activation memory of one tensor instead of three (InPlace-ABN's idea,
+on CPU and GPU, for any strictly monotonic activation we ship)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import stats
+from ..kernels import activations
+from ..kernels.torch_backend import acc_dtype
+from ..modules import _BatchNorm
+from ._act_autograd import InputSavingBNAct, OutputSavingBNAct, effective_weight
+from ._common import MOMENTUM_DOC, dims_doc, statistics_mode
+
+DEFAULT_ALPHA = {"leaky_relu": 0.01, "elu": 1.0}
+
+_DOC = r"""Batch Normalization followed by an activation, as one layer, over a {dims}
+    input:
+
+    .. math::
+
+        z = \mathrm{{act}}\left(\frac{{x - \mathrm{{E}}[x]}}{{\sqrt{{\mathrm{{Var}}[x] + \epsilon}}}}
+            * \gamma + \beta\right)
+
+    with ``act`` one of ``"identity"``, ``"relu"``, ``"leaky_relu"`` (negative slope
+    ``alpha``, default 0.01), ``"elu"`` (``alpha``, default 1.0), ``"silu"``, ``"gelu"``
+    (erf form). Statistics, running estimates and eval behaviour are BatchNorm's (biased
+    variance normalises, unbiased is stored, non-finite batches never reach the running
+    estimates). {momentum}
+
+    What the backward keeps (``memory_saving=True``, the default):
+
+    - invertible activations (identity, leaky_relu with alpha > 0, elu): only the output
+      ``z`` (the tensor the next layer keeps anyway) and per-channel vectors. The backward
+      recovers :math:`y = \mathrm{{act}}^{{-1}}(z)` and :math:`\hat x = (y - \beta)/\gamma`
+      (InPlace-ABN, `Rota Bulo et al. 2018 <https://arxiv.org/abs/1712.02616>`__). A stack
+      conv -> BN -> LeakyReLU keeps three activation tensors per block in torch.nn (conv
+      output, BN output, activation output); this layer keeps one
+      (``benchmarks/bn_act_memory.py`` measures it).
+      Gamma near zero: :math:`\hat x` divides by gamma, so the layer computes with the
+      *effective weight* :math:`\gamma_{{eff}} = \mathrm{{sign}}(\gamma)\max(|\gamma|,
+      \mathrm{{weight\_eps}})` (sign(0) = +1) in the forward and backward; for
+      :math:`|\gamma| \ge` ``weight_eps`` it is :math:`\gamma` itself. The gradient with
+      respect to :math:`\gamma_{{eff}}` is passed to :math:`\gamma` unchanged
+      (straight-through), so a zero-initialised gamma still learns. Recovered values
+      carry a relative error of about :math:`\mathrm{{ulp}}(|y|)/|\gamma_{{eff}}|`.
+      Double backward is not available in this mode.
+    - relu, silu, gelu (not invertible: relu loses the sign of negative inputs): the
+      input ``x`` and per-channel vectors; ``y`` and the activation's derivative are
+      recomputed in the backward. Against torch.nn's BN -> act this saves the BN output
+      for silu and gelu (which keep their input: 2 tensors instead of 3 per block) and
+      nothing for relu (torch.nn's ReLU keeps only its output: 2 tensors both ways).
+    - ``memory_saving=False``: the input-saving path for every activation (exact to the
+      last bit in x_hat, no effective weight, double backward works).
+
+    Args:
+        num_features: number of channels `C`.
+        eps, momentum, affine, track_running_stats, device, dtype, bias, single_value: as
+            in ``batchnorm.BatchNorm2d`` (momentum default 0.1).
+        act: the activation (keyword). Default: ``"relu"``
+        alpha: leaky_relu's negative slope or elu's alpha; ``None`` for the default.
+        memory_saving: keep only the output for invertible activations. Default: ``True``
+        weight_eps: floor on ``|gamma|`` in the memory-saving path (> 0). Default: 1e-5
+
+    Shape:
+        - Input: {shape}, statistics over {reduced}.
+        - Output: same shape as the input.
+
+    Example::
+
+        >>> import torch, batchnorm
+        >>> layer = batchnorm.{name}({example_c}, act="leaky_relu")
+        >>> z = layer(torch.randn({example_shape}))
+    """
+
+
+class _BatchNormAct(_BatchNorm):
+    """Shared body of BatchNormAct1d/2d/3d."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        act: str = "relu",
+        alpha: float | None = None,
+        memory_saving: bool = True,
+        weight_eps: float = 1e-5,
+        bias: bool = True,
+        single_value: str = "error",
+    ) -> None:
+        alpha = DEFAULT_ALPHA.get(act, 0.0) if alpha is None else float(alpha)
+        activations.check(act, alpha)
+        if not weight_eps > 0:
+            raise ValueError(f"weight_eps must be > 0 (the floor on |gamma|), got {weight_eps}")
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            bias=bias, single_value=single_value,
+        )
+        self.act, self.alpha = act, alpha
+        self.memory_saving, self.weight_eps = bool(memory_saving), float(weight_eps)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, act={self.act!r}, alpha={self.alpha}, "
+            f"memory_saving={self.memory_saving}"
+        )
+
+    def saves_output(self) -> bool:
+        """Whether the backward keeps only the output (invertible activation, memory saving)."""
+        return self.memory_saving and activations.is_invertible(self.act, self.alpha)
+
+    def effective_weight(self) -> Tensor | None:
+        """The weight the layer computes with (see the class docstring), no gradient."""
+        return effective_weight(self.weight, self.weight_eps if self.saves_output() else 0.0)
+
+    def forward(self, input: Tensor) -> Tensor:
+        mode = statistics_mode(self, input)
+        mean = invstd = None
+        if mode == "running":
+            acc = acc_dtype(input.dtype)
+            mean = self.running_mean.to(acc)
+            invstd = torch.rsqrt(self.running_var.to(acc) + self.eps)
+        if self.saves_output():
+            z, mean, invstd = OutputSavingBNAct.apply(
+                input, self.weight, self.bias, mean, invstd, self.eps, self.act, self.alpha,
+                self.weight_eps,
+            )
+        else:
+            z, mean, invstd = InputSavingBNAct.apply(
+                input, self.weight, self.bias, mean, invstd, self.eps, self.act, self.alpha
+            )
+        if mode == "batch_update":
+            stats.update_running(
+                self.running_mean, self.running_var, mean, stats.var_from_invstd(invstd, self.eps),
+                input.numel() // input.shape[1], self.momentum, self.num_batches_tracked,
+            )
+        return z
+
+    def activation_module(self) -> torch.nn.Module:
+        """The torch.nn module of this layer's activation (for export to plain torch)."""
+        return activation_module(self.act, self.alpha)
+
+
+def activation_module(act: str, alpha: float) -> torch.nn.Module:
+    """torch.nn's module for ``act`` (gelu in its erf form)."""
+    nn = torch.nn
+    return {
+        "identity": lambda: nn.Identity(),
+        "relu": lambda: nn.ReLU(),
+        "leaky_relu": lambda: nn.LeakyReLU(alpha),
+        "elu": lambda: nn.ELU(alpha),
+        "silu": lambda: nn.SiLU(),
+        "gelu": lambda: nn.GELU(),
+    }[act]()
+
+
+def _doc(name: str, dims: tuple[int, ...], c: str, shape: str) -> str:
+    reduced, shape_text = dims_doc(dims)
+    return _DOC.format(dims=shape_text, shape=shape_text, reduced=reduced, name=name,
+                       example_c=c, example_shape=shape, momentum=MOMENTUM_DOC)
+
+
+class BatchNormAct1d(_BatchNormAct):
+    _expected_dims = (2, 3)
+    _shape_text = "(N, C) or (N, C, L)"
+    __doc__ = _doc("BatchNormAct1d", _expected_dims, "100", "20, 100")
+
+
+class BatchNormAct2d(_BatchNormAct):
+    _expected_dims = (4,)
+    _shape_text = "(N, C, H, W)"
+    __doc__ = _doc("BatchNormAct2d", _expected_dims, "16", "8, 16, 32, 32")
+
+
+class BatchNormAct3d(_BatchNormAct):
+    _expected_dims = (5,)
+    _shape_text = "(N, C, D, H, W)"
+    __doc__ = _doc("BatchNormAct3d", _expected_dims, "16", "4, 16, 8, 8, 8")

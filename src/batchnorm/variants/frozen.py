@@ -1,0 +1,239 @@
+"""Frozen Batch Normalization: statistics and affine parameters fixed, the layer a
+per-channel affine map (optionally followed by an activation), and the converters
+``freeze`` / ``unfreeze`` that swap it in and out of a model.
+
+Its buffers carry BatchNorm's names (``weight``, ``bias``, ``running_mean``,
+``running_var``, ``num_batches_tracked``), so a BatchNorm state_dict loads into it and
+its state_dict loads back into a BatchNorm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..kernels import activations
+from ..kernels.torch_backend import acc_dtype, channel_view
+from ..modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+from ._act_autograd import OutputSavingBNAct
+from ._common import dims_doc
+from .act import DEFAULT_ALPHA, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, _BatchNormAct
+
+_DOC = r"""Batch Normalization with fixed statistics and affine parameters over a {dims}
+    input (detectron2's and torchvision's FrozenBatchNorm2d, in 1d/2d/3d):
+
+    .. math::
+
+        y = \mathrm{{act}}(x \cdot s + t), \qquad
+        s = \frac{{\gamma}}{{\sqrt{{\mathrm{{running\_var}} + \epsilon}}}}, \quad
+        t = \beta - \mathrm{{running\_mean}} \cdot s
+
+    (the folded scale and shift, computed per call from the buffers). It equals an
+    eval-mode BatchNorm whatever the module's train flag; nothing is learned or updated
+    (``weight`` and ``bias`` are buffers). Gradients flow to the input only. ``act`` is
+    ``"identity"`` by default (see ``BatchNormAct2d`` for the others; freezing a
+    BatchNormAct keeps its activation). For invertible activations only the output is
+    kept for the backward.
+
+    Buffers: ``weight`` (1), ``bias`` (0), ``running_mean`` (0), ``running_var`` (1),
+    ``num_batches_tracked`` (0): BatchNorm's names, so state_dicts interchange. Loading
+    the state_dict of a BatchNorm without affine parameters keeps weight 1 and bias 0.
+
+    Args:
+        num_features: number of channels `C`.
+        eps: added to the running variance. Default: 1e-5
+        act, alpha: optional activation, as in ``BatchNormAct2d``. Default: ``"identity"``
+        device, dtype: factory arguments for the buffers.
+
+    Shape:
+        - Input: {shape}.
+        - Output: same shape as the input.
+
+    Example::
+
+        >>> import torch, batchnorm
+        >>> frozen = batchnorm.{name}.from_batchnorm(batchnorm.BatchNorm{d}({example_c}))
+        >>> y = frozen(torch.randn({example_shape}))
+    """
+
+
+class _FrozenBatchNorm(nn.Module):
+    """Shared body of FrozenBatchNorm1d/2d/3d."""
+
+    _expected_dims: tuple[int, ...] = ()
+    _shape_text = ""
+
+    def __init__(
+        self, num_features: int, eps: float = 1e-5, device=None, dtype=None, *,
+        act: str = "identity", alpha: float | None = None,
+    ) -> None:
+        super().__init__()
+        alpha = DEFAULT_ALPHA.get(act, 0.0) if alpha is None else float(alpha)
+        activations.check(act, alpha)
+        factory = {"device": device, "dtype": dtype}
+        self.num_features, self.eps, self.act, self.alpha = num_features, eps, act, alpha
+        self.register_buffer("weight", torch.ones(num_features, **factory))
+        self.register_buffer("bias", torch.zeros(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.Module) -> _FrozenBatchNorm:
+        """A frozen copy of ``bn``'s eval-mode behaviour (ours, a variant or torch.nn's)."""
+        return _freeze_one(bn, cls)
+
+    def extra_repr(self) -> str:
+        act = f", act={self.act!r}" if self.act != "identity" else ""
+        return f"{self.num_features}, eps={self.eps}{act}"
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        for name in ("weight", "bias", "num_batches_tracked"):  # absent from affine-free BN
+            state_dict.setdefault(prefix + name, getattr(self, name).clone())
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def check_input(self, input: Tensor) -> None:
+        """Raise a clear error for input this layer cannot normalise."""
+        name = type(self).__name__
+        if input.dim() not in self._expected_dims:
+            raise ValueError(
+                f"{name} expects {self._shape_text} input, got a {input.dim()}-D tensor of "
+                f"shape {tuple(input.shape)}"
+            )
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{name}({self.num_features}) expects {self.num_features} channels on "
+                f"dim 1, got input of shape {tuple(input.shape)} with {input.shape[1]}"
+            )
+        if not input.is_floating_point():
+            raise TypeError(f"{name} expects a floating-point input, got {input.dtype}")
+
+    def scale_shift(self) -> tuple[Tensor, Tensor]:
+        """The folded per-channel (scale, shift): y = x * scale + shift (before act)."""
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, input: Tensor) -> Tensor:
+        self.check_input(input)
+        acc = acc_dtype(input.dtype)
+        mean = self.running_mean.to(acc)
+        invstd = torch.rsqrt(self.running_var.to(acc) + self.eps)
+        if activations.is_invertible(self.act, self.alpha):
+            return OutputSavingBNAct.apply(
+                input, self.weight, self.bias, mean, invstd, self.eps, self.act, self.alpha, 0.0
+            )[0]
+        scale, shift = (v.to(acc) for v in self.scale_shift())
+        y = input.to(acc) * channel_view(scale, input) + channel_view(shift, input)
+        return activations.apply(y, self.act, self.alpha).to(input.dtype)
+
+
+def _doc(name: str, d: str, dims: tuple[int, ...], c: str, shape: str) -> str:
+    _, shape_text = dims_doc(dims)
+    return _DOC.format(dims=shape_text, shape=shape_text, name=name, d=d, example_c=c,
+                       example_shape=shape)
+
+
+class FrozenBatchNorm1d(_FrozenBatchNorm):
+    _expected_dims = (2, 3)
+    _shape_text = "(N, C) or (N, C, L)"
+    __doc__ = _doc("FrozenBatchNorm1d", "1d", _expected_dims, "100", "20, 100")
+
+
+class FrozenBatchNorm2d(_FrozenBatchNorm):
+    _expected_dims = (4,)
+    _shape_text = "(N, C, H, W)"
+    __doc__ = _doc("FrozenBatchNorm2d", "2d", _expected_dims, "16", "8, 16, 32, 32")
+
+
+class FrozenBatchNorm3d(_FrozenBatchNorm):
+    _expected_dims = (5,)
+    _shape_text = "(N, C, D, H, W)"
+    __doc__ = _doc("FrozenBatchNorm3d", "3d", _expected_dims, "16", "4, 16, 8, 8, 8")
+
+
+_FROZEN = {(2, 3): FrozenBatchNorm1d, (4,): FrozenBatchNorm2d, (5,): FrozenBatchNorm3d}
+_TORCH_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
+_PLAIN = {(2, 3): BatchNorm1d, (4,): BatchNorm2d, (5,): BatchNorm3d}
+_ACT = {(2, 3): BatchNormAct1d, (4,): BatchNormAct2d, (5,): BatchNormAct3d}
+
+
+def _dims_of(m: nn.Module) -> tuple[int, ...] | None:
+    """The input ranks of a BatchNorm-like layer, or None for anything else."""
+    if isinstance(m, _BatchNorm):
+        return m._expected_dims
+    for cls, dims in _TORCH_DIMS.items():
+        if isinstance(m, cls):
+            return dims
+    return None
+
+
+def _freeze_one(m: nn.Module, cls: type[_FrozenBatchNorm] | None = None) -> _FrozenBatchNorm:
+    dims = _dims_of(m)
+    if dims is None or getattr(m, "running_mean", None) is None:
+        raise ValueError(
+            f"cannot freeze {type(m).__name__}: expected a BatchNorm layer with running "
+            "statistics (track_running_stats=True)"
+        )
+    act = (m.act, m.alpha) if isinstance(m, _BatchNormAct) else ("identity", None)
+    ref = m.running_mean
+    frozen = (cls or _FROZEN[dims])(
+        m.num_features, m.eps, device=ref.device, dtype=ref.dtype, act=act[0], alpha=act[1]
+    )
+    with torch.no_grad():
+        if m.weight is not None:
+            frozen.weight.copy_(m.weight)
+        if m.bias is not None:
+            frozen.bias.copy_(m.bias)
+        frozen.running_mean.copy_(m.running_mean)
+        frozen.running_var.copy_(m.running_var)
+        if m.num_batches_tracked is not None:
+            frozen.num_batches_tracked.copy_(m.num_batches_tracked)
+    return frozen.train(m.training)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Replace every BatchNorm layer of ``model`` that has running statistics (torch.nn's
+    BatchNorm1d/2d/3d and subclasses, batchnorm's BatchNorm and every variant) with the
+    matching FrozenBatchNorm1d/2d/3d holding copies of its statistics and affine
+    parameters (BatchNormAct keeps its activation, and computes with gamma itself, not
+    its effective-weight floor). Layers without running statistics are left alone
+    (frozen they would have nothing to normalise with).
+
+    The frozen layers hold *copies* as buffers: an optimizer built before ``freeze``
+    still holds the old parameters; build it after. Returns the model (the frozen layer
+    when ``model`` itself is a BatchNorm)."""
+    from ..convert import replace_modules  # convert imports this module at its end
+
+    def swap(m: nn.Module) -> nn.Module | None:
+        if _dims_of(m) is None or getattr(m, "running_mean", None) is None:
+            return None
+        return _freeze_one(m)
+
+    return replace_modules(model, swap)
+
+
+def unfreeze(model: nn.Module) -> nn.Module:
+    """Replace every FrozenBatchNorm1d/2d/3d of ``model`` with a trainable
+    ``batchnorm.BatchNorm1d/2d/3d`` (``BatchNormAct1d/2d/3d`` when it has an activation)
+    with the same statistics, ``weight`` and ``bias`` as new Parameters, momentum 0.1 and
+    the frozen layer's train flag. (A frozen BatchRenorm/Ghost/Masked layer comes back as
+    plain BatchNorm: freezing kept only what eval mode uses.)"""
+    from ..convert import replace_modules
+
+    def swap(m: nn.Module) -> nn.Module | None:
+        if not isinstance(m, _FrozenBatchNorm):
+            return None
+        ref = m.running_mean
+        kw = dict(device=ref.device, dtype=ref.dtype)
+        if m.act == "identity":
+            bn = _PLAIN[m._expected_dims](m.num_features, m.eps, **kw)
+        else:
+            bn = _ACT[m._expected_dims](m.num_features, m.eps, act=m.act, alpha=m.alpha, **kw)
+        bn.load_state_dict(m.state_dict())
+        return bn.train(m.training)
+
+    return replace_modules(model, swap)
