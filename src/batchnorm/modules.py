@@ -17,6 +17,13 @@ from .functional import eval_normalize
 
 SINGLE_VALUE_POLICIES = ("error", "use_running", "skip_update")
 
+
+def in_backward() -> bool:
+    """Whether the autograd engine is running a backward pass in this thread now (False
+    while torch.compile traces: compiled graphs handle their own recomputation)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 _DOC = r"""Applies Batch Normalization over a {dims} input, as described in `Batch
     Normalization: Accelerating Deep Network Training by Reducing Internal Covariate
     Shift <https://arxiv.org/abs/1502.03167>`__ (Ioffe & Szegedy, 2015).
@@ -192,7 +199,12 @@ class _BatchNorm(nn.Module):
         return self.training or (self.running_mean is None and self.running_var is None)
 
     def _updates_running(self) -> bool:
-        return self.training and self.track_running_stats and self.running_mean is not None
+        # Not while autograd runs a backward: a forward then is an activation-checkpoint
+        # recomputation of a batch already counted (statistics update once per step).
+        return (
+            self.training and self.track_running_stats and self.running_mean is not None
+            and not in_backward()
+        )
 
     # -- forward --------------------------------------------------------------------
     def forward(self, input: Tensor) -> Tensor:
