@@ -80,3 +80,18 @@ def test_torch_compile_fullgraph_matches_eager():
         torch.testing.assert_close(model[0].weight.grad, eager[0].weight.grad)
     torch.testing.assert_close(model[1].running_mean, eager[1].running_mean)
     assert model[1].num_batches_tracked.item() == 1
+
+
+def test_torch_compile_default_inductor_backend_trains():
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), batchnorm.BatchNorm1d(6))
+    reference = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6))
+    reference.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(8, 5)
+    y1, y2 = compiled(x), reference(x)
+    torch.testing.assert_close(y1, y2)
+    y1.square().sum().backward()
+    y2.square().sum().backward()
+    torch.testing.assert_close(model[0].weight.grad, reference[0].weight.grad)
+    torch.testing.assert_close(model[1].running_var, reference[1].running_var)

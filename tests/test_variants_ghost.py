@@ -98,6 +98,8 @@ def test_eval_is_batchnorm_and_without_running_stats_sub_batches_are_used():
         x = torch.randn(16, 3)
         ghost(x), plain(x)
     ghost.eval(), plain.eval()
+    torch.testing.assert_close(ghost.running_var, plain.running_var, **TOL[torch.float32])
+    plain.load_state_dict(ghost.state_dict())  # same statistics: eval is exactly BN's
     x = torch.randn(16, 3)
     assert torch.equal(ghost(x), plain(x))
     free = batchnorm.GhostBatchNorm1d(3, virtual_batch_size=4, track_running_stats=False).eval()

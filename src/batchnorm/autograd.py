@@ -88,7 +88,21 @@ def _unfold(y: Tensor, batch: int) -> Tensor:
     return y.reshape(y.shape[0], batch, -1, *y.shape[2:]).transpose(0, 1)
 
 
-class BatchNormTrain(torch.autograd.Function):
+class Function(torch.autograd.Function):
+    """An autograd Function whose eager ``apply`` skips the per-call ``inspect.signature``
+    binding that torch performs for ``setup_context``-style Functions (tens of
+    microseconds, as much as a small BN itself). Every argument is passed positionally, so
+    that binding has nothing to do. Under torch.func transforms or torch.compile the
+    standard path runs."""
+
+    @classmethod
+    def apply(cls, *args):
+        if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*args)
+
+
+class BatchNormTrain(Function):
     """y, mean, invstd = BN over the batch's own statistics (mean/invstd not differentiable)."""
 
     @staticmethod
@@ -130,7 +144,7 @@ class BatchNormTrain(torch.autograd.Function):
         return (_unfold(y, b), mean.view(b, -1), invstd.view(b, -1)), (0, 0, 0)
 
 
-class BatchNormEval(torch.autograd.Function):
+class BatchNormEval(Function):
     """y = BN with fixed statistics (mean, invstd): an affine map per channel."""
 
     @staticmethod
@@ -169,3 +183,34 @@ class BatchNormEval(torch.autograd.Function):
             _batched(bias, in_dims[4], b),
         )
         return _unfold(y, b), 0
+
+
+def _needs_function(*tensors: Tensor | None) -> bool:
+    """Whether the autograd Function is needed: something requires grad, or a torch.func
+    transform wraps an input (its vmap rule must run). Otherwise the kernels are called
+    directly, which spares the Function's per-call cost."""
+    if torch.is_grad_enabled():
+        if any(t is not None and t.requires_grad for t in tensors):
+            return True
+    return any(
+        t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors
+    )
+
+
+def train_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, invstd) normalised with the batch statistics, differentiable in x, weight
+    and bias through ``BatchNormTrain`` when needed."""
+    if _needs_function(x, weight, bias):
+        return BatchNormTrain.apply(x, weight, bias, eps)
+    return ops.forward_train(x, weight, bias, eps)
+
+
+def eval_forward(
+    x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> Tensor:
+    """y normalised with fixed statistics, through ``BatchNormEval`` when needed."""
+    if _needs_function(x, mean, invstd, weight, bias):
+        return BatchNormEval.apply(x, mean, invstd, weight, bias)
+    return ops.normalize(x, mean, invstd, weight, bias)

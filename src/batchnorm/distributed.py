@@ -6,10 +6,10 @@ group has one rank.
 
 Communication (collectives of ``torch.distributed`` only), per training step and layer:
 
-- forward: ONE ``all_gather_into_tensor`` of each rank's packed float64 row
-  ``[status, count(C), mean(C), m2(C)]`` (local centred moments), then every rank merges
-  the rows with Chan's exact formula (``batchnorm.stats.merge``) in rank order. Why a
-  gather and not a SUM all-reduce: summing ``count``, ``count * mean`` and
+- forward: ONE ``all_gather_single`` (formerly ``all_gather_into_tensor``) of each rank's
+  packed float64 row ``[status, count(C), mean(C), m2(C)]`` (local centred moments), then
+  every rank merges the rows with Chan's exact formula (``batchnorm.stats.merge``) in rank
+  order. Why a gather and not a SUM all-reduce: summing ``count``, ``count * mean`` and
   ``m2 + count * mean^2`` gives the centred second moment only as a difference of large
   sums, which cancels catastrophically when |mean| >> std; the pairwise merge of centred
   moments never subtracts large numbers. The rows are a few C floats per rank, so the

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import stats
-from .autograd import BatchNormEval, BatchNormTrain
+from .autograd import eval_forward, train_forward
 from .kernels.torch_backend import acc_dtype, channel_view, reduce_dims
 
 __all__ = ["batch_stats", "normalize", "batch_norm", "batch_norm_stateless"]
@@ -87,7 +87,7 @@ def batch_norm(
     _check_float(input)
     if training:
         count = _values_per_channel(input)
-        y, mean, invstd = BatchNormTrain.apply(input, weight, bias, eps)
+        y, mean, invstd = train_forward(input, weight, bias, eps)
         if running_mean is not None and running_var is not None:
             stats.update_running(
                 running_mean, running_var, mean, stats.var_from_invstd(invstd, eps), count, momentum
@@ -123,7 +123,7 @@ def batch_norm_stateless(
     if not training:
         return eval_normalize(input, running_mean, running_var, weight, bias, eps), running_mean, running_var
     count = _values_per_channel(input)
-    y, mean, invstd = BatchNormTrain.apply(input, weight, bias, eps)
+    y, mean, invstd = train_forward(input, weight, bias, eps)
     var = stats.var_from_invstd(invstd, eps) * (count / (count - 1))
     ok = (torch.isfinite(mean) & torch.isfinite(var)).all()
     factor = torch.where(ok, momentum, 0.0).to(running_mean.dtype)
@@ -139,7 +139,7 @@ def eval_normalize(
     """Normalise with fixed statistics through the fused eval kernel."""
     acc = acc_dtype(input.dtype)
     invstd = torch.rsqrt(running_var.to(acc) + eps)
-    return BatchNormEval.apply(input, running_mean.to(acc), invstd, weight, bias)
+    return eval_forward(input, running_mean.to(acc), invstd, weight, bias)
 
 
 def _values_per_channel(input: Tensor) -> int:

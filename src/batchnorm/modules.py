@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import stats
-from .autograd import BatchNormTrain
+from .autograd import train_forward
 from .functional import eval_normalize
 
 SINGLE_VALUE_POLICIES = ("error", "use_running", "skip_update")
@@ -232,7 +232,7 @@ class _BatchNorm(nn.Module):
                     "but has no running statistics (track_running_stats=False)"
                 )
             update = False
-        y, mean, invstd = BatchNormTrain.apply(input, self.weight, self.bias, self.eps)
+        y, mean, invstd = train_forward(input, self.weight, self.bias, self.eps)
         if update:
             stats.update_running(
                 self.running_mean,

@@ -4,14 +4,22 @@ numba or Triton code. They carry no autograd formula of their own: ``batchnorm.a
 wraps them in autograd Functions (which also support ``torch.func`` transforms).
 
 Every op dispatches at run time to the fastest backend that applies (see
-``batchnorm.kernels``)."""
+``batchnorm.kernels``).
+
+The public names (``forward_train``, ``backward``, ...) call the kernels directly in eager
+mode: the custom-op dispatcher costs tens of microseconds per call and its first call
+imports ``torch._dynamo`` (seconds). While ``torch.compile`` traces, or under any dispatch
+mode (fake tensors, ``make_fx``), they go through the registered custom op instead, so the
+graph records an opaque node."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import kernels
 from .kernels.torch_backend import acc_dtype
@@ -22,68 +30,68 @@ def _stat(x: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("batchnorm::batch_stats", mutates_args=())
-def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+def _batch_stats_op(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel (mean, biased var)."""
     return kernels.call("batch_stats", x)
 
 
-@batch_stats.register_fake
+@_batch_stats_op.register_fake
 def _(x):
     return _stat(x), _stat(x)
 
 
 @torch.library.custom_op("batchnorm::forward_train", mutates_args=())
-def forward_train(
+def _forward_train_op(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training forward: (y, mean, invstd)."""
     return kernels.call("forward_train", x, weight, bias, eps)
 
 
-@forward_train.register_fake
+@_forward_train_op.register_fake
 def _(x, weight, bias, eps):
     return torch.empty_like(x), _stat(x), _stat(x)
 
 
 @torch.library.custom_op("batchnorm::normalize", mutates_args=())
-def normalize(
+def _normalize_op(
     x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
 ) -> Tensor:
     """y = (x - mean) * invstd * weight + bias with given statistics (eval forward)."""
     return kernels.call("normalize", x, mean, invstd, weight, bias)
 
 
-@normalize.register_fake
+@_normalize_op.register_fake
 def _(x, mean, invstd, weight, bias):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("batchnorm::backward", mutates_args=())
-def backward(
+def _backward_op(
     dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor]
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Closed-form training backward: (dx, dweight, dbias), the last two in float32/64."""
     return kernels.call("backward", dy, x, mean, invstd, weight, (True, True, True))
 
 
-@backward.register_fake
+@_backward_op.register_fake
 def _(dy, x, mean, invstd, weight):
     return torch.empty_like(x), torch.empty_like(mean), torch.empty_like(mean)
 
 
 @torch.library.custom_op("batchnorm::backward_reduce", mutates_args=())
-def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
+def _backward_reduce_op(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
     """(sum(dy), sum(dy * x_hat)) per channel."""
     return kernels.call("backward_reduce", dy, x, mean, invstd)
 
 
-@backward_reduce.register_fake
+@_backward_reduce_op.register_fake
 def _(dy, x, mean, invstd):
     return torch.empty_like(mean), torch.empty_like(mean)
 
 
 @torch.library.custom_op("batchnorm::backward_elemt", mutates_args=())
-def backward_elemt(
+def _backward_elemt_op(
     dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
     sum_dy: Tensor, sum_dy_xhat: Tensor, count: float,
 ) -> Tensor:
@@ -93,26 +101,26 @@ def backward_elemt(
     )
 
 
-@backward_elemt.register_fake
+@_backward_elemt_op.register_fake
 def _(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("batchnorm::forward_train_act", mutates_args=())
-def forward_train_act(
+def _forward_train_act_op(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, act: str, alpha: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training forward of BN + activation: (z, mean, invstd)."""
     return kernels.call("forward_train_act", x, weight, bias, eps, act, alpha)
 
 
-@forward_train_act.register_fake
+@_forward_train_act_op.register_fake
 def _(x, weight, bias, eps, act, alpha):
     return torch.empty_like(x), _stat(x), _stat(x)
 
 
 @torch.library.custom_op("batchnorm::forward_eval_act", mutates_args=())
-def forward_eval_act(
+def _forward_eval_act_op(
     x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     act: str, alpha: float,
 ) -> Tensor:
@@ -120,13 +128,13 @@ def forward_eval_act(
     return kernels.call("forward_eval_act", x, mean, invstd, weight, bias, act, alpha)
 
 
-@forward_eval_act.register_fake
+@_forward_eval_act_op.register_fake
 def _(x, mean, invstd, weight, bias, act, alpha):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("batchnorm::backward_act", mutates_args=())
-def backward_act(
+def _backward_act_op(
     dz: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
     bias: Optional[Tensor], act: str, alpha: float, training: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -136,6 +144,34 @@ def backward_act(
     )
 
 
-@backward_act.register_fake
+@_backward_act_op.register_fake
 def _(dz, z, mean, invstd, weight, bias, act, alpha, training):
     return torch.empty_like(z), torch.empty_like(mean), torch.empty_like(mean)
+
+
+def _eager_or_op(op: Callable, kernel: str) -> Callable:
+    """Call the kernel directly in eager mode, the custom op while tracing."""
+
+    def call(*args):
+        if (
+            torch.compiler.is_compiling()
+            or _get_current_dispatch_mode() is not None
+            or type(args[0]) is not torch.Tensor
+        ):
+            return op(*args)
+        return kernels.call(kernel, *args)
+
+    call.__name__ = call.__qualname__ = kernel
+    call.__doc__ = op.__doc__
+    return call
+
+
+batch_stats = _eager_or_op(_batch_stats_op, "batch_stats")
+forward_train = _eager_or_op(_forward_train_op, "forward_train")
+normalize = _eager_or_op(_normalize_op, "normalize")
+backward = _eager_or_op(_backward_op, "backward")
+backward_reduce = _eager_or_op(_backward_reduce_op, "backward_reduce")
+backward_elemt = _eager_or_op(_backward_elemt_op, "backward_elemt")
+forward_train_act = _eager_or_op(_forward_train_act_op, "forward_train_act")
+forward_eval_act = _eager_or_op(_forward_eval_act_op, "forward_eval_act")
+backward_act = _eager_or_op(_backward_act_op, "backward_act")

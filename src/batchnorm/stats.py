@@ -12,6 +12,7 @@ Ghost BN, sync BN, PreciseBN and micro-batch accumulation all reduce to this mer
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
 from typing import NamedTuple
@@ -68,7 +69,7 @@ def merge_all(parts: Iterable[Moments]) -> Moments:
 
 def var_from_invstd(invstd: Tensor, eps: float) -> Tensor:
     """The biased variance behind ``invstd = 1/sqrt(var + eps)``, recovered in float64."""
-    return (invstd.double().pow(-2) - eps).clamp(min=0).to(invstd.dtype)
+    return invstd.to(torch.float64, copy=True).pow_(-2).sub_(eps).clamp_(min=0).to(invstd.dtype)
 
 
 @torch.no_grad()
@@ -81,7 +82,7 @@ def update_running(
     momentum: float | None,
     num_batches_tracked: Tensor | None = None,
     warn: bool = True,
-) -> Tensor:
+) -> None:
     """Fold one batch's statistics into the running buffers, in place.
 
     PyTorch's convention: ``momentum`` weights the NEW batch,
@@ -90,15 +91,52 @@ def update_running(
     stored variance is the unbiased one, ``var * count / (count - 1)``.
 
     Guard: if any batch statistic is non-finite (NaN/Inf input, fp16 overflow) nothing is
-    updated, ``num_batches_tracked`` included, and a warning names the channels. The
-    guard uses ``torch.where`` (no host sync) so it also works under ``torch.compile``;
-    only the warning inspects values, and it is skipped while compiling.
-
-    Returns a 0-d bool tensor: whether the update was applied.
+    updated, ``num_batches_tracked`` included, and a warning names the channels. In eager
+    mode one host read decides; under ``torch.compile`` the update uses ``torch.where``
+    (no host read, no warning) instead.
     """
     unbiased = var * (count / (count - 1)) if count > 1 else var
-    finite = torch.isfinite(mean) & torch.isfinite(unbiased)
-    ok = finite.all()
+    if torch.compiler.is_compiling():
+        _update_traceable(running_mean, running_var, mean, unbiased, momentum, num_batches_tracked)
+        return
+    # Eager: one host read decides (a float64 sum is non-finite iff some statistic is).
+    ok = math.isfinite(float(mean.sum(dtype=torch.float64) + unbiased.sum(dtype=torch.float64)))
+    if ok:
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        factor = _factor(momentum, num_batches_tracked)
+        running_mean.lerp_(mean.to(running_mean.dtype), factor)
+        running_var.lerp_(unbiased.to(running_var.dtype), factor)
+    elif warn:
+        bad = (~(torch.isfinite(mean) & torch.isfinite(unbiased))).nonzero().flatten().tolist()
+        warnings.warn(
+            f"batch statistics are not finite in channel(s) {bad[:20]}"
+            f"{' ...' if len(bad) > 20 else ''}: running statistics were NOT updated "
+            "(the output follows IEEE arithmetic). Check the input for NaN/Inf or overflow.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _factor(momentum: float | None, num_batches_tracked: Tensor | None) -> float:
+    if momentum is not None:
+        return momentum
+    if num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    return 1.0 / max(int(num_batches_tracked), 1)
+
+
+def _update_traceable(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    unbiased: Tensor,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+) -> None:
+    """The same update without host reads (for torch.compile): torch.where keeps the old
+    values when a statistic is not finite."""
+    ok = (torch.isfinite(mean) & torch.isfinite(unbiased)).all()
     if num_batches_tracked is not None:
         num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
     if momentum is None:
@@ -108,17 +146,5 @@ def update_running(
     else:
         factor = torch.tensor(momentum, dtype=running_mean.dtype, device=running_mean.device)
     factor = torch.where(ok, factor, torch.zeros_like(factor))
-    new_mean = torch.where(ok, mean.to(running_mean.dtype), running_mean)
-    new_var = torch.where(ok, unbiased.to(running_var.dtype), running_var)
-    running_mean.lerp_(new_mean, factor)
-    running_var.lerp_(new_var, factor)
-    if warn and not torch.compiler.is_compiling() and not bool(ok):
-        bad = (~finite).nonzero().flatten().tolist()
-        warnings.warn(
-            f"batch statistics are not finite in channel(s) {bad[:20]}"
-            f"{' ...' if len(bad) > 20 else ''}: running statistics were NOT updated "
-            "(the output follows IEEE arithmetic). Check the input for NaN/Inf or overflow.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    return ok
+    running_mean.lerp_(torch.where(ok, mean.to(running_mean.dtype), running_mean), factor)
+    running_var.lerp_(torch.where(ok, unbiased.to(running_var.dtype), running_var), factor)

@@ -1,9 +1,11 @@
 """Compute backends behind one small interface (see ``torch_backend`` for the contract).
 
-A backend is a module with ``name``, ``supports(x) -> bool`` and any of the kernel
-functions of ``torch_backend``. For each call the dispatcher takes the first backend, in
-order of preference, that is enabled, supports the tensor and implements the function;
-the pure-torch backend closes every list, so a call never fails for want of a kernel.
+A backend is a module with ``name``, ``supports(x) -> bool`` (it can run on ``x``), an
+optional ``prefers(op, x) -> bool`` (it is the fastest choice there, measured by
+``batchnorm bench``) and any of the kernel functions of ``torch_backend``. For each call
+the dispatcher takes the first backend, in order of preference, that implements the
+function and supports the tensor (and, in ``auto`` mode, prefers it); the pure-torch
+backend closes every list, so a call never fails for want of a kernel.
 
 Choosing by hand::
 
@@ -11,8 +13,11 @@ Choosing by hand::
     with batchnorm.kernels.use_backend("cpu"):  # or only inside a block
         ...
 
-``"auto"`` (the default, or the environment variable ``BATCHNORM_BACKEND``) prefers the
-fused CPU kernels for CPU tensors and the Triton kernels for CUDA tensors.
+``"auto"`` (the default, or the environment variable ``BATCHNORM_BACKEND``) uses, on CPU,
+the fused numba kernels where they beat PyTorch (channel-major tensors of moderate and
+large size), PyTorch's own ATen kernels for the other float32/float64 training calls
+(``native``), and the pure-torch backend for the rest (half types, eval); on CUDA, the
+Triton kernels.
 """
 
 from __future__ import annotations
@@ -27,8 +32,12 @@ from torch import Tensor
 
 from . import torch_backend
 
-BACKENDS = ("auto", "torch", "cpu", "triton")
-_OPTIONAL = {"cpu": "batchnorm.kernels.cpu_backend", "triton": "batchnorm.kernels.triton_backend"}
+BACKENDS = ("auto", "torch", "cpu", "native", "triton")
+_OPTIONAL = {
+    "cpu": "batchnorm.kernels.cpu_backend",
+    "native": "batchnorm.kernels.native_backend",
+    "triton": "batchnorm.kernels.triton_backend",
+}
 _loaded: dict[str, ModuleType | None] = {"torch": torch_backend}
 _choice = os.environ.get("BATCHNORM_BACKEND", "auto")
 
@@ -74,14 +83,18 @@ def use_backend(name: str) -> Iterator[None]:
 def _preference(x: Tensor) -> tuple[str, ...]:
     if _choice != "auto":
         return (_choice,)
-    return ("triton",) if x.is_cuda else ("cpu",)
+    return ("triton",) if x.is_cuda else ("cpu", "native")
 
 
 def pick(op: str, x: Tensor) -> ModuleType:
     """The backend that runs kernel function ``op`` on tensor ``x``."""
+    auto = _choice == "auto"
     for name in _preference(x):
         backend = load(name) if name != "torch" else torch_backend
-        if backend is not None and hasattr(backend, op) and backend.supports(x):
+        if backend is None or not hasattr(backend, op):
+            continue
+        # a backend prefers only tensors it supports
+        if backend.prefers(op, x) if auto and hasattr(backend, "prefers") else backend.supports(x):
             return backend
     return torch_backend
 

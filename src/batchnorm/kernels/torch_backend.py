@@ -61,6 +61,8 @@ def normalize(
 ) -> Tensor:
     """y = (x - mean) * invstd * weight + bias, computed in the accumulation dtype."""
     scale, shift = _scale_shift(mean, invstd, weight, bias)
+    if x.dtype == scale.dtype:  # one pass: shift + x * scale
+        return torch.addcmul(channel_view(shift, x), x, channel_view(scale, x))
     y = x.to(scale.dtype) * channel_view(scale, x) + channel_view(shift, x)
     return y.to(x.dtype)
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import stats
-from ..autograd import BatchNormTrain
+from ..autograd import train_forward
 from ..functional import eval_normalize
 from ..modules import _BatchNorm
 from ._common import MOMENTUM_DOC, dims_doc, statistics_mode
@@ -99,7 +99,7 @@ class _GhostBatchNorm(_BatchNorm):
             )
         outputs, parts = [], []
         for chunk in sub_batches(input, self.virtual_batch_size):
-            y, mean, invstd = BatchNormTrain.apply(chunk, self.weight, self.bias, self.eps)
+            y, mean, invstd = train_forward(chunk, self.weight, self.bias, self.eps)
             outputs.append(y)
             count = torch.full_like(mean, chunk.numel() // chunk.shape[1])
             parts.append(stats.Moments(count, mean, stats.var_from_invstd(invstd, self.eps) * count))

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import stats
-from ..autograd import BatchNormTrain
+from ..autograd import train_forward
 from ..functional import eval_normalize
 from ..modules import _BatchNorm
 from ._common import MOMENTUM_DOC, dims_doc, statistics_mode
@@ -140,7 +140,7 @@ class _BatchRenorm(_BatchNorm):
         bias = d if self.weight is None else self.weight * d.to(self.weight.dtype)
         if self.bias is not None:
             bias = self.bias + bias
-        y, mean, invstd = BatchNormTrain.apply(input, weight, bias, self.eps)
+        y, mean, invstd = train_forward(input, weight, bias, self.eps)
         if mode == "batch_update":
             stats.update_running(
                 self.running_mean, self.running_var, mean, stats.var_from_invstd(invstd, self.eps),

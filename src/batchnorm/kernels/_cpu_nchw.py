@@ -1,0 +1,301 @@
+"""numba kernels for channel-major tensors, viewed as (N, C, M) with M = prod(spatial).
+
+Work is split into tasks of (channel, part): part p of channel c covers the flat range
+``span(p, parts, N * M)`` of that channel's N * M values, a few contiguous runs of
+length <= M. With many channels ``parts`` is 1 (parallel over channels); with few, each
+channel is split over the batch and spatial axes and the per-part float64 sums are added.
+
+The *fused* kernels (one task per block of channels) compute a block's sums and then at
+once write its output, while the block's values are still in the core's cache: the
+training forward then reads x from memory once, the backward reads dy and x once.
+
+Per-channel scalars handed to element loops are in x's dtype; statistics and sums are
+float64 (the caller casts them to the accumulation dtype).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from . import _cpu_loops as L
+
+#: Channel blocks of the unfused element kernels: a few per thread, for balance.
+BLOCK_TASKS = 8
+
+
+@njit(cache=True, inline="always")
+def span(p, parts, n):
+    """The flat range [a, b) of part p when n items are cut into ``parts`` parts."""
+    return n * p // parts, n * (p + 1) // parts
+
+
+@njit(cache=True)
+def _channel_sums(p, q, c, kp, kq, a, b):
+    """``_cpu_loops.sums`` of channel c over its flat range [a, b)."""
+    M = p.shape[2]
+    s1 = 0.0
+    s2 = 0.0
+    n = a // M
+    while a < b:
+        i0 = a - n * M
+        i1 = min(M, i0 + b - a)
+        r1, r2 = L.sums(p[n, c, i0:i1], q[n, c, i0:i1], kp, kq)
+        s1 += r1
+        s2 += r2
+        a += i1 - i0
+        n += 1
+    return s1, s2
+
+
+@njit(cache=True)
+def _channel_affine(x, out, c, hi, lo, scale, shift, code, alpha, a, b):
+    M = x.shape[2]
+    n = a // M
+    while a < b:
+        i0 = a - n * M
+        i1 = min(M, i0 + b - a)
+        L.affine(x[n, c, i0:i1], out[n, c, i0:i1], hi, lo, scale, shift, code, alpha)
+        a += i1 - i0
+        n += 1
+
+
+@njit(cache=True)
+def _channel_grad_x(dy, x, out, c, ga, hi, lo, gb, gc, a, b):
+    M = x.shape[2]
+    n = a // M
+    while a < b:
+        i0 = a - n * M
+        i1 = min(M, i0 + b - a)
+        L.grad_x(dy[n, c, i0:i1], x[n, c, i0:i1], out[n, c, i0:i1], ga, hi, lo, gb, gc)
+        a += i1 - i0
+        n += 1
+
+
+@njit(cache=True)
+def _total(v):
+    """Sum of a short vector of partial sums (a plain loop: in a parallel kernel numba
+    would turn ``v.sum()`` into a parallel region of its own)."""
+    s = 0.0
+    for i in range(v.shape[0]):
+        s += v[i]
+    return s
+
+
+@njit(cache=True)
+def _totals(parts):
+    """Row sums of a (C, parts) array of partial sums."""
+    out = np.empty(parts.shape[0])
+    for c in range(parts.shape[0]):
+        out[c] = _total(parts[c])
+    return out
+
+
+@njit(cache=True)
+def _moments(s1, s2, k, count):
+    """(mean, biased var) from shifted sums s1 = sum(x - k), s2 = sum((x - k)^2)."""
+    d = s1 / count
+    return k + d, max(s2 / count - d * d, 0.0)
+
+
+@njit(parallel=True, cache=True)
+def stats(x, parts):
+    """Per-channel (mean, biased var) in float64, one read of x."""
+    N, C, M = x.shape
+    count = N * M
+    s1 = np.empty((C, parts))
+    s2 = np.empty((C, parts))
+    for t in prange(C * parts):
+        c = t // parts
+        k = float(x[0, c, 0])
+        a, b = span(t % parts, parts, count)
+        r1, r2 = _channel_sums(x, x, c, k, k, a, b)
+        s1[c, t % parts] = r1
+        s2[c, t % parts] = r2
+    mean = np.empty(C)
+    var = np.empty(C)
+    for c in range(C):
+        mean[c], var[c] = _moments(_total(s1[c]), _total(s2[c]), float(x[0, c, 0]), count)
+    return mean, var
+
+
+@njit(parallel=True, cache=True)
+def affine(x, out, hi, lo, scale, shift, parts, code, alpha):
+    """out = act(((x - hi) - lo) * scale + shift) with per-channel vectors in x's dtype.
+
+    ``parts`` 1: tasks are blocks of channels walked batch row by batch row (long
+    contiguous runs, as in ``forward_fused``); otherwise each channel is cut in parts."""
+    N, C, M = x.shape
+    if parts == 1:
+        block = -(-C // BLOCK_TASKS)
+        for blk in prange(BLOCK_TASKS):
+            for n in range(N):
+                for c in range(blk * block, min(C, (blk + 1) * block)):
+                    L.affine(x[n, c], out[n, c], hi[c], lo[c], scale[c], shift[c], code, alpha)
+        return
+    for t in prange(C * parts):
+        c = t // parts
+        a, b = span(t % parts, parts, N * M)
+        _channel_affine(x, out, c, hi[c], lo[c], scale[c], shift[c], code, alpha, a, b)
+
+
+@njit(parallel=True, cache=True)
+def forward_fused(x, weight, bias, eps, out, code, alpha, block):
+    """Training forward, one task per block of ``block`` channels: the block's statistics,
+    then its output while the block is still in cache.
+
+    A block is walked batch row by batch row, so each row is one contiguous run of
+    block * M values (short spatial rows alone would defeat the hardware prefetcher).
+    ``weight``/``bias`` are float vectors, empty for none. Returns float64 (mean, var)."""
+    N, C, M = x.shape
+    count = N * M
+    mean = np.empty(C)
+    var = np.empty(C)
+    s1 = np.zeros(C)
+    s2 = np.zeros(C)
+    par = np.empty((C, 4), x.dtype)  # per-channel scalars rounded to x's dtype
+    for blk in prange((C + block - 1) // block):
+        c0 = blk * block
+        c1 = min(C, c0 + block)
+        for n in range(N):
+            for c in range(c0, c1):
+                k = float(x[0, c, 0])
+                r1, r2 = L.sums(x[n, c], x[n, c], k, k)
+                s1[c] += r1
+                s2[c] += r2
+        for c in range(c0, c1):
+            mu, v = _moments(s1[c], s2[c], float(x[0, c, 0]), count)
+            mean[c] = mu
+            var[c] = v
+            scale = 1.0 / math.sqrt(v + eps)
+            if weight.size:
+                scale *= weight[c]
+            par[c, 0] = mu  # hi + lo carries the float64 mean
+            par[c, 1] = mu - par[c, 0]
+            par[c, 2] = scale
+            par[c, 3] = bias[c] if bias.size else 0.0
+        for n in range(N):
+            for c in range(c0, c1):
+                L.affine(x[n, c], out[n, c], par[c, 0], par[c, 1], par[c, 2], par[c, 3],
+                         code, alpha)
+    return mean, var
+
+
+@njit(parallel=True, cache=True)
+def reduce(dy, x, mean, parts):
+    """Per-channel float64 (sum(dy), sum(dy * (x - mean)))."""
+    N, C, M = x.shape
+    s1 = np.empty((C, parts))
+    s2 = np.empty((C, parts))
+    for t in prange(C * parts):
+        c = t // parts
+        a, b = span(t % parts, parts, N * M)
+        r1, r2 = _channel_sums(dy, x, c, 0.0, float(mean[c]), a, b)
+        s1[c, t % parts] = r1
+        s2[c, t % parts] = r2
+    return _totals(s1), _totals(s2)
+
+
+@njit(parallel=True, cache=True)
+def grad_x(dy, x, out, ga, hi, lo, gb, gc, parts):
+    """out = ga * dy + (gb * ((x - hi) - lo) + gc), per-channel vectors in x's dtype.
+    Tasks as in ``affine``."""
+    N, C, M = x.shape
+    if parts == 1:
+        block = -(-C // BLOCK_TASKS)
+        for blk in prange(BLOCK_TASKS):
+            for n in range(N):
+                for c in range(blk * block, min(C, (blk + 1) * block)):
+                    L.grad_x(dy[n, c], x[n, c], out[n, c], ga[c], hi[c], lo[c], gb[c], gc[c])
+        return
+    for t in prange(C * parts):
+        c = t // parts
+        a, b = span(t % parts, parts, N * M)
+        _channel_grad_x(dy, x, out, c, ga[c], hi[c], lo[c], gb[c], gc[c], a, b)
+
+
+@njit(parallel=True, cache=True)
+def backward_fused(dy, x, mean, invstd, weight, out, want_dx, block):
+    """Training backward, one task per block of channels (walked as in ``forward_fused``):
+    the two sums, then dx while the block is still in cache.
+
+    Returns float64 (sum(dy), sum(dy * x_hat)); writes dx into ``out`` if ``want_dx``."""
+    N, C, M = x.shape
+    count = N * M
+    sd = np.zeros(C)
+    sdx = np.zeros(C)
+    par = np.empty((C, 5), x.dtype)  # per-channel scalars rounded to x's dtype
+    for blk in prange((C + block - 1) // block):
+        c0 = blk * block
+        c1 = min(C, c0 + block)
+        for n in range(N):
+            for c in range(c0, c1):
+                r1, r2 = L.sums(dy[n, c], x[n, c], 0.0, float(mean[c]))
+                sd[c] += r1
+                sdx[c] += r2
+        if not want_dx:
+            continue
+        for c in range(c0, c1):
+            mu = float(mean[c])
+            inv = float(invstd[c])
+            k = inv * weight[c] if weight.size else inv
+            par[c, 0] = k
+            par[c, 1] = mu
+            par[c, 2] = mu - par[c, 1]
+            par[c, 3] = -k * inv * inv * sdx[c] / count
+            par[c, 4] = -k * sd[c] / count
+        for n in range(N):
+            for c in range(c0, c1):
+                L.grad_x(dy[n, c], x[n, c], out[n, c], par[c, 0], par[c, 1], par[c, 2],
+                         par[c, 3], par[c, 4])
+    for c in range(C):
+        sdx[c] *= float(invstd[c])
+    return sd, sdx
+
+
+@njit(parallel=True, cache=True)
+def act_reduce(dz, z, shift, rscale, parts, code, alpha):
+    """Per-channel float64 (sum(dy), sum(dy * x_hat)) of BN + invertible activation from z."""
+    N, C, M = z.shape
+    s1 = np.empty((C, parts))
+    s2 = np.empty((C, parts))
+    for t in prange(C * parts):
+        c = t // parts
+        a, b = span(t % parts, parts, N * M)
+        r1 = 0.0
+        r2 = 0.0
+        n = a // M
+        while a < b:
+            i0 = a - n * M
+            i1 = min(M, i0 + b - a)
+            q1, q2 = L.act_sums(
+                dz[n, c, i0:i1], z[n, c, i0:i1], shift[c], rscale[c], code, alpha
+            )
+            r1 += q1
+            r2 += q2
+            a += i1 - i0
+            n += 1
+        s1[c, t % parts] = r1
+        s2[c, t % parts] = r2
+    return _totals(s1), _totals(s2)
+
+
+@njit(parallel=True, cache=True)
+def act_grad_x(dz, z, out, ga, gb, gc, shift, rscale, parts, code, alpha):
+    """dx = ga * dy + (gb * x_hat + gc) of BN + invertible activation, from z."""
+    N, C, M = z.shape
+    for t in prange(C * parts):
+        c = t // parts
+        a, b = span(t % parts, parts, N * M)
+        n = a // M
+        while a < b:
+            i0 = a - n * M
+            i1 = min(M, i0 + b - a)
+            L.act_grad_x(
+                dz[n, c, i0:i1], z[n, c, i0:i1], out[n, c, i0:i1],
+                ga[c], gb[c], gc[c], shift[c], rscale[c], code, alpha,
+            )
+            a += i1 - i0
+            n += 1

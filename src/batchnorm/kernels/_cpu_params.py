@@ -1,0 +1,66 @@
+"""Per-channel scalars for the element loops, from float64 statistics and sums.
+
+Each function returns vectors in the dtype of ``like`` (the input), so the element loops
+run in the input's dtype; the mean is split into ``hi + lo`` (hi rounded to that dtype,
+lo the rest), which keeps a float64 mean's precision in float32 arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True)
+def split(mean, like):
+    """(hi, lo) in like's dtype with hi + lo = mean to about twice that dtype's precision."""
+    C = mean.shape[0]
+    hi = np.empty(C, like.dtype)
+    lo = np.empty(C, like.dtype)
+    for c in range(C):
+        hi[c] = mean[c]
+        lo[c] = float(mean[c]) - float(hi[c])
+    return hi, lo
+
+
+@njit(cache=True)
+def invstd(var, eps):
+    """1 / sqrt(var + eps) in float64."""
+    out = np.empty(var.shape[0])
+    for c in range(var.shape[0]):
+        out[c] = 1.0 / math.sqrt(float(var[c]) + eps)
+    return out
+
+
+@njit(cache=True)
+def affine(mean, invstd, weight, bias, like):
+    """(hi, lo, scale, shift) for y = ((x - hi) - lo) * scale + shift; ``weight``/``bias``
+    empty for none."""
+    C = mean.shape[0]
+    hi, lo = split(mean, like)
+    scale = np.empty(C, like.dtype)
+    shift = np.empty(C, like.dtype)
+    for c in range(C):
+        scale[c] = float(invstd[c]) * (float(weight[c]) if weight.size else 1.0)
+        shift[c] = float(bias[c]) if bias.size else 0.0
+    return hi, lo, scale, shift
+
+
+@njit(cache=True)
+def grad(mean, invstd, weight, sum_dy, sum_dy_xhat, count, like):
+    """(ga, hi, lo, gb, gc) for the training dx = ga * dy + (gb * ((x - hi) - lo) + gc):
+    with k = weight * invstd, dx = k * (dy - sum_dy / m - x_hat * sum_dy_xhat / m)."""
+    C = mean.shape[0]
+    hi, lo = split(mean, like)
+    ga = np.empty(C, like.dtype)
+    gb = np.empty(C, like.dtype)
+    gc = np.empty(C, like.dtype)
+    for c in range(C):
+        inv = float(invstd[c])
+        k = inv * (float(weight[c]) if weight.size else 1.0)
+        ga[c] = k
+        gb[c] = -k * inv * float(sum_dy_xhat[c]) / count
+        gc[c] = -k * float(sum_dy[c]) / count
+    return ga, hi, lo, gb, gc

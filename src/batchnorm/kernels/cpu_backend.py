@@ -1,0 +1,377 @@
+"""Fused CPU kernels (numba): the ``torch_backend`` contract, faster on CPU tensors.
+
+Why numba: it ships wheels for every platform torch does (no compiler on the user's
+machine), compiles loops to vectorised, multi-threaded machine code, and caches the
+machine code on disk (``cache=True``), so only the very first process pays for
+compiling (a few seconds); later processes load it in milliseconds.
+
+What runs where: float32/float64 CPU tensors that are either channel-major contiguous
+(NCHW, NCL, NCDHW: viewed as (N, C, M)) or channels-last contiguous (NHWC, NDHWC, NLC and
+(N, C) inputs: viewed as (R, C) rows). ``supports`` is False for everything else (half
+types, CUDA, odd strides, empty tensors) and the dispatcher then uses ``torch_backend``.
+Other tensor arguments (dy, weight, ...) are brought to x's dtype and memory layout.
+
+Passes over memory (m = elements per channel):
+
+* training forward: one read of x for the statistics (float64 shifted sums), one
+  write of y. Channel-major tensors with many channels are cut into blocks of channels
+  that fit in a core's cache; one thread computes a block's statistics and then its
+  output, so the second read of x comes from cache (``FUSE_BYTES``). Channels-last
+  tensors and channel-major ones with few, large channels take two passes;
+* training backward: one read of (dy, x) for sum(dy) and sum(dy * x_hat), one write of
+  dx, fused per block in the same way;
+* eval forward: one read, one write.
+
+Small inputs (< ``PARALLEL_MIN`` elements) run on one thread: waking a second costs more
+than it saves. The running-statistic update stays in the library (kernels are pure).
+
+Statistics are float64 internally (exact to float32 output precision even for a channel
+with mean 1e4 and std 1) and returned in the accumulation dtype of the contract.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import activations, torch_backend
+
+try:  # a read-only install with no writable cache directory must not break import
+    from . import _cpu_act as A
+    from . import _cpu_nchw as NCHW
+    from . import _cpu_nhwc as NHWC
+    from . import _cpu_params as P
+except (OSError, RuntimeError) as err:  # numba: "cannot cache function ..."
+    raise ImportError(f"numba kernels unavailable ({err}); set NUMBA_CACHE_DIR") from err
+
+name = "cpu"
+
+#: Elements per task below which splitting a channel over more threads does not pay.
+MIN_TASK = 16384
+#: Below this many elements a call runs on one thread: waking the others costs more.
+PARALLEL_MIN = 32768
+#: Bytes of one fused task's arrays (inputs and output) that still fit in a core's cache.
+FUSE_BYTES = 2 << 20
+
+_EMPTY = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
+
+
+def _layout(x: Tensor) -> str | None:
+    """"nchw" (channel-major contiguous), "nhwc" (channels-last contiguous) or None."""
+    if x.device.type != "cpu" or x.dtype not in _EMPTY or x.dim() < 2 or x.numel() == 0:
+        return None
+    if x.is_contiguous():
+        return "nchw" if x[0, 0].numel() > 1 else "nhwc"
+    if x.permute(0, *range(2, x.dim()), 1).is_contiguous():
+        return "nhwc"
+    return None
+
+
+def supports(x: Tensor) -> bool:
+    """float32/float64 CPU tensors, channel-major or channels-last contiguous, not empty."""
+    return _layout(x) is not None
+
+
+#: Elements from which these kernels beat PyTorch's ATen kernels (training) and a single
+#: torch.addcmul pass (eval) on channel-major tensors; measured with ``batchnorm bench``
+#: and benchmarks/cpu_kernels.py on a 2-core Zen 4 (crossover 65K-130K elements).
+PREFER_MIN = 100_000
+
+
+def prefers(op: str, x: Tensor) -> bool:
+    """Where ``auto`` dispatch should use these kernels: channel-major tensors of at least
+    ``PREFER_MIN`` elements. Below that the per-call cost dominates, and for channels_last
+    and (N, C) input PyTorch's own kernels are faster (benchmarks/README.md)."""
+    return x.numel() >= PREFER_MIN and _layout(x) == "nchw" and x.dim() >= 3
+
+
+def _view(t: Tensor, layout: str) -> np.ndarray:
+    """The (N, C, M) or (R, C) numpy view of a tensor laid out as ``layout`` (no copy)."""
+    t = t.detach()
+    if layout == "nchw":
+        return t.view(t.shape[0], t.shape[1], -1).numpy()
+    return t.permute(0, *range(2, t.dim()), 1).reshape(-1, t.shape[1]).numpy()
+
+
+def _like(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` with x's dtype and strides (a copy only when they differ)."""
+    if t.dtype == x.dtype and t.stride() == x.stride() and t.device == x.device:
+        return t
+    out = torch.empty_like(x)
+    out.copy_(t.detach())
+    return out
+
+
+def _vec(v: Tensor | None, x: Tensor) -> np.ndarray:
+    """A per-channel vector as a contiguous numpy array in the accumulation dtype; empty
+    for None (the kernels read an empty weight as 1 and an empty bias as 0)."""
+    acc = torch_backend.acc_dtype(x.dtype)
+    if v is None:
+        return _EMPTY[acc]
+    return v.detach().to(device="cpu", dtype=acc).contiguous().numpy()
+
+
+def _acc(v: np.ndarray, x: Tensor) -> Tensor:
+    """A float64 numpy vector as a tensor in x's accumulation dtype."""
+    return torch.from_numpy(v).to(torch_backend.acc_dtype(x.dtype))
+
+
+def _parts(x: Tensor, layout: str) -> int:
+    """How many tasks to cut each channel (nchw) or the rows (nhwc) into."""
+    threads = numba.get_num_threads()
+    c = x.shape[1]
+    per_channel = x.numel() // c
+    if layout == "nchw":
+        if c >= 4 * threads:
+            return 1
+        return max(1, min(-(-4 * threads // c), per_channel // MIN_TASK))
+    return max(1, min(4 * threads, x.numel() // MIN_TASK))
+
+
+def _block(x: Tensor, layout: str, parts: int, arrays: int) -> int:
+    """Channels per task of a fused kernel (whose ``arrays`` tensors of one block must stay
+    in cache between its two passes), or 0 where the fused kernels do not apply."""
+    per_channel = x.numel() // x.shape[1] * x.element_size() * arrays
+    if layout != "nchw" or parts != 1 or per_channel > FUSE_BYTES:
+        return 0
+    most = -(-x.shape[1] // (2 * numba.get_num_threads()))  # >= 2 tasks per thread
+    return max(1, min(FUSE_BYTES // per_channel, most))
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def _sized(fn: F) -> F:
+    """Run ``fn`` on one numba thread when its first tensor argument is small."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        threads = numba.get_num_threads()
+        if threads == 1 or args[0].numel() >= PARALLEL_MIN:
+            return fn(*args, **kwargs)
+        numba.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            numba.set_num_threads(threads)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _code(act: str, alpha: float) -> int:
+    activations.check(act, alpha)
+    return A.CODES[act]
+
+
+@_sized
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance (float64 shifted sums, one pass)."""
+    layout = _layout(x)
+    if layout is None:
+        return torch_backend.batch_stats(x)
+    kernels = NCHW if layout == "nchw" else NHWC
+    mean, var = kernels.stats(_view(x, layout), _parts(x, layout))
+    return _acc(mean, x), _acc(var, x)
+
+
+def _affine(
+    x: Tensor, layout: str, mean: np.ndarray, invstd: np.ndarray,
+    weight: Tensor | None, bias: Tensor | None, code: int, alpha: float,
+) -> Tensor:
+    xn = _view(x, layout)
+    out = torch.empty_like(x)
+    hi, lo, scale, shift = P.affine(mean, invstd, _vec(weight, x), _vec(bias, x), xn)
+    kernels = NCHW if layout == "nchw" else NHWC
+    kernels.affine(xn, _view(out, layout), hi, lo, scale, shift, _parts(x, layout), code, alpha)
+    return out
+
+
+@_sized
+def normalize(
+    x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> Tensor:
+    """y = (x - mean) * invstd * weight + bias, one pass."""
+    return forward_eval_act(x, mean, invstd, weight, bias, "identity", 0.0)
+
+
+@_sized
+def forward_eval_act(
+    x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None,
+    act: str, alpha: float,
+) -> Tensor:
+    """Eval forward of BN (given statistics) followed by an activation, one pass."""
+    layout = _layout(x)
+    if layout is None:
+        return torch_backend.forward_eval_act(x, mean, invstd, weight, bias, act, alpha)
+    code = _code(act, alpha)
+    return _affine(x, layout, _vec(mean, x), _vec(invstd, x), weight, bias, code, alpha)
+
+
+@_sized
+def forward_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training forward: statistics in one pass, normalise + affine in a second.
+    Returns (y, mean, invstd)."""
+    return forward_train_act(x, weight, bias, eps, "identity", 0.0)
+
+
+@_sized
+def forward_train_act(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: str, alpha: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training forward of BN followed by an activation. Returns (z, mean, invstd)."""
+    layout = _layout(x)
+    if layout is None:
+        return torch_backend.forward_train_act(x, weight, bias, eps, act, alpha)
+    code = _code(act, alpha)
+    parts = _parts(x, layout)
+    block = _block(x, layout, parts, 2)
+    if block:
+        out = torch.empty_like(x)
+        mean, var = NCHW.forward_fused(
+            _view(x, layout), _vec(weight, x), _vec(bias, x), eps, _view(out, layout),
+            code, alpha, block,
+        )
+        return out, _acc(mean, x), _acc(P.invstd(var, eps), x)
+    kernels = NCHW if layout == "nchw" else NHWC
+    mean, var = kernels.stats(_view(x, layout), parts)
+    invstd = P.invstd(var, eps)
+    out = _affine(x, layout, mean, invstd, weight, bias, code, alpha)
+    return out, _acc(mean, x), _acc(invstd, x)
+
+
+@_sized
+def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
+    """sum(dy) and sum(dy * x_hat) per channel, one pass over (dy, x)."""
+    layout = _layout(x)
+    if layout is None:
+        return torch_backend.backward_reduce(dy, x, mean, invstd)
+    kernels = NCHW if layout == "nchw" else NHWC
+    sd, sdx = kernels.reduce(
+        _view(_like(dy, x), layout), _view(x, layout), _vec(mean, x), _parts(x, layout)
+    )
+    return _acc(sd, x), _acc(sdx * _vec(invstd, x), x)
+
+
+@_sized
+def backward_elemt(
+    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
+    sum_dy: Tensor, sum_dy_xhat: Tensor, count: float,
+) -> Tensor:
+    """dx = weight * invstd * (dy - sum_dy / m - x_hat * sum_dy_xhat / m), one pass."""
+    layout = _layout(x)
+    if layout is None:
+        return torch_backend.backward_elemt(
+            dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count
+        )
+    xn = _view(x, layout)
+    ga, hi, lo, gb, gc = P.grad(
+        _vec(mean, x), _vec(invstd, x), _vec(weight, x), _vec(sum_dy, x),
+        _vec(sum_dy_xhat, x), float(count), xn,
+    )
+    out = torch.empty_like(x)
+    kernels = NCHW if layout == "nchw" else NHWC
+    kernels.grad_x(
+        _view(_like(dy, x), layout), xn, _view(out, layout), ga, hi, lo, gb, gc,
+        _parts(x, layout),
+    )
+    return out
+
+
+@_sized
+def backward(
+    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
+    output_mask: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Closed-form training backward: (dx, dweight, dbias), None where masked off."""
+    layout = _layout(x)
+    if layout is None:
+        return torch_backend.backward(dy, x, mean, invstd, weight, output_mask)
+    parts = _parts(x, layout)
+    block = _block(x, layout, parts, 3)
+    if block:
+        xn = _view(x, layout)
+        out = torch.empty_like(x) if output_mask[0] else None
+        sd, sdx = NCHW.backward_fused(
+            _view(_like(dy, x), layout), xn, _vec(mean, x), _vec(invstd, x), _vec(weight, x),
+            np.empty((0, 0, 0), xn.dtype) if out is None else _view(out, layout), out is not None,
+            block,
+        )
+        sum_dy, sum_dy_xhat = _acc(sd, x), _acc(sdx, x)
+        dx = out
+    else:
+        sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean, invstd)
+        dx = None
+        if output_mask[0]:
+            count = x.numel() // x.shape[1]
+            dx = backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
+    return (
+        dx,
+        sum_dy_xhat if output_mask[1] else None,
+        sum_dy if output_mask[2] else None,
+    )
+
+
+@_sized
+def backward_eval(
+    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
+    output_mask: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Backward of the eval forward (fixed statistics): dx = dy * weight * invstd."""
+    layout = _layout(x)
+    if layout is None:
+        return torch_backend.backward_eval(dy, x, mean, invstd, weight, output_mask)
+    dw = db = dx = None
+    if output_mask[1] or output_mask[2]:
+        sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean, invstd)
+        dw = sum_dy_xhat if output_mask[1] else None
+        db = sum_dy if output_mask[2] else None
+    if output_mask[0]:
+        # dx = ((dy - 0) - 0) * (weight * invstd) + 0: the affine kernel applied to dy
+        zero = torch.zeros_like(mean)
+        dx = _affine(
+            _like(dy, x), layout, _vec(zero, x), _vec(invstd, x), weight, None,
+            A.IDENTITY, 0.0,
+        )
+    return dx, dw, db
+
+
+@_sized
+def backward_act(
+    dz: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
+    bias: Tensor | None, act: str, alpha: float, training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of BN + invertible activation from its output z alone: one pass for the
+    sums, one for dx (see ``torch_backend.backward_act``)."""
+    layout = _layout(z)
+    if layout is None:
+        return torch_backend.backward_act(
+            dz, z, mean, invstd, weight, bias, act, alpha, training
+        )
+    code = _code(act, alpha)
+    if code not in A.INVERTIBLE:
+        raise ValueError(f"activation {act!r} (alpha={alpha}) is not invertible")
+    c = z.shape[1]
+    shift = np.zeros(c) if bias is None else _vec(bias, z).astype(np.float64)
+    w = np.ones(c) if weight is None else _vec(weight, z).astype(np.float64)
+    rscale = 1.0 / w
+    zn, dzn = _view(z, layout), _view(_like(dz, z), layout)
+    kernels = NCHW if layout == "nchw" else NHWC
+    parts = _parts(z, layout)
+    sd, sdx = kernels.act_reduce(dzn, zn, shift, rscale, parts, code, alpha)
+    k = w * _vec(invstd, z)
+    if training:
+        m = z.numel() // c
+        gb, gc = -k * sdx / m, -k * sd / m
+    else:
+        gb, gc = np.zeros(c), np.zeros(c)
+    out = torch.empty_like(z)
+    kernels.act_grad_x(dzn, zn, _view(out, layout), k, gb, gc, shift, rscale, parts, code, alpha)
+    return out, _acc(sdx, z), _acc(sd, z)

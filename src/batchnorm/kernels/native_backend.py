@@ -1,0 +1,46 @@
+"""PyTorch's own ATen batch-norm kernels behind our kernel contract.
+
+Where ATen is already the fastest (BN1d (N, C) near memory bandwidth, channels_last,
+small tensors where call overhead dominates), ``auto`` dispatch uses it instead of
+re-implementing it. ATen normalises with the biased variance and returns (mean, invstd)
+like our contract, computes its statistics stably (Welford), and its backward is the same
+closed form. Only CPU float32/float64 tensors are taken; half types go to the pure-torch
+backend, which accumulates them in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+name = "native"
+
+
+def supports(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.numel() > 0
+
+
+def prefers(op: str, x: Tensor) -> bool:
+    """In ``auto`` mode, take every training call the fused CPU kernels do not prefer."""
+    return op in ("forward_train", "backward") and supports(x)
+
+
+def forward_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """ATen training forward: (y, mean, invstd)."""
+    return torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+
+
+def backward(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    output_mask: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """ATen training backward: (dx, dweight, dbias); eps is unused by ATen in training."""
+    return torch.ops.aten.native_batch_norm_backward(
+        dy, x, weight, None, None, mean, invstd, True, 0.0, list(output_mask)
+    )

@@ -1,0 +1,87 @@
+"""Backend choice: auto picks the fastest measured backend per call, a forced backend is
+used wherever it can run, and every backend agrees with the pure-torch reference."""
+
+import pytest
+import torch
+
+import batchnorm
+from batchnorm import kernels
+from batchnorm.kernels import native_backend, torch_backend
+
+
+def _name(op, x):
+    return kernels.pick(op, x).name
+
+
+def test_auto_choices_follow_the_measured_crossovers():
+    big = torch.randn(8, 64, 16, 16)
+    assert _name("forward_train", big) == "cpu"
+    assert _name("normalize", big) == "cpu"
+    small = torch.randn(4, 8, 5, 5)
+    assert _name("forward_train", small) == "native"
+    assert _name("normalize", small) == "torch"
+    cl = big.contiguous(memory_format=torch.channels_last)
+    assert _name("forward_train", cl) == "native"
+    assert _name("forward_train", torch.randn(256, 1024)) == "native"
+    assert _name("forward_train", big.bfloat16()) == "torch"
+    assert _name("forward_train_act", big) == "cpu"
+
+
+def test_forced_backend_runs_wherever_it_can_and_falls_back_otherwise():
+    small = torch.randn(4, 8, 5, 5)
+    with kernels.use_backend("cpu"):
+        assert _name("forward_train", small) == "cpu"
+        assert _name("forward_train", small.half()) == "torch"
+    with kernels.use_backend("torch"):
+        assert _name("forward_train", torch.randn(8, 64, 16, 16)) == "torch"
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        kernels.set_backend("gpu")
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (4, 3, 7), (3, 4, 5, 6)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_native_backend_matches_the_pure_torch_backend(shape, channels_last):
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 3
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(shape[1], dtype=torch.float64) + 0.5, torch.randn(shape[1], dtype=torch.float64)
+    dy = torch.randn_like(x)
+    for got, want in zip(native_backend.forward_train(x, w, b, 1e-5), torch_backend.forward_train(x, w, b, 1e-5)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    _, mean, invstd = torch_backend.forward_train(x, w, b, 1e-5)
+    for got, want in zip(native_backend.backward(dy, x, mean, invstd, w), torch_backend.backward(dy, x, mean, invstd, w)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_module_results_do_not_depend_on_the_backend():
+    x = torch.randn(8, 64, 16, 16, dtype=torch.float64)
+    outs = []
+    for name in ("torch", "cpu", "native", "auto"):
+        with kernels.use_backend(name):
+            bn = batchnorm.BatchNorm2d(64, dtype=torch.float64)
+            xi = x.clone().requires_grad_()
+            y = bn(xi)
+            y.pow(2).sum().backward()
+            outs.append((y, xi.grad, bn.weight.grad, bn.running_var))
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_saturated_elu_keeps_the_memory_saving_backward_finite(backend):
+    # elu's float32 output is exactly -alpha below y ~ -17; its inverse would be -inf
+    from batchnorm.kernels import activations
+
+    x = torch.randn(64, 2, 8)
+    x[0, 0, 0] = -1e4  # x_hat ~ -60 in channel 0
+    w = torch.ones(2)
+    with kernels.use_backend(backend):
+        z, mean, invstd = kernels.call("forward_train_act", x, w, None, 1e-5, "elu", 1.0)
+        assert z[0, 0, 0] == -1.0
+        dx, dw, db = kernels.call("backward_act", torch.randn_like(z), z, mean, invstd, w, None, "elu", 1.0, True)
+    assert torch.isfinite(dx).all() and torch.isfinite(dw).all()
+    assert activations.inverse(torch.tensor([-1.0]), "elu", 1.0).item() > -16

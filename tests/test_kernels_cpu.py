@@ -1,0 +1,231 @@
+"""The numba CPU kernels compute what the pure-torch backend computes.
+
+Twins: every ``cpu_backend`` function against ``torch_backend`` (same contract) at the
+dtype tolerances of ``conftest.TOL``, and float32 results against the float64
+computation. Each configuration runs on both code paths of the channel-major kernels:
+"fused" (one task per channel, statistics and output back to back) and "split" (each
+channel cut into parts whose partial sums are added), forced by shrinking the thresholds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from batchnorm import kernels
+from batchnorm.kernels import torch_backend as T
+
+C = pytest.importorskip("batchnorm.kernels.cpu_backend")
+
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+
+# (shape, layout): odd sizes on purpose (C=1, H=W=1, N=2, widths not a multiple of 16)
+CASES = [
+    ((4, 3, 5, 7), "nchw"),
+    ((4, 3, 5, 7), "channels_last"),
+    ((2, 1, 9, 11), "nchw"),
+    ((2, 5, 1, 1), "nchw"),
+    ((2, 5, 1, 1), "channels_last"),
+    ((8, 17), "nchw"),
+    ((3, 6, 19), "nchw"),
+    ((3, 6, 19), "channels_last"),
+    ((2, 4, 3, 5, 3), "nchw"),
+    ((2, 4, 3, 5, 3), "channels_last"),
+    ((2, 40, 3, 3), "nchw"),
+    ((5, 33, 4, 4), "channels_last"),
+]
+ACTS = [("identity", 0.0), ("relu", 0.0), ("leaky_relu", 0.1), ("elu", 1.0), ("silu", 0.0),
+        ("gelu", 0.0)]
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t`` in channels-last memory order (any rank), or as is."""
+    if layout == "nchw":
+        return t.contiguous()
+    perm = (0, *range(2, t.dim()), 1)
+    inverse = (0, t.dim() - 1, *range(1, t.dim() - 1))
+    return t.permute(perm).contiguous().permute(inverse)
+
+
+@pytest.fixture(params=["fused", "split"])
+def path(request, monkeypatch):
+    """Run on the fused per-channel path, or force the split path with tiny thresholds."""
+    if request.param == "split":
+        monkeypatch.setattr(C, "FUSE_BYTES", 0)
+        monkeypatch.setattr(C, "MIN_TASK", 4)
+    return request.param
+
+
+def _inputs(shape, layout, dtype, mean=3.0, std=2.0):
+    x = _layout(torch.randn(shape, dtype=torch.float64) * std + mean, layout).to(dtype)
+    dy = _layout(torch.randn(shape, dtype=torch.float64), layout).to(dtype)
+    c = shape[1]
+    w = torch.rand(c, dtype=dtype) + 0.5
+    b = torch.randn(c, dtype=dtype)
+    return x, dy, w, b
+
+
+def _close(ours, ref, dtype, scale=1.0):
+    if isinstance(ours, tuple):
+        assert len(ours) == len(ref)
+        for a, b in zip(ours, ref):
+            _close(a, b, dtype, scale)
+        return
+    if ref is None:
+        assert ours is None
+        return
+    assert ours.dtype == ref.dtype
+    tol = {k: v * scale for k, v in TOL[dtype].items()}
+    torch.testing.assert_close(ours, ref, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,layout", CASES)
+def test_every_function_matches_torch_backend(shape, layout, dtype, path):
+    x, dy, w, b = _inputs(shape, layout, dtype)
+    assert C.supports(x)
+    _close(C.batch_stats(x), T.batch_stats(x), dtype)
+    for wb in [(w, b), (None, None)]:
+        _close(C.forward_train(x, *wb, 1e-5), T.forward_train(x, *wb, 1e-5), dtype)
+    _, mean, invstd = T.forward_train(x, w, b, 1e-5)
+    _close(C.normalize(x, mean, invstd, w, b), T.normalize(x, mean, invstd, w, b), dtype)
+    _close(C.backward_reduce(dy, x, mean, invstd), T.backward_reduce(dy, x, mean, invstd), dtype)
+    sums = T.backward_reduce(dy, x, mean, invstd)
+    count = 3 * x.numel() // x.shape[1]  # as if the sums came from 3 ranks (sync BN)
+    _close(
+        C.backward_elemt(dy, x, mean, invstd, w, *sums, count),
+        T.backward_elemt(dy, x, mean, invstd, w, *sums, count),
+        dtype,
+    )
+    for mask in [(True, True, True), (False, True, True), (True, False, False)]:
+        for weight in (w, None):
+            _close(
+                C.backward(dy, x, mean, invstd, weight, mask),
+                T.backward(dy, x, mean, invstd, weight, mask),
+                dtype,
+            )
+            _close(
+                C.backward_eval(dy, x, mean, invstd, weight, mask),
+                T.backward_eval(dy, x, mean, invstd, weight, mask),
+                dtype,
+            )
+
+
+@pytest.mark.parametrize("shape,layout", CASES)
+def test_outputs_keep_the_input_memory_layout(shape, layout, path):
+    x, dy, w, b = _inputs(shape, layout, torch.float32)
+    y, mean, invstd = C.forward_train(x, w, b, 1e-5)
+    dx, _, _ = C.backward(dy, x, mean, invstd, w)
+    assert y.stride() == x.stride() and dx.stride() == x.stride()
+    assert mean.dtype == invstd.dtype == torch.float32
+
+
+@pytest.mark.parametrize("act,alpha", ACTS)
+@pytest.mark.parametrize("shape,layout", [CASES[0], CASES[1], CASES[7], CASES[11]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_activation_variants_match_torch_backend(shape, layout, dtype, act, alpha, path):
+    x, dz, w, b = _inputs(shape, layout, dtype)
+    z, mean, invstd = C.forward_train_act(x, w, b, 1e-5, act, alpha)
+    _close((z, mean, invstd), T.forward_train_act(x, w, b, 1e-5, act, alpha), dtype)
+    _close(
+        C.forward_eval_act(x, mean, invstd, w, b, act, alpha),
+        T.forward_eval_act(x, mean, invstd, w, b, act, alpha),
+        dtype,
+    )
+    if act in ("identity", "leaky_relu", "elu"):
+        for training in (True, False):
+            # recovering y from z divides by alpha / takes log1p: allow 10x the tolerance
+            _close(
+                C.backward_act(dz, z, mean, invstd, w, b, act, alpha, training),
+                T.backward_act(dz, z, mean, invstd, w, b, act, alpha, training),
+                dtype,
+                scale=10.0,
+            )
+
+
+def test_backward_act_refuses_a_non_invertible_activation():
+    x, dz, w, b = _inputs((4, 3, 5, 5), "nchw", torch.float32)
+    z, mean, invstd = C.forward_train_act(x, w, b, 1e-5, "relu", 0.0)
+    with pytest.raises(ValueError, match="not invertible"):
+        C.backward_act(dz, z, mean, invstd, w, b, "relu", 0.0, True)
+    with pytest.raises(ValueError, match="unknown activation"):
+        C.forward_train_act(x, w, b, 1e-5, "tanh", 0.0)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_float32_matches_the_float64_computation(layout, path):
+    x, dy, w, b = _inputs((4, 6, 9, 7), layout, torch.float32)
+    ref = T.forward_train(x.double(), w.double(), b.double(), 1e-5)
+    got = C.forward_train(x, w, b, 1e-5)
+    for ours, exact in zip(got, ref):
+        torch.testing.assert_close(ours.double(), exact, rtol=2e-6, atol=2e-6)
+    _, mean, invstd = ref
+    dref = T.backward(dy.double(), x.double(), mean, invstd, w.double())
+    dgot = C.backward(dy, x, mean.float(), invstd.float(), w)
+    for ours, exact in zip(dgot, dref):
+        torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_large_mean_small_spread_statistics_match_float64(layout, path):
+    """A float32 channel with mean 1e4 and std 1 over 100k values: no cancellation, no
+    drift (a float32 running sum would be off by ~1e-3 relative)."""
+    x = _layout(torch.randn(10, 2, 100, 100, dtype=torch.float64) + 1e4, layout).float()
+    mean, var = C.batch_stats(x)
+    xd = x.double()
+    ref_var, ref_mean = torch.var_mean(xd, dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-7, atol=0.0)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=0.0)
+    y, _, _ = C.forward_train(x, None, None, 0.0)
+    y_ref = (xd - ref_mean.view(1, -1, 1, 1)) / ref_var.sqrt().view(1, -1, 1, 1)
+    torch.testing.assert_close(y.double(), y_ref, rtol=0.0, atol=1e-5)
+
+
+def test_nan_stays_in_its_channel():
+    x = torch.randn(4, 3, 6, 6)
+    x[1, 1, 2, 2] = float("nan")
+    mean, var = C.batch_stats(x)
+    assert mean[1].isnan() and var[1].isnan()
+    assert mean[[0, 2]].isfinite().all() and var[[0, 2]].isfinite().all()
+    y, _, _ = C.forward_train(x, None, None, 1e-5)
+    assert y[:, 1].isnan().all() and y[:, [0, 2]].isfinite().all()
+
+
+def test_dy_in_another_layout_or_dtype_gives_the_same_result():
+    x, dy, w, _ = _inputs((4, 5, 6, 7), "channels_last", torch.float32)
+    _, mean, invstd = C.forward_train(x, w, None, 1e-5)
+    ref = C.backward(dy, x, mean, invstd, w)
+    for other in (dy.contiguous(), dy.double(), dy.expand(4, 5, 6, 7)):
+        _close(C.backward(other, x, mean, invstd, w), ref, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(4, 3, 8, 8)[:, :, ::2],  # strided
+        lambda: torch.randn(4, 8, 3).transpose(0, 2),  # permuted batch axis
+        lambda: torch.randn(4, 3, 5, 5, dtype=torch.bfloat16),
+        lambda: torch.randn(4, 3, 5, 5, dtype=torch.float16),
+        lambda: torch.randn(0, 3, 5, 5),
+    ],
+    ids=["strided", "permuted", "bfloat16", "float16", "empty"],
+)
+def test_unsupported_inputs_fall_back_to_torch(make):
+    x = make()
+    assert not C.supports(x)
+    with kernels.use_backend("cpu"):
+        assert kernels.pick("forward_train", x) is T
+    if x.numel():  # called directly, the cpu functions hand such inputs to torch
+        w = torch.ones(x.shape[1], dtype=x.dtype)
+        _close(C.forward_train(x, w, None, 1e-5)[0], T.forward_train(x, w, None, 1e-5)[0],
+               torch.float32, scale=10.0)
+
+
+def test_dispatcher_uses_the_cpu_kernels_for_supported_tensors():
+    x = torch.randn(2, 3, 4, 4)
+    with kernels.use_backend("cpu"):
+        assert kernels.pick("forward_train", x) is C
+    with kernels.use_backend("auto"):  # auto takes them from PREFER_MIN elements on
+        assert kernels.pick("forward_train", torch.randn(4, 64, 20, 20)) is C
+    with kernels.use_backend("torch"):
+        assert kernels.pick("forward_train", x) is T
