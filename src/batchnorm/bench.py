@@ -5,8 +5,8 @@ For each case, three things are timed, interleaved round by round so that a slow
 moment of the machine hits all of them alike, and summarised by their medians:
 
 * native: ``torch.nn.BatchNorm{1,2,3}d``;
-* ours:   ``batchnorm.modules.BatchNorm{1,2,3}d`` with the fused CPU kernels forced
-  (``kernels.use_backend("cpu")``), i.e. what a user gets;
+* ours:   ``batchnorm.modules.BatchNorm{1,2,3}d`` with the backend choice ``--backend``
+  (default ``auto``: what a user gets; ``cpu`` forces the fused numba kernels);
 * bound:  the memory traffic the operation needs, done by the simplest torch calls.
   Training (forward + backward) writes two full-size tensors (y, dx) and reads four
   (x, x, dy, and x or dy once more): the bound is 2 fresh full-size copies + 4 full reads
@@ -144,10 +144,12 @@ def _sample(fn: Callable[[], None], calls: int) -> float:
     return (_clock() - start) / calls
 
 
-def measure(case: Case, reps: int, on_round: Callable[[], None] | None = None) -> dict:
+def measure(
+    case: Case, reps: int, on_round: Callable[[], None] | None = None, backend: str = "auto"
+) -> dict:
     """Median times (ms) of native, ours and the bound, interleaved over ``reps`` rounds."""
     native, ours, bound, x = _make(case)
-    with kernels.use_backend("cpu"):
+    with kernels.use_backend(backend):
         for fn in (native, ours, bound, native, ours, bound):  # warm-up (and numba load)
             fn()
         calls = _calls_per_sample(native)
@@ -254,7 +256,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(cases: list[Case], reps: int, console: Console) -> list[dict]:
+def run(cases: list[Case], reps: int, console: Console, backend: str = "auto") -> list[dict]:
     """Measure every case with a progress bar; returns the rows."""
     rows = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -263,7 +265,7 @@ def run(cases: list[Case], reps: int, console: Console) -> list[dict]:
         task = progress.add_task("benchmarking", total=len(cases) * reps)
         for case in cases:
             progress.update(task, description=f"{case.name} {case.layout} {case.op}")
-            rows.append(measure(case, reps, on_round=lambda: progress.advance(task)))
+            rows.append(measure(case, reps, on_round=lambda: progress.advance(task), backend=backend))
     return rows
 
 
@@ -281,6 +283,9 @@ def bench_command(
     threads: int = typer.Option(0, "--threads", help="Threads for torch and numba (0: as is)."),
     cpu_time: bool = typer.Option(
         False, "--cpu-time", help="Time with process CPU time (use with --threads 1)."
+    ),
+    backend: str = typer.Option(
+        "auto", "--backend", help="Our backend: auto (what users get), cpu, native or torch."
     ),
 ) -> None:
     """Time our BN against torch.nn's on this CPU, with the memory-traffic bound."""
@@ -302,7 +307,7 @@ def bench_command(
         raise typer.BadParameter(f"no case matches --cases {cases!r} --dtype {dtype!r}")
     reps = reps or (10 if quick else 30)
     before = machine()
-    rows = run(selected, reps, console)
+    rows = run(selected, reps, console, backend)
     info = machine()
     info["loadavg_before"] = before["loadavg"]
     console.print(_table(rows))
@@ -316,11 +321,11 @@ def bench_command(
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(
-            {"machine": info, "summary": summary, "rows": rows,
+            {"machine": info, "summary": summary, "rows": rows, "backend": backend,
              "command": "batchnorm bench" + (" --quick" if quick else "")
              + (f" --cases {cases}" if cases else "") + (f" --dtype {dtype}" if dtype else "")
              + f" --reps {reps}" + (f" --threads {threads}" if threads else "")
-             + (" --cpu-time" if cpu_time else ""),
+             + (" --cpu-time" if cpu_time else "") + f" --backend {backend}",
              "clock": "process CPU time" if cpu_time else "wall clock"},
             indent=1,
         ))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import typer
 
+from batchnorm.bench import bench_command
+from batchnorm.lab.cli import lab_command
+
 app = typer.Typer(
     help="Batch Normalization, exact and fast: measure BN's claims (lab), time the kernels (bench).",
     no_args_is_help=True,
@@ -14,3 +17,7 @@ app = typer.Typer(
 @app.callback()
 def main() -> None:
     """batchnorm: the lab and the benchmarks."""
+
+
+app.command("lab")(lab_command)
+app.command("bench")(bench_command)

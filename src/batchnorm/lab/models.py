@@ -1,0 +1,189 @@
+"""Models for the lab: plain torch.nn MLPs whose normalisation is a parameter.
+
+A norm is named by a *kind* looked up in ``NORMS``: "none", "ours" (this package's
+``BatchNorm1d``), "torch" (``torch.nn.BatchNorm1d``), "renorm" (``BatchRenorm1d``), "ghost"
+(``GhostBatchNorm1d``), "group" (``torch.nn.GroupNorm``, 10 groups unless ``groups=`` says),
+"layer" (``torch.nn.LayerNorm``) and "noisy" (BN with Santurkar et al.'s random shift and
+scale, ``lab.noisy``). More kinds are one ``@register_norm("name")`` function each.
+Its *placement* is "before" the activation (Linear -> norm -> activation, the paper's
+choice; the Linear bias is dropped because the norm's beta replaces it) or "after" it
+(Linear -> activation -> norm). An optional dropout ends each hidden block.
+
+The Linear weights depend only on the seed and the widths, never on the norm kind or the
+placement: two arms built with the same seed start from the same weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+NormFactory = Callable[..., nn.Module]
+NORMS: dict[str, NormFactory] = {}
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "sigmoid": nn.Sigmoid,
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+}
+PLACEMENTS = ("before", "after")
+INITS = ("torch", "kaiming")  # torch's default Linear init; He (normal, fan-in, ReLU gain, zero bias)
+
+
+def register_norm(kind: str) -> Callable[[NormFactory], NormFactory]:
+    """Decorator: register ``factory(num_features, **options) -> nn.Module`` as ``kind``."""
+
+    def add(factory: NormFactory) -> NormFactory:
+        NORMS[kind] = factory
+        return factory
+
+    return add
+
+
+@register_norm("none")
+def _no_norm(num_features: int) -> nn.Module:
+    return nn.Identity()
+
+
+@register_norm("ours")
+def _our_batchnorm(num_features: int, **options: object) -> nn.Module:
+    from batchnorm.modules import BatchNorm1d
+
+    return BatchNorm1d(num_features, **options)
+
+
+@register_norm("torch")
+def _torch_batchnorm(num_features: int, **options: object) -> nn.Module:
+    return nn.BatchNorm1d(num_features, **options)
+
+
+@register_norm("renorm")
+def _batch_renorm(num_features: int, **options: object) -> nn.Module:
+    from batchnorm import BatchRenorm1d
+
+    return BatchRenorm1d(num_features, **options)
+
+
+@register_norm("ghost")
+def _ghost_batchnorm(num_features: int, **options: object) -> nn.Module:
+    from batchnorm import GhostBatchNorm1d
+
+    return GhostBatchNorm1d(num_features, **options)
+
+
+@register_norm("group")
+def _group_norm(num_features: int, groups: int = 10, **options: object) -> nn.Module:
+    return nn.GroupNorm(int(groups), num_features, **options)
+
+
+@register_norm("layer")
+def _layer_norm(num_features: int, **options: object) -> nn.Module:
+    return nn.LayerNorm(num_features, **options)
+
+
+@register_norm("noisy")
+def _noisy_batchnorm(num_features: int, **options: object) -> nn.Module:
+    from .noisy import NoisyBatchNorm1d
+
+    return NoisyBatchNorm1d(num_features, **options)
+
+
+def make_norm(kind: str, num_features: int, **options: object) -> nn.Module:
+    """The norm layer ``kind`` for ``num_features`` channels (see ``NORMS``)."""
+    if kind not in NORMS:
+        raise ValueError(f"unknown norm kind {kind!r}: expected one of {sorted(NORMS)}")
+    return NORMS[kind](num_features, **options)
+
+
+class Block(nn.Module):
+    """One hidden layer: Linear, then norm and activation in the order ``placement`` says."""
+
+    def __init__(self, linear: nn.Linear, norm: nn.Module, activation: nn.Module, placement: str,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.linear, self.norm, self.activation = linear, norm, activation
+        self.placement = placement
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    def preactivation(self, x: Tensor) -> Tensor:
+        """The activation's input."""
+        z = self.linear(x)
+        return self.norm(z) if self.placement == "before" else z
+
+    def finish(self, z: Tensor) -> Tensor:
+        """The block's output from the activation's input ``z``."""
+        a = self.activation(z)
+        return self.dropout(self.norm(a) if self.placement == "after" else a)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.finish(self.preactivation(x))
+
+
+class MLP(nn.Module):
+    """Hidden ``Block``s, then a Linear head that gives the logits."""
+
+    def __init__(self, blocks: list[Block], head: nn.Linear):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+    def preactivations(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The logits and the input of every hidden activation, first layer first."""
+        zs = []
+        for block in self.blocks:
+            z = block.preactivation(x)
+            zs.append(z)
+            x = block.finish(z)
+        return self.head(x), zs
+
+
+def mlp(
+    in_features: int,
+    widths: tuple[int, ...],
+    n_classes: int,
+    *,
+    activation: str = "relu",
+    norm: str = "none",
+    placement: str = "before",
+    seed: int = 0,
+    init: str = "torch",
+    norm_options: dict[str, object] | None = None,
+    dropout: float = 0.0,
+) -> MLP:
+    """An MLP ``in_features -> widths... -> n_classes`` with ``norm`` on every hidden layer.
+
+    The weights are drawn under ``seed`` (the global random state is left untouched):
+    ``init="torch"`` keeps torch's default Linear initialisation, ``"kaiming"`` redraws the
+    hidden weights from N(0, 2 / fan_in) with zero biases (He et al. 2015, for ReLU). With
+    a norm placed before the activation the hidden Linear layers have no bias.
+    ``dropout`` (a probability) ends every hidden block.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}: expected one of {sorted(ACTIVATIONS)}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r}: expected one of {PLACEMENTS}")
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}: expected one of {INITS}")
+    options = norm_options or {}
+    sizes = (in_features, *widths)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        linears = [nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:])]
+        head = nn.Linear(sizes[-1], n_classes)
+        if init == "kaiming":
+            for linear in linears:
+                nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
+                nn.init.zeros_(linear.bias)
+    blocks = []
+    for linear in linears:
+        width = linear.out_features
+        if norm != "none" and placement == "before":
+            linear.register_parameter("bias", None)
+        blocks.append(Block(linear, make_norm(norm, width, **options), ACTIVATIONS[activation](), placement, dropout))
+    return MLP(blocks, head)

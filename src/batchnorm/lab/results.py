@@ -1,0 +1,80 @@
+"""results.json: everything a lab run measured, enough to rebuild its report.
+
+Layout::
+
+    {"profile": "quick", "data": {name, train, test, features, classes, source},
+     "versions": {...}, "machine": {...}, "command": the command that reproduces it,
+     "started": ISO time, "seconds": wall-clock time, "cpu_seconds": this process's CPU time,
+     "claims": [ClaimResult.to_json(), ...]}
+
+Strict JSON: a non-finite number (a diverged loss) is written as null.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from .experiment import ClaimResult
+from .store import write_atomic
+
+PACKAGES = ("batchnorm", "torch", "numpy", "matplotlib", "scikit-learn", "mnist1d", "jinja2")
+
+
+def versions() -> dict[str, str]:
+    """Python and the versions of the packages the lab uses."""
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def machine(threads: int) -> dict[str, Any]:
+    """Where the lab ran: platform, CPU count, torch threads used, load average when known."""
+    info: dict[str, Any] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": threads}
+    if hasattr(os, "getloadavg"):
+        info["load_average_1min"] = round(os.getloadavg()[0], 2)
+    return info
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def write(path: Path, profile: str, data: dict[str, Any], claims: list[ClaimResult], command: str,
+          started: str, seconds: float, cpu_seconds: float, threads: int) -> dict[str, Any]:
+    """Write results.json atomically and return its contents."""
+    results = {
+        "profile": profile,
+        "data": data,
+        "versions": versions(),
+        "machine": machine(threads),
+        "command": command,
+        "started": started,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "claims": [c.to_json() for c in claims],
+    }
+    results = finite(results)
+    write_atomic(path, json.dumps(results, indent=1, allow_nan=False))
+    return results
+
+
+def read(path: Path) -> dict[str, Any]:
+    """The contents of a results.json."""
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,113 @@
+"""Run the lab: load the data, run the chosen experiments, write results.json and index.html.
+
+Progress shows as rich bars: one for the experiments, one for the training run in
+progress (step, loss, test accuracy at the last checkpoint). Runs found in the store are
+reused, so an interrupted lab resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import report, results
+from .data import load
+from .experiment import PROFILES, ClaimResult, Context
+from .experiments import select
+from .store import RunStore
+from .train import ProgressFn
+
+LAB_THREADS = 1  # small models: one thread is fastest, and leaves the other cores free
+VERDICT_STYLE = {"supported": "green", "not supported": "red", "inconclusive": "yellow"}
+
+
+@dataclass
+class BarProgress:
+    """Shows each training run as a rich progress bar; counts trained and reused runs."""
+
+    progress: Progress
+    trained: int = 0
+    reused: int = 0
+    _tasks: dict[str, TaskID] = field(default_factory=dict)
+
+    def start(self, label: str, steps: int) -> ProgressFn:
+        task = self.progress.add_task(f"  {label}", total=steps, info="")
+        self._tasks[label] = task
+        last_accuracy = ["-"]
+
+        def update(step: int, steps: int, loss: float, accuracy: float | None) -> None:
+            if accuracy is not None:
+                last_accuracy[0] = f"{accuracy:.1%}"
+            self.progress.update(task, completed=step, info=f"loss {loss:.3f}  test acc {last_accuracy[0]}")
+
+        return update
+
+    def finish(self, label: str, stored: bool) -> None:
+        if stored:
+            self.reused += 1
+            return
+        self.trained += 1
+        self.progress.remove_task(self._tasks.pop(label))
+
+
+def run_lab(out: Path, profile: str = "quick", only: list[str] | None = None, data: str = "mnist1d",
+            data_dir: Path | None = None, seeds: int | None = None, fresh: bool = False,
+            console: Console | None = None, command: str = "batchnorm lab") -> Path:
+    """Run the lab and write ``out/results.json`` and ``out/index.html``; returns the report's path."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}: expected one of {PROFILES}")
+    if seeds is not None and seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
+    console = console or Console()
+    experiments = select(only)
+    out = Path(out)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    clock, cpu = time.perf_counter(), time.process_time()
+    with console.status(f"loading {data}"):
+        dataset = load(data, data_dir)
+    console.print(f"data: {dataset.name}, {len(dataset.y_train)} train / {len(dataset.y_test)} test ({dataset.source})")
+    store = RunStore(out, fresh=fresh)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(LAB_THREADS)
+    claims: list[ClaimResult] = []
+    try:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[info]}"))
+        with Progress(*columns, console=console, transient=False) as progress:
+            bars = BarProgress(progress)
+            overall = progress.add_task("experiments", total=len(experiments), info="")
+            for experiment in experiments:
+                progress.update(overall, info=f"{experiment.ID} {experiment.TITLE}")
+                tic = time.perf_counter()
+                ctx = Context(experiment, profile, dataset, out, store, bars, seeds)
+                claim = experiment.run(ctx)
+                claim.seconds = time.perf_counter() - tic
+                claims.append(claim)
+                progress.advance(overall)
+            progress.update(overall, info=f"{bars.trained} runs trained, {bars.reused} reused from {store.folder}")
+    finally:
+        torch.set_num_threads(threads)
+    written = results.write(out / "results.json", profile, dataset.describe(), claims, command, started,
+                            time.perf_counter() - clock, time.process_time() - cpu, LAB_THREADS)
+    path = report.write(written, out)
+    console.print(summary_table(claims))
+    console.print(f"Report: {path.resolve()}")
+    return path
+
+
+def summary_table(claims: list[ClaimResult]) -> Table:
+    """One row per claim: ID and title, what was measured, the verdict."""
+    table = Table(title="batchnorm lab", show_lines=True)
+    table.add_column("claim", max_width=28)
+    table.add_column("measured")
+    table.add_column("verdict", no_wrap=True)
+    for c in claims:
+        table.add_row(f"{c.id} {c.title}", c.summary, f"[{VERDICT_STYLE[c.verdict]}]{c.verdict}[/]")
+    return table

@@ -1,0 +1,150 @@
+"""The lab's experiments C3, C6-C16 run end to end in the smoke profile, and the README
+table is generated from a results.json (never typed in)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from batchnorm.lab.data import load
+from batchnorm.lab.experiment import VERDICTS, ClaimResult, Context
+from batchnorm.lab.experiments import MODULES
+from batchnorm.lab.measure import checkpoint_matrix
+from batchnorm.lab.models import mlp
+from batchnorm.lab.results import finite
+from batchnorm.lab.store import RunStore
+from batchnorm.lab.summary import END, MEASURED_LIMIT, START, markdown_table, replace_block
+from batchnorm.lab.train import RunResult, TrainSpec, few_class_batch, train
+
+PART2 = ("c3_lr_multipliers", "c6_noisy_bn", "c7_covariate_shift", "c8_smoothness", "c9_small_batches", "c10_ghost",
+         "c11_precise_bn", "c12_adabn", "c13_tent", "c14_memory", "c15_placement", "c16_folding")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load("gaussians")
+
+
+@pytest.fixture(scope="module")
+def lab_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("lab")
+
+
+def test_every_part2_experiment_is_registered_with_three_seeds_in_full() -> None:
+    assert set(PART2) <= set(MODULES)
+    for name in PART2:
+        config = importlib.import_module(f"batchnorm.lab.experiments.{name}").Config
+        assert config.full().seeds >= 3 and config.smoke().seeds == 1, name
+
+
+@pytest.mark.parametrize("name", PART2)
+def test_smoke_profile_gives_a_complete_result(name: str, data, lab_dir: Path) -> None:
+    module = importlib.import_module(f"batchnorm.lab.experiments.{name}")
+    torch.set_num_threads(1)
+    result = module.run(Context(module, "smoke", data, lab_dir, RunStore(lab_dir)))
+    assert isinstance(result, ClaimResult)
+    assert result.id == module.ID and result.title == module.TITLE and result.claim == module.CLAIM
+    assert result.verdict in VERDICTS
+    assert result.summary and result.metrics
+    assert result.figures and all((lab_dir / f).is_file() and (lab_dir / f).stat().st_size > 0 for f in result.figures)
+    assert result.tables and all((lab_dir / t).is_file() for t in result.tables)
+    assert result.seeds == [0]
+    json.dumps(finite(result.to_json()), allow_nan=False)
+
+
+def test_two_class_batches_hold_two_classes(data) -> None:
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        index = few_class_batch(data.y_train, 2, 32, g)
+        assert len(index) == 32 and len(index.unique()) == 32
+        assert len(data.y_train[index].unique()) <= 2
+    with pytest.raises(ValueError, match="classes_per_batch 11: expected 0"):
+        train(TrainSpec(steps=1, classes_per_batch=11), data)
+
+
+def test_noisy_bn_adds_noise_in_training_only() -> None:
+    model = mlp(8, (6,), 3, norm="noisy", seed=0)
+    norm = model.blocks[0].norm
+    x = torch.randn(16, 6)
+    torch.manual_seed(0)
+    noisy = norm.train()(x)
+    plain = norm.bn(x)
+    assert not torch.allclose(noisy, plain)
+    norm.eval()
+    assert torch.equal(norm(x), norm.bn(x))
+
+
+def test_dropout_and_seeded_runs_are_reproducible(data) -> None:
+    spec = TrainSpec(widths=(8,), steps=5, eval_every=5, dropout=0.5, norm="noisy")
+    a, b = train(spec, data), train(spec, data)
+    assert a.train_loss == b.train_loss
+    assert a.train_loss != train(TrainSpec(widths=(8,), steps=5, eval_every=5, dropout=0.5, norm="noisy", seed=1), data).train_loss
+
+
+def test_a_run_diverging_between_checkpoints_keeps_its_last_value() -> None:
+    ok = RunResult({}, [], [], [0, 20, 40], [0.1, 0.5, 0.6], [2.0, 1.0, 0.9])
+    diverged = RunResult({}, [], [], [0, 20, 29], [0.1, 0.3, 0.0], [2.0, 1.5, float("nan")], diverged_at=29)
+    steps, values = checkpoint_matrix([diverged, ok])
+    assert steps.tolist() == [0, 20, 40]
+    assert values.tolist() == [[0.1, 0.3, 0.0], [0.1, 0.5, 0.6]]
+
+
+def _results(profile: str = "full") -> dict:
+    claim = {"id": "C9", "title": "Renorm | small batches", "summary": "BN 50.1%,\nRenorm 60.2%", "verdict": "supported",
+             "seeds": [0, 1, 2]}
+    other = {**claim, "id": "C10", "title": "Ghost", "summary": "gap 1%", "verdict": "not supported"}
+    return {"profile": profile, "command": "batchnorm lab --profile full --out lab-full", "seconds": 1200.0,
+            "data": {"name": "mnist1d"}, "machine": {"cpus": 2}, "claims": [claim, other]}
+
+
+def test_markdown_table_has_one_row_per_claim() -> None:
+    table = markdown_table(_results())
+    lines = table.splitlines()
+    assert "`batchnorm lab --profile full --out lab-full`" in lines[0] and "1 supported, 1 not supported" in lines[0]
+    assert lines[2] == "| Claim | Measured | Verdict |"
+    assert lines[4] == "| C9 Renorm \\| small batches | BN 50.1%, Renorm 60.2% | supported |"
+    assert lines[5] == "| C10 Ghost | gap 1% | **not supported** |"
+    with pytest.raises(ValueError, match="no claims"):
+        markdown_table({"claims": []})
+
+
+def test_long_summaries_are_cut_at_a_clause() -> None:
+    results = _results()
+    results["claims"][0]["summary"] = "; ".join(f"setting {i}: 12.3% vs 45.6%" for i in range(40))
+    row = markdown_table(results).splitlines()[4]
+    measured = row.split(" | ")[1]
+    assert measured.endswith("45.6% …") and len(measured) <= MEASURED_LIMIT + 2
+
+
+def test_replace_block_keeps_the_rest_and_needs_both_markers() -> None:
+    text = f"intro\n{START}\nold table\n{END}\noutro\n"
+    assert replace_block(text, "new\n") == f"intro\n{START}\nnew\n{END}\noutro\n"
+    for bad in ("no markers", f"{START} only", f"{END} then {START}", f"{START}{START}{END}"):
+        with pytest.raises(ValueError, match="marker"):
+            replace_block(bad, "x")
+
+
+def test_readme_script_updates_only_the_marked_block(tmp_path: Path, capsys) -> None:
+    spec = importlib.util.spec_from_file_location("readme_table", ROOT / "scripts" / "readme_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n{START}\nstale\n{END}\nfooter\n")
+    results_json = tmp_path / "results.json"
+    args = [str(results_json), "--readme", str(readme)]
+
+    results_json.write_text(json.dumps(_results("quick")))
+    assert script.main(args) == 2
+    assert "'quick' profile" in capsys.readouterr().err and "stale" in readme.read_text()
+
+    results_json.write_text(json.dumps(_results("full")))
+    assert script.main(args) == 0
+    text = readme.read_text()
+    assert text.startswith("# title\n") and text.endswith(f"{END}\nfooter\n") and "stale" not in text
+    assert markdown_table(_results("full")).rstrip() in text
