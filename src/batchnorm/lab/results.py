@@ -57,8 +57,10 @@ def finite(value: Any) -> Any:
 
 
 def write(path: Path, profile: str, data: dict[str, Any], claims: list[ClaimResult], command: str,
-          started: str, seconds: float, cpu_seconds: float, threads: int) -> dict[str, Any]:
-    """Write results.json atomically and return its contents."""
+          started: str, seconds: float, cpu_seconds: float, threads: int,
+          runs_trained: int = 0, runs_reused: int = 0) -> dict[str, Any]:
+    """Write results.json atomically and return its contents. ``seconds`` is this
+    invocation's time: runs reused from an earlier invocation (``runs_reused``) cost none."""
     results = {
         "profile": profile,
         "data": data,
@@ -68,6 +70,8 @@ def write(path: Path, profile: str, data: dict[str, Any], claims: list[ClaimResu
         "started": started,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
+        "runs_trained": runs_trained,
+        "runs_reused": runs_reused,
         "claims": [c.to_json() for c in claims],
     }
     results = finite(results)

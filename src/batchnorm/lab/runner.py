@@ -95,7 +95,8 @@ def run_lab(out: Path, profile: str = "quick", only: list[str] | None = None, da
     finally:
         torch.set_num_threads(threads)
     written = results.write(out / "results.json", profile, dataset.describe(), claims, command, started,
-                            time.perf_counter() - clock, time.process_time() - cpu, LAB_THREADS)
+                            time.perf_counter() - clock, time.process_time() - cpu, LAB_THREADS,
+                            bars.trained, bars.reused)
     path = report.write(written, out)
     console.print(summary_table(claims))
     console.print(f"Report: {path.resolve()}")

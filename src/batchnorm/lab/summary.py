@@ -35,10 +35,14 @@ def markdown_table(results: dict[str, Any]) -> str:
     counts = {v: sum(c["verdict"] == v for c in claims) for v in VERDICT_MARK}
     seeds = sorted({len(c.get("seeds", [])) for c in claims})
     minutes = results.get("seconds", 0.0) / 60
+    reused = results.get("runs_reused", 0)
+    timing = f"{minutes:.0f} min on {results.get('machine', {}).get('cpus', '?')} CPUs"
+    if reused:
+        timing += f", {reused} of {reused + results.get('runs_trained', 0)} training runs reused from an earlier run"
     lines = [
         f"Measured by `{results.get('command', 'batchnorm lab')}` (profile {results.get('profile', '?')}, "
         f"data {data.get('name', '?')}, {'-'.join(map(str, [seeds[0], seeds[-1]] if len(seeds) > 1 else seeds))} "
-        f"seeds per experiment, {minutes:.0f} min on {results.get('machine', {}).get('cpus', '?')} CPUs); "
+        f"seeds per experiment, {timing}); "
         f"{counts['supported']} supported, {counts['not supported']} not supported, "
         f"{counts['inconclusive']} inconclusive. Full numbers and figures: the run's index.html.",
         "",
