@@ -24,6 +24,27 @@ def in_backward() -> bool:
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
+def check_layout(layer: nn.Module, input: Tensor) -> None:
+    """The rank, channel-count and dtype checks of every BN-like layer: ``layer`` has
+    ``_expected_dims``, ``_shape_text`` and ``num_features``."""
+    name = type(layer).__name__
+    if input.dim() not in layer._expected_dims:
+        raise ValueError(
+            f"{name} expects {layer._shape_text} input, got a {input.dim()}-D tensor of "
+            f"shape {tuple(input.shape)}"
+        )
+    if input.shape[1] != layer.num_features:
+        raise ValueError(
+            f"{name}({layer.num_features}) expects {layer.num_features} channels on "
+            f"dim 1, got input of shape {tuple(input.shape)} with {input.shape[1]}"
+        )
+    if not input.is_floating_point():
+        raise TypeError(
+            f"{name} expects a floating-point input (float16, bfloat16, float32 or "
+            f"float64), got {input.dtype}. Convert it first, e.g. x.float()."
+        )
+
+
 _DOC = r"""Applies Batch Normalization over a {dims} input, as described in `Batch
     Normalization: Accelerating Deep Network Training by Reducing Internal Covariate
     Shift <https://arxiv.org/abs/1502.03167>`__ (Ioffe & Szegedy, 2015).
@@ -173,22 +194,8 @@ class _BatchNorm(nn.Module):
     # -- checks -------------------------------------------------------------------
     def check_input(self, input: Tensor) -> None:
         """Raise a clear error for input this layer cannot normalise (state untouched)."""
+        check_layout(self, input)
         name = type(self).__name__
-        if input.dim() not in self._expected_dims:
-            raise ValueError(
-                f"{name} expects {self._shape_text} input, got a {input.dim()}-D tensor of "
-                f"shape {tuple(input.shape)}"
-            )
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{name}({self.num_features}) expects {self.num_features} channels on "
-                f"dim 1, got input of shape {tuple(input.shape)} with {input.shape[1]}"
-            )
-        if not input.is_floating_point():
-            raise TypeError(
-                f"{name} expects a floating-point input (float16, bfloat16, float32 or "
-                f"float64), got {input.dtype}. Convert it first, e.g. x.float()."
-            )
         if input.numel() == 0 and self._uses_batch_stats():
             raise ValueError(
                 f"{name} got an empty batch of shape {tuple(input.shape)} in training: "

@@ -64,3 +64,12 @@ MOMENTUM_DOC = (
     "``running = (1 - momentum) * running + momentum * batch_statistic`` (Keras/Flax's "
     "0.99 decay is momentum 0.01 here; ``None`` is the cumulative average)."
 )
+
+
+def fill_doc(template: str, name: str, dims: tuple[int, ...], example_c: str,
+             example_shape: str, **extra: str) -> str:
+    """A 1d/2d/3d class's docstring from its module's template (unused fields are ignored)."""
+    reduced, shape_text = dims_doc(dims)
+    return template.format(dims=shape_text, shape=shape_text, reduced=reduced, name=name,
+                           example_c=example_c, example_shape=example_shape,
+                           momentum=MOMENTUM_DOC, **extra)

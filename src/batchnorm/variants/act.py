@@ -12,7 +12,7 @@ from ..kernels import activations
 from ..kernels.torch_backend import acc_dtype
 from ..modules import _BatchNorm
 from ._act_autograd import InputSavingBNAct, OutputSavingBNAct, effective_weight
-from ._common import MOMENTUM_DOC, dims_doc, statistics_mode
+from ._common import fill_doc, statistics_mode
 
 DEFAULT_ALPHA = {"leaky_relu": 0.01, "elu": 1.0}
 
@@ -163,9 +163,7 @@ def activation_module(act: str, alpha: float) -> torch.nn.Module:
 
 
 def _doc(name: str, dims: tuple[int, ...], c: str, shape: str) -> str:
-    reduced, shape_text = dims_doc(dims)
-    return _DOC.format(dims=shape_text, shape=shape_text, reduced=reduced, name=name,
-                       example_c=c, example_shape=shape, momentum=MOMENTUM_DOC)
+    return fill_doc(_DOC, name, dims, c, shape)
 
 
 class BatchNormAct1d(_BatchNormAct):

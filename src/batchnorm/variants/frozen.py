@@ -14,9 +14,9 @@ from torch import Tensor, nn
 
 from ..kernels import activations
 from ..kernels.torch_backend import acc_dtype, channel_view
-from ..modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+from ..modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, check_layout
 from ._act_autograd import OutputSavingBNAct
-from ._common import dims_doc
+from ._common import fill_doc
 from .act import DEFAULT_ALPHA, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, _BatchNormAct
 
 _DOC = r"""Batch Normalization with fixed statistics and affine parameters over a {dims}
@@ -98,19 +98,7 @@ class _FrozenBatchNorm(nn.Module):
 
     def check_input(self, input: Tensor) -> None:
         """Raise a clear error for input this layer cannot normalise."""
-        name = type(self).__name__
-        if input.dim() not in self._expected_dims:
-            raise ValueError(
-                f"{name} expects {self._shape_text} input, got a {input.dim()}-D tensor of "
-                f"shape {tuple(input.shape)}"
-            )
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{name}({self.num_features}) expects {self.num_features} channels on "
-                f"dim 1, got input of shape {tuple(input.shape)} with {input.shape[1]}"
-            )
-        if not input.is_floating_point():
-            raise TypeError(f"{name} expects a floating-point input, got {input.dtype}")
+        check_layout(self, input)
 
     def scale_shift(self) -> tuple[Tensor, Tensor]:
         """The folded per-channel (scale, shift): y = x * scale + shift (before act)."""
@@ -132,9 +120,7 @@ class _FrozenBatchNorm(nn.Module):
 
 
 def _doc(name: str, d: str, dims: tuple[int, ...], c: str, shape: str) -> str:
-    _, shape_text = dims_doc(dims)
-    return _DOC.format(dims=shape_text, shape=shape_text, name=name, d=d, example_c=c,
-                       example_shape=shape)
+    return fill_doc(_DOC, name, dims, c, shape, d=d)
 
 
 class FrozenBatchNorm1d(_FrozenBatchNorm):

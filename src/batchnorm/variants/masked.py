@@ -32,7 +32,7 @@ from .. import ops, stats
 from ..functional import _check_float, eval_normalize
 from ..kernels.torch_backend import acc_dtype, channel_view, reduce_dims
 from ..modules import _BatchNorm
-from ._common import MOMENTUM_DOC, dims_doc, statistics_mode
+from ._common import fill_doc, statistics_mode
 
 
 def mask_weights(input: Tensor, mask: Tensor) -> Tensor:
@@ -269,10 +269,7 @@ class _MaskedBatchNorm(_BatchNorm):
 
 
 def _doc(name: str, dims: tuple[int, ...], c: str, shape: str, mask: str) -> str:
-    reduced, shape_text = dims_doc(dims)
-    return _DOC.format(dims=shape_text, shape=shape_text, reduced=reduced, name=name,
-                       plain=name.replace("Masked", ""), example_c=c, example_shape=shape,
-                       example_mask=mask, momentum=MOMENTUM_DOC)
+    return fill_doc(_DOC, name, dims, c, shape, plain=name.replace("Masked", ""), example_mask=mask)
 
 
 class MaskedBatchNorm1d(_MaskedBatchNorm):

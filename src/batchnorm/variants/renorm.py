@@ -17,7 +17,7 @@ from .. import stats
 from ..autograd import train_forward
 from ..functional import eval_normalize
 from ..modules import _BatchNorm
-from ._common import MOMENTUM_DOC, dims_doc, statistics_mode
+from ._common import fill_doc, statistics_mode
 
 _DOC = r"""Batch Renormalization over a {dims} input, as described in `Batch
     Renormalization: Towards Reducing Minibatch Dependence in Batch-Normalized Models
@@ -164,9 +164,7 @@ def renorm_factors(
 
 
 def _doc(name: str, dims: tuple[int, ...], c: str, shape: str) -> str:
-    reduced, shape_text = dims_doc(dims)
-    return _DOC.format(dims=shape_text, shape=shape_text, reduced=reduced, name=name,
-                       example_c=c, example_shape=shape, momentum=MOMENTUM_DOC)
+    return fill_doc(_DOC, name, dims, c, shape)
 
 
 class BatchRenorm1d(_BatchRenorm):
