@@ -69,7 +69,7 @@ def merge_all(parts: Iterable[Moments]) -> Moments:
 
 def var_from_invstd(invstd: Tensor, eps: float) -> Tensor:
     """The biased variance behind ``invstd = 1/sqrt(var + eps)``, recovered in float64."""
-    return invstd.to(torch.float64, copy=True).pow_(-2).sub_(eps).clamp_(min=0).to(invstd.dtype)
+    return invstd.to(torch.float64, copy=True).pow_(-2).sub_(eps).clamp(min=0).to(invstd.dtype)
 
 
 @torch.no_grad()
