@@ -16,6 +16,6 @@ def test_readme_python_example_runs():
 def test_readme_commands_name_existing_files():
     text = README.read_text()
     root = README.parent
-    for path in re.findall(r"\b((?:examples|scripts|docs|benchmarks)/[\w./-]+\.(?:py|md))", text):
+    for path in re.findall(r"(?<![\w./])((?:examples|scripts|docs|benchmarks)/[\w./-]+\.(?:py|md))", text):
         assert (root / path).exists(), f"README names {path}, which does not exist"
     assert "make lab" in text and "make test" in text
