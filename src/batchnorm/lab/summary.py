@@ -38,7 +38,8 @@ def markdown_table(results: dict[str, Any]) -> str:
     reused = results.get("runs_reused", 0)
     timing = f"{minutes:.0f} min on {results.get('machine', {}).get('cpus', '?')} CPUs"
     if reused:
-        timing += f", {reused} of {reused + results.get('runs_trained', 0)} training runs reused from an earlier run"
+        timing += (f", {reused} of {reused + results.get('runs_trained', 0)} training runs taken from the "
+                   "run store (shared between experiments, or left by an earlier invocation)")
     lines = [
         f"Measured by `{results.get('command', 'batchnorm lab')}` (profile {results.get('profile', '?')}, "
         f"data {data.get('name', '?')}, {'-'.join(map(str, [seeds[0], seeds[-1]] if len(seeds) > 1 else seeds))} "
