@@ -87,6 +87,11 @@ def main() -> int:
               f"{shard_sizes(args.batch, world)}: max |difference| from single-process training "
               f"over parameters and running statistics = {worst.item():.2e} -> "
               f"{'EQUAL' if equal else 'MISMATCH'} (tolerance {TOLERANCE:g})")
+    # Every rank reaches this point before any tears gloo down: a rank that exits while
+    # another still talks to it can abort in gloo's threads ("terminate called without
+    # an active exception") after the results are in.
+    del ddp  # its reducer holds gloo work; release it before the process group
+    dist.barrier()
     dist.destroy_process_group()
     return 0 if equal else 1
 
