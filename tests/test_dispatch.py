@@ -85,3 +85,38 @@ def test_saturated_elu_keeps_the_memory_saving_backward_finite(backend):
         dx, dw, db = kernels.call("backward_act", torch.randn_like(z), z, mean, invstd, w, None, "elu", 1.0, True)
     assert torch.isfinite(dx).all() and torch.isfinite(dw).all()
     assert activations.inverse(torch.tensor([-1.0]), "elu", 1.0).item() > -16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eval_in_auto_mode_gives_torch_nn_numbers_exactly(dtype):
+    """Eval without autograd runs ATen's eval kernel on the running variance: the very
+    numbers of torch.nn, not merely close ones."""
+    import batchnorm
+
+    ours = batchnorm.BatchNorm2d(6, dtype=dtype)
+    ref = torch.nn.BatchNorm2d(6, dtype=dtype)
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.running_mean.copy_(torch.arange(6.0))
+            m.running_var.copy_(torch.arange(1.0, 7.0))
+            m.weight.copy_(torch.linspace(0.5, 2.0, 6))
+            m.bias.copy_(torch.linspace(-1.0, 1.0, 6))
+    ours.eval(), ref.eval()
+    x = torch.randn(4, 6, 5, 5, dtype=dtype)
+    with torch.no_grad(), kernels.use_backend("auto"):
+        assert torch.equal(ours(x), ref(x))
+        xc = x.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(ours(xc), ref(xc))
+
+
+def test_eval_with_buffers_in_another_dtype_computes_in_the_input_dtype():
+    import batchnorm
+
+    m = batchnorm.BatchNorm1d(3).eval()  # float32 buffers
+    with torch.no_grad():
+        m.running_var.fill_(4.0)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with torch.no_grad():
+        y = m(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, x / (4.0 + 1e-5) ** 0.5, rtol=1e-7, atol=1e-7)

@@ -229,3 +229,68 @@ def test_dispatcher_uses_the_cpu_kernels_for_supported_tensors():
         assert kernels.pick("forward_train", torch.randn(4, 64, 20, 20)) is C
     with kernels.use_backend("torch"):
         assert kernels.pick("forward_train", x) is T
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_large_mean_backward_matches_float64(layout, path):
+    """The backward sums shift x by the float32-rounded mean and restore the rest in
+    float64: with mean 1e4 and std 1, sum(dy * x_hat) and dx keep float32 accuracy."""
+    x = _layout(torch.randn(4, 3, 40, 50, dtype=torch.float64) + 1e4, layout).float()
+    dy = _layout(torch.randn(4, 3, 40, 50, dtype=torch.float64), layout).float()
+    _, mean, invstd = T.forward_train(x.double(), None, None, 1e-5)
+    mean, invstd = mean.float(), invstd.float()  # the contract's float32 statistics
+    ref = T.backward(dy.double(), x.double(), mean.double(), invstd.double(), None)
+    got = C.backward(dy, x, mean, invstd, None)
+    torch.testing.assert_close(got[0].double(), ref[0], rtol=1e-4, atol=1e-4)
+    for ours, exact in zip(got[1:], ref[1:]):  # sums over 8000 values each
+        torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=1e-3)
+
+
+def _running_case(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    rm, rv = torch.randn(7, generator=g, dtype=dtype), torch.rand(7, generator=g, dtype=dtype) + 0.5
+    mean = torch.randn(7, generator=g, dtype=dtype)
+    invstd = torch.rand(7, generator=g, dtype=dtype) + 0.2
+    return rm, rv, mean, invstd
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_running_update_matches_the_torch_update(dtype):
+    from batchnorm import stats
+
+    rm, rv, mean, invstd = _running_case(dtype)
+    ref_m, ref_v = rm.clone(), rv.clone()
+    stats.update_running(ref_m, ref_v, mean, stats.var_from_invstd(invstd, 1e-3), 50, 0.3)
+    version = rm._version
+    assert C.update_running(rm, rv, mean, invstd, 1e-3, 50 / 49, 0.3) is True
+    _close((rm, rv), (ref_m, ref_v), dtype, scale=0.1)
+    assert rm._version > version  # autograd sees the in-place write
+
+
+def test_running_update_writes_nothing_for_a_non_finite_batch():
+    rm, rv, mean, invstd = _running_case()
+    mean[3] = float("nan")
+    before = rm.clone(), rv.clone()
+    assert C.update_running(rm, rv, mean, invstd, 1e-5, 1.0, 0.1) is False
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+    mean[3] = 0.0
+    invstd[2] = 0.0  # variance +inf
+    assert C.update_running(rm, rv, mean, invstd, 1e-5, 1.0, 0.1) is False
+    assert torch.equal(rv, before[1])
+
+
+def test_running_update_declines_what_it_cannot_write():
+    rm, rv, mean, invstd = _running_case()
+    assert C.update_running(rm.half(), rv.half(), mean, invstd, 1e-5, 1.0, 0.1) is None
+    assert C.update_running(rm[::2], rv[::2], mean[::2], invstd[::2], 1e-5, 1.0, 0.1) is None
+    with torch.inference_mode():
+        inf_m, inf_v = rm.clone(), rv.clone()
+    assert C.update_running(inf_m, inf_v, mean, invstd, 1e-5, 1.0, 0.1) is None
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_constant_channel_with_zero_eps_gives_ieee_infinity(layout, path):
+    """1 / sqrt(0) is +inf as in IEEE arithmetic (and torch), not a Python ZeroDivisionError."""
+    x = _layout(torch.ones(4, 3, 10, 10), layout)
+    _, mean, invstd = C.forward_train(x, None, None, 0.0)
+    assert torch.equal(mean, torch.ones(3)) and torch.isinf(invstd).all()

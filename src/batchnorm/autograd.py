@@ -185,7 +185,7 @@ class BatchNormEval(Function):
         return _unfold(y, b), 0
 
 
-def _needs_function(*tensors: Tensor | None) -> bool:
+def needs_function(*tensors: Tensor | None) -> bool:
     """Whether the autograd Function is needed: something requires grad, or a torch.func
     transform wraps an input (its vmap rule must run). Otherwise the kernels are called
     directly, which spares the Function's per-call cost."""
@@ -202,7 +202,7 @@ def train_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, invstd) normalised with the batch statistics, differentiable in x, weight
     and bias through ``BatchNormTrain`` when needed."""
-    if _needs_function(x, weight, bias):
+    if needs_function(x, weight, bias):
         return BatchNormTrain.apply(x, weight, bias, eps)
     return ops.forward_train(x, weight, bias, eps)
 
@@ -211,6 +211,6 @@ def eval_forward(
     x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
 ) -> Tensor:
     """y normalised with fixed statistics, through ``BatchNormEval`` when needed."""
-    if _needs_function(x, mean, invstd, weight, bias):
+    if needs_function(x, mean, invstd, weight, bias):
         return BatchNormEval.apply(x, mean, invstd, weight, bias)
     return ops.normalize(x, mean, invstd, weight, bias)

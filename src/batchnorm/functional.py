@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import stats
-from .autograd import eval_forward, train_forward
+from . import kernels, stats
+from .autograd import eval_forward, needs_function, train_forward
 from .kernels.torch_backend import acc_dtype, channel_view, reduce_dims
 
 __all__ = ["batch_stats", "normalize", "batch_norm", "batch_norm_stateless"]
@@ -89,8 +89,8 @@ def batch_norm(
         count = _values_per_channel(input)
         y, mean, invstd = train_forward(input, weight, bias, eps)
         if running_mean is not None and running_var is not None:
-            stats.update_running(
-                running_mean, running_var, mean, stats.var_from_invstd(invstd, eps), count, momentum
+            stats.update_running_from_invstd(
+                running_mean, running_var, mean, invstd, eps, count, momentum
             )
         return y
     if running_mean is None or running_var is None:
@@ -136,7 +136,17 @@ def eval_normalize(
     input: Tensor, running_mean: Tensor, running_var: Tensor,
     weight: Tensor | None, bias: Tensor | None, eps: float,
 ) -> Tensor:
-    """Normalise with fixed statistics through the fused eval kernel."""
+    """Normalise with fixed statistics through the fused eval kernel.
+
+    Where no gradient is needed, a backend with ``forward_eval`` (ATen's own eval kernel,
+    ``native``: the same numbers as ``torch.nn``, one pass) takes the running variance
+    as it is; otherwise ``invstd`` is formed here and the ``normalize`` kernel runs."""
+    if not torch.compiler.is_compiling() and not needs_function(
+        input, running_mean, running_var, weight, bias
+    ):
+        backend = kernels.pick("forward_eval", input)
+        if hasattr(backend, "forward_eval"):
+            return backend.forward_eval(input, running_mean, running_var, weight, bias, eps)
     acc = acc_dtype(input.dtype)
     invstd = torch.rsqrt(running_var.to(acc) + eps)
     return eval_forward(input, running_mean.to(acc), invstd, weight, bias)

@@ -241,11 +241,12 @@ class _BatchNorm(nn.Module):
             update = False
         y, mean, invstd = train_forward(input, self.weight, self.bias, self.eps)
         if update:
-            stats.update_running(
+            stats.update_running_from_invstd(
                 self.running_mean,
                 self.running_var,
                 mean,
-                stats.var_from_invstd(invstd, self.eps),
+                invstd,
+                self.eps,
                 count,
                 self.momentum,
                 self.num_batches_tracked,

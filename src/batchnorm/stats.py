@@ -118,6 +118,36 @@ def update_running(
         )
 
 
+def update_running_from_invstd(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    eps: float,
+    count: float,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None = None,
+) -> None:
+    """``update_running`` given the batch's ``invstd = 1/sqrt(var + eps)`` (what the
+    kernels return) instead of its variance. On CPU buffers the CPU kernels do the whole
+    update (variance recovery, finiteness check, both blends) in one compiled call instead
+    of a dozen small torch operations; a non-finite batch, other devices and dtypes, and
+    tracing take ``update_running`` itself."""
+    cpu = None
+    if not torch.compiler.is_compiling() and kernels.get_backend() in ("auto", "cpu"):
+        cpu = kernels.load("cpu")
+    if cpu is not None and (momentum is not None or num_batches_tracked is not None):
+        correction = count / (count - 1) if count > 1 else 1.0
+        factor = momentum if momentum is not None else 1.0 / (int(num_batches_tracked) + 1)
+        if cpu.update_running(running_mean, running_var, mean, invstd, eps, correction, factor):
+            if num_batches_tracked is not None:
+                with torch.no_grad():
+                    num_batches_tracked.add_(1)
+            return
+    update_running(running_mean, running_var, mean, var_from_invstd(invstd, eps), count,
+                   momentum, num_batches_tracked, warn=True)
+
+
 def _factor(momentum: float | None, num_batches_tracked: Tensor | None) -> float:
     if momentum is not None:
         return momentum

@@ -21,7 +21,7 @@ INVERTIBLE = (IDENTITY, LEAKY_RELU, ELU)
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
 
 
-@njit(cache=True, inline="always")
+@njit(error_model="numpy", cache=True, inline="always")
 def act(v, code, alpha):
     """z = act(v)."""
     if code == RELU:
@@ -37,7 +37,7 @@ def act(v, code, alpha):
     return v
 
 
-@njit(cache=True, inline="always")
+@njit(error_model="numpy", cache=True, inline="always")
 def inverse(z, code, alpha):
     """y = act^-1(z) for the invertible activations (identity, leaky_relu, elu)."""
     if code == LEAKY_RELU:
@@ -48,7 +48,7 @@ def inverse(z, code, alpha):
     return z
 
 
-@njit(cache=True, inline="always")
+@njit(error_model="numpy", cache=True, inline="always")
 def grad_from_output(z, code, alpha):
     """d act(y) / dy written through the output z, for the invertible activations."""
     if code == LEAKY_RELU:

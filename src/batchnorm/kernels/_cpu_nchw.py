@@ -26,14 +26,14 @@ from . import _cpu_loops as L
 BLOCK_TASKS = 8
 
 
-@njit(cache=True, inline="always")
+@njit(error_model="numpy", cache=True, inline="always")
 def span(p, parts, n):
     """The flat range [a, b) of part p when n items are cut into ``parts`` parts."""
     return n * p // parts, n * (p + 1) // parts
 
 
-@njit(cache=True)
-def _channel_sums(p, q, c, kp, kq, a, b):
+@njit(error_model="numpy", cache=True)
+def _channel_sums(p, q, c, kp, kq, zero, a, b):
     """``_cpu_loops.sums`` of channel c over its flat range [a, b)."""
     M = p.shape[2]
     s1 = 0.0
@@ -42,7 +42,7 @@ def _channel_sums(p, q, c, kp, kq, a, b):
     while a < b:
         i0 = a - n * M
         i1 = min(M, i0 + b - a)
-        r1, r2 = L.sums(p[n, c, i0:i1], q[n, c, i0:i1], kp, kq)
+        r1, r2 = L.sums(p[n, c, i0:i1], q[n, c, i0:i1], kp, kq, zero)
         s1 += r1
         s2 += r2
         a += i1 - i0
@@ -50,7 +50,7 @@ def _channel_sums(p, q, c, kp, kq, a, b):
     return s1, s2
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def _channel_affine(x, out, c, hi, lo, scale, shift, code, alpha, a, b):
     M = x.shape[2]
     n = a // M
@@ -62,7 +62,7 @@ def _channel_affine(x, out, c, hi, lo, scale, shift, code, alpha, a, b):
         n += 1
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def _channel_grad_x(dy, x, out, c, ga, hi, lo, gb, gc, a, b):
     M = x.shape[2]
     n = a // M
@@ -74,7 +74,7 @@ def _channel_grad_x(dy, x, out, c, ga, hi, lo, gb, gc, a, b):
         n += 1
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def _total(v):
     """Sum of a short vector of partial sums (a plain loop: in a parallel kernel numba
     would turn ``v.sum()`` into a parallel region of its own)."""
@@ -84,7 +84,7 @@ def _total(v):
     return s
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def _totals(parts):
     """Row sums of a (C, parts) array of partial sums."""
     out = np.empty(parts.shape[0])
@@ -93,25 +93,26 @@ def _totals(parts):
     return out
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def _moments(s1, s2, k, count):
     """(mean, biased var) from shifted sums s1 = sum(x - k), s2 = sum((x - k)^2)."""
     d = s1 / count
     return k + d, max(s2 / count - d * d, 0.0)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, error_model="numpy", cache=True)
 def stats(x, parts):
     """Per-channel (mean, biased var) in float64, one read of x."""
     N, C, M = x.shape
     count = N * M
     s1 = np.empty((C, parts))
     s2 = np.empty((C, parts))
+    zero = np.zeros(1, x.dtype)[0]
     for t in prange(C * parts):
         c = t // parts
-        k = float(x[0, c, 0])
+        k = x[0, c, 0]
         a, b = span(t % parts, parts, count)
-        r1, r2 = _channel_sums(x, x, c, k, k, a, b)
+        r1, r2 = _channel_sums(x, x, c, k, k, zero, a, b)
         s1[c, t % parts] = r1
         s2[c, t % parts] = r2
     mean = np.empty(C)
@@ -121,7 +122,7 @@ def stats(x, parts):
     return mean, var
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, error_model="numpy", cache=True)
 def affine(x, out, hi, lo, scale, shift, parts, code, alpha):
     """out = act(((x - hi) - lo) * scale + shift) with per-channel vectors in x's dtype.
 
@@ -141,7 +142,7 @@ def affine(x, out, hi, lo, scale, shift, parts, code, alpha):
         _channel_affine(x, out, c, hi[c], lo[c], scale[c], shift[c], code, alpha, a, b)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, error_model="numpy", cache=True)
 def forward_fused(x, weight, bias, eps, out, code, alpha, block):
     """Training forward, one task per block of ``block`` channels: the block's statistics,
     then its output while the block is still in cache.
@@ -156,13 +157,14 @@ def forward_fused(x, weight, bias, eps, out, code, alpha, block):
     s1 = np.zeros(C)
     s2 = np.zeros(C)
     par = np.empty((C, 4), x.dtype)  # per-channel scalars rounded to x's dtype
+    zero = np.zeros(1, x.dtype)[0]
     for blk in prange((C + block - 1) // block):
         c0 = blk * block
         c1 = min(C, c0 + block)
         for n in range(N):
             for c in range(c0, c1):
-                k = float(x[0, c, 0])
-                r1, r2 = L.sums(x[n, c], x[n, c], k, k)
+                k = x[0, c, 0]
+                r1, r2 = L.sums(x[n, c], x[n, c], k, k, zero)
                 s1[c] += r1
                 s2[c] += r2
         for c in range(c0, c1):
@@ -183,22 +185,33 @@ def forward_fused(x, weight, bias, eps, out, code, alpha, block):
     return mean, var
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, error_model="numpy", cache=True)
 def reduce(dy, x, mean, parts):
-    """Per-channel float64 (sum(dy), sum(dy * (x - mean)))."""
+    """Per-channel float64 (sum(dy), sum(dy * (x - mean))).
+
+    The sums shift x by the mean rounded to x's dtype (hi), and sum(dy * (x - mean)) =
+    sum(dy * (x - hi)) - (mean - hi) * sum(dy) restores the rest in float64."""
     N, C, M = x.shape
     s1 = np.empty((C, parts))
     s2 = np.empty((C, parts))
+    hi = np.empty(C, x.dtype)
+    for c in range(C):
+        hi[c] = mean[c]
+    zero = np.zeros(1, x.dtype)[0]
     for t in prange(C * parts):
         c = t // parts
         a, b = span(t % parts, parts, N * M)
-        r1, r2 = _channel_sums(dy, x, c, 0.0, float(mean[c]), a, b)
+        r1, r2 = _channel_sums(dy, x, c, zero, hi[c], zero, a, b)
         s1[c, t % parts] = r1
         s2[c, t % parts] = r2
-    return _totals(s1), _totals(s2)
+    sd = _totals(s1)
+    sdx = _totals(s2)
+    for c in range(C):
+        sdx[c] -= (float(mean[c]) - float(hi[c])) * sd[c]
+    return sd, sdx
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, error_model="numpy", cache=True)
 def grad_x(dy, x, out, ga, hi, lo, gb, gc, parts):
     """out = ga * dy + (gb * ((x - hi) - lo) + gc), per-channel vectors in x's dtype.
     Tasks as in ``affine``."""
@@ -216,7 +229,7 @@ def grad_x(dy, x, out, ga, hi, lo, gb, gc, parts):
         _channel_grad_x(dy, x, out, c, ga[c], hi[c], lo[c], gb[c], gc[c], a, b)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, error_model="numpy", cache=True)
 def backward_fused(dy, x, mean, invstd, weight, out, want_dx, block):
     """Training backward, one task per block of channels (walked as in ``forward_fused``):
     the two sums, then dx while the block is still in cache.
@@ -227,14 +240,20 @@ def backward_fused(dy, x, mean, invstd, weight, out, want_dx, block):
     sd = np.zeros(C)
     sdx = np.zeros(C)
     par = np.empty((C, 5), x.dtype)  # per-channel scalars rounded to x's dtype
+    hi = np.empty(C, x.dtype)
+    for c in range(C):
+        hi[c] = mean[c]
+    zero = np.zeros(1, x.dtype)[0]
     for blk in prange((C + block - 1) // block):
         c0 = blk * block
         c1 = min(C, c0 + block)
         for n in range(N):
             for c in range(c0, c1):
-                r1, r2 = L.sums(dy[n, c], x[n, c], 0.0, float(mean[c]))
+                r1, r2 = L.sums(dy[n, c], x[n, c], zero, hi[c], zero)
                 sd[c] += r1
                 sdx[c] += r2
+        for c in range(c0, c1):  # shifted by hi = mean rounded: restore mean - hi
+            sdx[c] -= (float(mean[c]) - float(hi[c])) * sd[c]
         if not want_dx:
             continue
         for c in range(c0, c1):
@@ -255,7 +274,7 @@ def backward_fused(dy, x, mean, invstd, weight, out, want_dx, block):
     return sd, sdx
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, error_model="numpy", cache=True)
 def act_reduce(dz, z, shift, rscale, parts, code, alpha):
     """Per-channel float64 (sum(dy), sum(dy * x_hat)) of BN + invertible activation from z."""
     N, C, M = z.shape
@@ -282,7 +301,7 @@ def act_reduce(dz, z, shift, rscale, parts, code, alpha):
     return _totals(s1), _totals(s2)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, error_model="numpy", cache=True)
 def act_grad_x(dz, z, out, ga, gb, gc, shift, rscale, parts, code, alpha):
     """dx = ga * dy + (gb * x_hat + gc) of BN + invertible activation, from z."""
     N, C, M = z.shape

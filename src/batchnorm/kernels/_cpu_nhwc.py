@@ -16,13 +16,13 @@ from numba import njit, prange
 from . import _cpu_act as A
 
 
-@njit(cache=True, inline="always")
+@njit(error_model="numpy", cache=True, inline="always")
 def span(p, parts, n):
     """The flat range [a, b) of part p when n items are cut into ``parts`` parts."""
     return n * p // parts, n * (p + 1) // parts
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def _block_sums(p, q, kp, kq, s1, s2):
     """s1 += sum over rows of (p - kp); s2 += sum of (p - kp) * (q - kq); per channel.
 
@@ -47,7 +47,7 @@ def _block_sums(p, q, kp, kq, s1, s2):
             s2[c] += d * (float(q[i, c]) - kq[c])
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def _block_moments(x, k, s1, s2):
     """s1 += sum over rows of (x - k); s2 += sum of (x - k)^2; four rows per sweep."""
     R, C = x.shape
@@ -68,7 +68,7 @@ def _block_moments(x, k, s1, s2):
             s2[c] += d * d
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def _sum_rows(parts):
     out = np.zeros(parts.shape[1])
     for p in range(parts.shape[0]):
@@ -77,7 +77,7 @@ def _sum_rows(parts):
     return out
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, error_model="numpy", cache=True)
 def stats(x, parts):
     """Per-channel float64 (mean, biased var), one read of x."""
     R, C = x.shape
@@ -100,7 +100,7 @@ def stats(x, parts):
     return mean, var
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, error_model="numpy", cache=True)
 def reduce(dy, x, mean, parts):
     """Per-channel float64 (sum(dy), sum(dy * (x - mean)))."""
     R, C = x.shape
@@ -116,7 +116,7 @@ def reduce(dy, x, mean, parts):
     return _sum_rows(s1), _sum_rows(s2)
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def _block_affine(x, out, hi, lo, scale, shift, code, alpha):
     """One call of ``_affine_rows`` per activation with a literal code, so that each
     compiles to straight-line, vectorised code."""
@@ -134,14 +134,14 @@ def _block_affine(x, out, hi, lo, scale, shift, code, alpha):
         _affine_rows(x, out, hi, lo, scale, shift, A.GELU, alpha)
 
 
-@njit(cache=True, inline="always")
+@njit(error_model="numpy", cache=True, inline="always")
 def _affine_rows(x, out, hi, lo, scale, shift, code, alpha):
     for r in range(x.shape[0]):
         for c in range(x.shape[1]):
             out[r, c] = A.act(((x[r, c] - hi[c]) - lo[c]) * scale[c] + shift[c], code, alpha)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, error_model="numpy", cache=True)
 def affine(x, out, hi, lo, scale, shift, parts, code, alpha):
     """out = act(((x - hi) - lo) * scale + shift) with per-channel vectors in x's dtype."""
     R = x.shape[0]
@@ -150,7 +150,7 @@ def affine(x, out, hi, lo, scale, shift, parts, code, alpha):
         _block_affine(x[a:b], out[a:b], hi, lo, scale, shift, code, alpha)
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def _block_grad_x(dy, x, out, ga, hi, lo, gb, gc):
     C = x.shape[1]
     for r in range(x.shape[0]):
@@ -158,7 +158,7 @@ def _block_grad_x(dy, x, out, ga, hi, lo, gb, gc):
             out[r, c] = ga[c] * dy[r, c] + (gb[c] * ((x[r, c] - hi[c]) - lo[c]) + gc[c])
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, error_model="numpy", cache=True)
 def grad_x(dy, x, out, ga, hi, lo, gb, gc, parts):
     """out = ga * dy + (gb * ((x - hi) - lo) + gc), per-channel vectors in x's dtype."""
     R = x.shape[0]
@@ -167,7 +167,7 @@ def grad_x(dy, x, out, ga, hi, lo, gb, gc, parts):
         _block_grad_x(dy[a:b], x[a:b], out[a:b], ga, hi, lo, gb, gc)
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def _block_act_sums(dz, z, shift, rscale, code, alpha, s1, s2):
     C = z.shape[1]
     for r in range(z.shape[0]):
@@ -178,7 +178,7 @@ def _block_act_sums(dz, z, shift, rscale, code, alpha, s1, s2):
             s2[c] += dy * (A.inverse(zi, code, alpha) - shift[c]) * rscale[c]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, error_model="numpy", cache=True)
 def act_reduce(dz, z, shift, rscale, parts, code, alpha):
     """Per-channel float64 (sum(dy), sum(dy * x_hat)) of BN + invertible activation from z."""
     R, C = z.shape
@@ -190,7 +190,7 @@ def act_reduce(dz, z, shift, rscale, parts, code, alpha):
     return _sum_rows(s1), _sum_rows(s2)
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def _block_act_grad_x(dz, z, out, ga, gb, gc, shift, rscale, code, alpha):
     C = z.shape[1]
     for r in range(z.shape[0]):
@@ -201,7 +201,7 @@ def _block_act_grad_x(dz, z, out, ga, gb, gc, shift, rscale, code, alpha):
             out[r, c] = ga[c] * dy + (gb[c] * xhat + gc[c])
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, error_model="numpy", cache=True)
 def act_grad_x(dz, z, out, ga, gb, gc, shift, rscale, parts, code, alpha):
     """dx = ga * dy + (gb * x_hat + gc) of BN + invertible activation, from z."""
     R = z.shape[0]

@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def split(mean, like):
     """(hi, lo) in like's dtype with hi + lo = mean to about twice that dtype's precision."""
     C = mean.shape[0]
@@ -25,7 +25,7 @@ def split(mean, like):
     return hi, lo
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def invstd(var, eps):
     """1 / sqrt(var + eps) in float64."""
     out = np.empty(var.shape[0])
@@ -34,7 +34,7 @@ def invstd(var, eps):
     return out
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def affine(mean, invstd, weight, bias, like):
     """(hi, lo, scale, shift) for y = ((x - hi) - lo) * scale + shift; ``weight``/``bias``
     empty for none."""
@@ -48,7 +48,7 @@ def affine(mean, invstd, weight, bias, like):
     return hi, lo, scale, shift
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def grad(mean, invstd, weight, sum_dy, sum_dy_xhat, count, like):
     """(ga, hi, lo, gb, gc) for the training dx = ga * dy + (gb * ((x - hi) - lo) + gc):
     with k = weight * invstd, dx = k * (dy - sum_dy / m - x_hat * sum_dy_xhat / m)."""
@@ -64,3 +64,25 @@ def grad(mean, invstd, weight, sum_dy, sum_dy_xhat, count, like):
         gb[c] = -k * inv * float(sum_dy_xhat[c]) / count
         gc[c] = -k * float(sum_dy[c]) / count
     return ga, hi, lo, gb, gc
+
+
+@njit(error_model="numpy", cache=True)
+def running_update(running_mean, running_var, mean, invstd, eps, correction, factor):
+    """Fold one batch into the running buffers in place, from (mean, invstd); False, and
+    nothing written, if any statistic is not finite.
+
+    var = max(invstd^-2 - eps, 0) is recovered in float64; the stored variance is
+    ``var * correction`` (the unbiased one); ``running += factor * (stat - running)``."""
+    C = mean.shape[0]
+    var = np.empty(C)
+    for c in range(C):
+        inv = float(invstd[c])
+        var[c] = max(1.0 / (inv * inv) - eps, 0.0) * correction
+        if not (math.isfinite(float(mean[c])) and math.isfinite(var[c])):
+            return False
+    for c in range(C):
+        rm = float(running_mean[c])
+        rv = float(running_var[c])
+        running_mean[c] = rm + factor * (float(mean[c]) - rm)
+        running_var[c] = rv + factor * (var[c] - rv)
+    return True

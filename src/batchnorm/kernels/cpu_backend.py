@@ -375,3 +375,33 @@ def backward_act(
     out = torch.empty_like(z)
     kernels.act_grad_x(dzn, zn, _view(out, layout), k, gb, gc, shift, rscale, parts, code, alpha)
     return out, _acc(sdx, z), _acc(sd, z)
+
+
+def _plain(t: Tensor) -> bool:
+    """A plain (not wrapped, not inference) contiguous CPU float vector."""
+    return (
+        type(t) is Tensor and t.device.type == "cpu" and t.dtype in _EMPTY and t.dim() == 1
+        and t.is_contiguous() and not t.is_inference()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
+
+
+def update_running(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, invstd: Tensor, eps: float,
+    correction: float, factor: float,
+) -> bool | None:
+    """The running-statistic update of ``batchnorm.stats`` in one compiled call (a dozen
+    small torch operations otherwise): True if applied, False if a statistic is not
+    finite (nothing written), None where it does not apply (the caller then uses torch)."""
+    tensors = (running_mean, running_var, mean, invstd)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    if not all(_plain(t) for t in tensors):
+        return None
+    ok = P.running_update(
+        running_mean.numpy(), running_var.numpy(), mean.numpy(), invstd.numpy(),
+        float(eps), float(correction), float(factor),
+    )
+    if ok:  # written through numpy: tell autograd the buffers changed, as torch's add_ would
+        torch.autograd.graph.increment_version((running_mean, running_var))
+    return ok

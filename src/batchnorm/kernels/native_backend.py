@@ -22,7 +22,7 @@ def supports(x: Tensor) -> bool:
 
 def prefers(op: str, x: Tensor) -> bool:
     """In ``auto`` mode, take every training call the fused CPU kernels do not prefer."""
-    return op in ("forward_train", "backward") and supports(x)
+    return op in ("forward_train", "backward", "forward_eval") and supports(x)
 
 
 def forward_train(
@@ -30,6 +30,19 @@ def forward_train(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """ATen training forward: (y, mean, invstd)."""
     return torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+
+
+def forward_eval(
+    x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
+    bias: Tensor | None, eps: float,
+) -> Tensor:
+    """ATen eval forward with the running variance (torch.nn's own eval kernel, one pass).
+    Only this backend takes the variance; others get ``invstd`` through ``normalize``.
+    Vectors in another dtype than x are brought to x's (ATen wants them alike)."""
+    weight, bias, running_mean, running_var = (
+        None if v is None else v.to(x.dtype) for v in (weight, bias, running_mean, running_var)
+    )
+    return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, False)
 
 
 def backward(

@@ -138,8 +138,8 @@ class _BatchNormAct(_BatchNorm):
                 input, self.weight, self.bias, mean, invstd, self.eps, self.act, self.alpha
             )
         if mode == "batch_update":
-            stats.update_running(
-                self.running_mean, self.running_var, mean, stats.var_from_invstd(invstd, self.eps),
+            stats.update_running_from_invstd(
+                self.running_mean, self.running_var, mean, invstd, self.eps,
                 input.numel() // input.shape[1], self.momentum, self.num_batches_tracked,
             )
         return z
