@@ -39,9 +39,10 @@ def forward_eval(
     """ATen eval forward with the running variance (torch.nn's own eval kernel, one pass).
     Only this backend takes the variance; others get ``invstd`` through ``normalize``.
     Vectors in another dtype than x are brought to x's (ATen wants them alike)."""
-    weight, bias, running_mean, running_var = (
-        None if v is None else v.to(x.dtype) for v in (weight, bias, running_mean, running_var)
-    )
+    if any(v is not None and v.dtype != x.dtype for v in (weight, bias, running_mean, running_var)):
+        weight, bias, running_mean, running_var = (
+            None if v is None else v.to(x.dtype) for v in (weight, bias, running_mean, running_var)
+        )
     return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, False)
 
 
