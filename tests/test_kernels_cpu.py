@@ -283,6 +283,8 @@ def test_running_update_declines_what_it_cannot_write():
     rm, rv, mean, invstd = _running_case()
     assert C.update_running(rm.half(), rv.half(), mean, invstd, 1e-5, 1.0, 0.1) is None
     assert C.update_running(rm[::2], rv[::2], mean[::2], invstd[::2], 1e-5, 1.0, 0.1) is None
+    grad_m = rm.clone().requires_grad_()
+    assert C.update_running(grad_m, rv, mean, invstd, 1e-5, 1.0, 0.1) is None
     with torch.inference_mode():
         inf_m, inf_v = rm.clone(), rv.clone()
     assert C.update_running(inf_m, inf_v, mean, invstd, 1e-5, 1.0, 0.1) is None

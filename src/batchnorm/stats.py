@@ -136,9 +136,9 @@ def update_running_from_invstd(
     cpu = None
     if not torch.compiler.is_compiling() and kernels.get_backend() in ("auto", "cpu"):
         cpu = kernels.load("cpu")
-    if cpu is not None and (momentum is not None or num_batches_tracked is not None):
+    if cpu is not None:
         correction = count / (count - 1) if count > 1 else 1.0
-        factor = momentum if momentum is not None else 1.0 / (int(num_batches_tracked) + 1)
+        factor = _factor(momentum, num_batches_tracked, pending=1)
         if cpu.update_running(running_mean, running_var, mean, invstd, eps, correction, factor):
             if num_batches_tracked is not None:
                 with torch.no_grad():
@@ -148,12 +148,16 @@ def update_running_from_invstd(
                    momentum, num_batches_tracked, warn=True)
 
 
-def _factor(momentum: float | None, num_batches_tracked: Tensor | None) -> float:
+def _factor(
+    momentum: float | None, num_batches_tracked: Tensor | None, pending: int = 0
+) -> float:
+    """The blend weight of the new batch; ``pending`` counts an increment of
+    ``num_batches_tracked`` not yet applied."""
     if momentum is not None:
         return momentum
     if num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-    return 1.0 / max(int(num_batches_tracked), 1)
+    return 1.0 / max(int(num_batches_tracked) + pending, 1)
 
 
 def _update_traceable(

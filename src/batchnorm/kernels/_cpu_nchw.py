@@ -21,6 +21,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import _cpu_loops as L
+from . import _cpu_params as P
 
 #: Channel blocks of the unfused element kernels: a few per thread, for balance.
 BLOCK_TASKS = 8
@@ -190,13 +191,11 @@ def reduce(dy, x, mean, parts):
     """Per-channel float64 (sum(dy), sum(dy * (x - mean))).
 
     The sums shift x by the mean rounded to x's dtype (hi), and sum(dy * (x - mean)) =
-    sum(dy * (x - hi)) - (mean - hi) * sum(dy) restores the rest in float64."""
+    sum(dy * (x - hi)) - lo * sum(dy) restores the rest (lo = mean - hi) in float64."""
     N, C, M = x.shape
     s1 = np.empty((C, parts))
     s2 = np.empty((C, parts))
-    hi = np.empty(C, x.dtype)
-    for c in range(C):
-        hi[c] = mean[c]
+    hi, lo = P.split(mean, x)
     zero = np.zeros(1, x.dtype)[0]
     for t in prange(C * parts):
         c = t // parts
@@ -207,7 +206,7 @@ def reduce(dy, x, mean, parts):
     sd = _totals(s1)
     sdx = _totals(s2)
     for c in range(C):
-        sdx[c] -= (float(mean[c]) - float(hi[c])) * sd[c]
+        sdx[c] -= float(lo[c]) * sd[c]
     return sd, sdx
 
 
@@ -239,10 +238,8 @@ def backward_fused(dy, x, mean, invstd, weight, out, want_dx, block):
     count = N * M
     sd = np.zeros(C)
     sdx = np.zeros(C)
-    par = np.empty((C, 5), x.dtype)  # per-channel scalars rounded to x's dtype
-    hi = np.empty(C, x.dtype)
-    for c in range(C):
-        hi[c] = mean[c]
+    par = np.empty((C, 3), x.dtype)  # per-channel scalars rounded to x's dtype
+    hi, lo = P.split(mean, x)  # x is shifted by hi in the sums; lo restored in float64
     zero = np.zeros(1, x.dtype)[0]
     for blk in prange((C + block - 1) // block):
         c0 = blk * block
@@ -252,23 +249,20 @@ def backward_fused(dy, x, mean, invstd, weight, out, want_dx, block):
                 r1, r2 = L.sums(dy[n, c], x[n, c], zero, hi[c], zero)
                 sd[c] += r1
                 sdx[c] += r2
-        for c in range(c0, c1):  # shifted by hi = mean rounded: restore mean - hi
-            sdx[c] -= (float(mean[c]) - float(hi[c])) * sd[c]
+        for c in range(c0, c1):
+            sdx[c] -= float(lo[c]) * sd[c]
         if not want_dx:
             continue
         for c in range(c0, c1):
-            mu = float(mean[c])
             inv = float(invstd[c])
             k = inv * weight[c] if weight.size else inv
             par[c, 0] = k
-            par[c, 1] = mu
-            par[c, 2] = mu - par[c, 1]
-            par[c, 3] = -k * inv * inv * sdx[c] / count
-            par[c, 4] = -k * sd[c] / count
+            par[c, 1] = -k * inv * inv * sdx[c] / count
+            par[c, 2] = -k * sd[c] / count
         for n in range(N):
             for c in range(c0, c1):
-                L.grad_x(dy[n, c], x[n, c], out[n, c], par[c, 0], par[c, 1], par[c, 2],
-                         par[c, 3], par[c, 4])
+                L.grad_x(dy[n, c], x[n, c], out[n, c], par[c, 0], hi[c], lo[c],
+                         par[c, 1], par[c, 2])
     for c in range(C):
         sdx[c] *= float(invstd[c])
     return sd, sdx

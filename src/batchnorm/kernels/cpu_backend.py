@@ -23,7 +23,8 @@ Passes over memory (m = elements per channel):
 * eval forward: one read, one write.
 
 Small inputs (< ``PARALLEL_MIN`` elements) run on one thread: waking a second costs more
-than it saves. The running-statistic update stays in the library (kernels are pure).
+than it saves. The contract's kernels are pure; ``update_running`` (outside the contract,
+called by ``batchnorm.stats``) is the one function that writes into given tensors.
 
 Statistics: sums of values shifted by a per-channel constant, accumulated in the input
 dtype over runs of ``_cpu_loops.CHUNK`` values (vectorised twice as wide as float64) and
@@ -382,10 +383,11 @@ def backward_act(
 
 
 def _plain(t: Tensor) -> bool:
-    """A plain (not wrapped, not inference) contiguous CPU float vector."""
+    """A plain contiguous CPU float vector that numpy may view: not wrapped, not an
+    inference tensor, not requiring grad."""
     return (
         type(t) is Tensor and t.device.type == "cpu" and t.dtype in _EMPTY and t.dim() == 1
-        and t.is_contiguous() and not t.is_inference()
+        and t.is_contiguous() and not t.requires_grad and not t.is_inference()
         and not torch._C._functorch.is_functorch_wrapped_tensor(t)
     )
 
@@ -397,10 +399,7 @@ def update_running(
     """The running-statistic update of ``batchnorm.stats`` in one compiled call (a dozen
     small torch operations otherwise): True if applied, False if a statistic is not
     finite (nothing written), None where it does not apply (the caller then uses torch)."""
-    tensors = (running_mean, running_var, mean, invstd)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return None
-    if not all(_plain(t) for t in tensors):
+    if not all(_plain(t) for t in (running_mean, running_var, mean, invstd)):
         return None
     ok = P.running_update(
         running_mean.numpy(), running_var.numpy(), mean.numpy(), invstd.numpy(),
