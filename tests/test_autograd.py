@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import batchnorm
-from batchnorm.autograd import BatchNormEval, BatchNormTrain
+from batchnorm import kernels
+from batchnorm.autograd import BatchNormEval, BatchNormTrain, train_forward
 
 
 def _inputs(shape, affine=True):
@@ -35,10 +36,45 @@ def test_eval_gradcheck_and_gradgradcheck(shape):
     assert torch.autograd.gradgradcheck(f, (x, w, b))
 
 
-def test_module_runs_the_explicit_backward():
-    bn = batchnorm.BatchNorm2d(3)
-    y = bn(torch.randn(4, 3, 2, 2, requires_grad=True))
-    assert "BatchNormTrain" in type(y.grad_fn).__name__
+@pytest.mark.parametrize(
+    "backend, shape, node",
+    [
+        ("torch", (4, 3, 2, 2), "BatchNormTrain"),
+        ("cpu", (4, 3, 2, 2), "BatchNormTrain"),
+        ("auto", (8, 64, 16, 16), "BatchNormTrain"),  # large NCHW: the fused CPU kernels
+        ("native", (4, 3, 2, 2), "NativeBatchNormBackward"),  # ATen's kernels: its autograd
+        ("auto", (4, 3, 2, 2), "NativeBatchNormBackward"),
+    ],
+)
+def test_module_backward_node_follows_the_backend(backend, shape, node):
+    """Our explicit backward runs wherever our kernels do; where the dispatcher picks
+    ATen's kernels, ATen's autograd records them (same kernels, no Python Function)."""
+    bn = batchnorm.BatchNorm2d(shape[1])
+    with kernels.use_backend(backend):
+        y = bn(torch.randn(shape, requires_grad=True))
+    assert node in type(y.grad_fn).__name__
+
+
+def test_native_path_takes_vectors_of_another_dtype_and_vmap_stays_per_model():
+    """ATen wants weight in x's dtype: a float32 weight on float64 input is cast (its
+    gradient flows back through the cast, as in the cpu backend); under torch.func.vmap
+    (through BatchNormTrain's vmap rule) each model keeps its own statistics."""
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    w = torch.rand(3) + 0.5
+    grads = []
+    for backend in ("native", "cpu"):
+        with kernels.use_backend(backend):
+            xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+            y, _, _ = train_forward(xi, wi, None, 1e-5)
+            y.pow(3).sum().backward()
+            assert y.dtype == torch.float64 and wi.grad.dtype == torch.float32
+            grads.append((y, xi.grad, wi.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    xs = torch.randn(2, 4, 3, 5)
+    ys = torch.func.vmap(lambda t: train_forward(t, None, None, 1e-5)[0])(xs)
+    for i in range(2):
+        torch.testing.assert_close(ys[i], torch.nn.functional.batch_norm(xs[i], None, None, training=True))
 
 
 def test_gradient_penalty_matches_torch():

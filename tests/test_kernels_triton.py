@@ -301,6 +301,7 @@ def test_triton_missing_means_the_backend_is_absent(monkeypatch):
     for mod in ("batchnorm.kernels.triton_backend", "batchnorm.kernels._triton_kernels"):
         monkeypatch.delitem(sys.modules, mod)
     monkeypatch.setattr(kernels, "_loaded", {"torch": torch_backend})
+    monkeypatch.setattr(kernels, "_candidates", {})  # the dispatcher's per-op cache
     with pytest.raises(ImportError):
         importlib.import_module("batchnorm.kernels.triton_backend")
     assert kernels.load("triton") is None

@@ -18,6 +18,13 @@ penalties, ``torch.func.grad`` nesting) the same closed form runs as differentia
 operations on the saved input, recomputing the statistics so that their dependence on x
 is differentiated too.
 
+Where the dispatcher picks ATen's kernels for the training forward (``native``: small
+tensors, channels_last, (N, C); see ``batchnorm.kernels``), eager calls skip
+``BatchNormTrain`` and let ATen's autograd record ``native_batch_norm``: the same forward
+and backward kernels (the same closed form), with the derivative bookkeeping in C++ rather
+than in a Python Function, which costs tens of microseconds per step (more than a small
+BN itself). torch.func transforms and torch.compile still go through ``BatchNormTrain``.
+
 Both Functions define ``setup_context`` and a ``vmap`` rule, so ``torch.func.grad`` and
 ``torch.func.vmap`` work: vmap over B models turns (B, N, C, *) into one BN call over
 (N, B*C, *), whose per-channel statistics are exactly the per-model ones.
@@ -28,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import ops
+from . import kernels, ops
 from .kernels.torch_backend import acc_dtype, channel_view, reduce_dims
 
 
@@ -185,16 +192,27 @@ class BatchNormEval(Function):
         return _unfold(y, b), 0
 
 
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _wrapped(*tensors: Tensor | None) -> bool:
+    """Whether a torch.func transform wraps one of the tensors. (These two checks run on
+    every call: plain loops, as generator expressions cost a microsecond each.)"""
+    for t in tensors:
+        if t is not None and _is_wrapped(t):
+            return True
+    return False
+
+
 def needs_function(*tensors: Tensor | None) -> bool:
     """Whether the autograd Function is needed: something requires grad, or a torch.func
     transform wraps an input (its vmap rule must run). Otherwise the kernels are called
     directly, which spares the Function's per-call cost."""
     if torch.is_grad_enabled():
-        if any(t is not None and t.requires_grad for t in tensors):
-            return True
-    return any(
-        t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors
-    )
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return True
+    return _wrapped(*tensors)
 
 
 def train_forward(
@@ -203,6 +221,10 @@ def train_forward(
     """(y, mean, invstd) normalised with the batch statistics, differentiable in x, weight
     and bias through ``BatchNormTrain`` when needed."""
     if needs_function(x, weight, bias):
+        if not torch.compiler.is_compiling() and not _wrapped(x, weight, bias):
+            backend = kernels.pick("forward_train", x)
+            if getattr(backend, "records_autograd", False):
+                return backend.forward_train(x, weight, bias, eps)
         return BatchNormTrain.apply(x, weight, bias, eps)
     return ops.forward_train(x, weight, bias, eps)
 

@@ -141,8 +141,7 @@ def update_running_from_invstd(
         factor = _factor(momentum, num_batches_tracked, pending=1)
         if cpu.update_running(running_mean, running_var, mean, invstd, eps, correction, factor):
             if num_batches_tracked is not None:
-                with torch.no_grad():
-                    num_batches_tracked.add_(1)
+                num_batches_tracked.add_(1)  # an integer buffer: autograd never records it
             return
     update_running(running_mean, running_var, mean, var_from_invstd(invstd, eps), count,
                    momentum, num_batches_tracked, warn=True)

@@ -80,21 +80,37 @@ def use_backend(name: str) -> Iterator[None]:
         _choice = previous
 
 
-def _preference(x: Tensor) -> tuple[str, ...]:
+def _preference(cuda: bool) -> tuple[str, ...]:
     if _choice != "auto":
         return (_choice,)
-    return ("triton",) if x.is_cuda else ("cpu", "native")
+    return ("triton",) if cuda else ("cpu", "native")
+
+
+#: (choice, op, cuda) -> the candidate backends of ``pick`` in order, each with whether its
+#: ``prefers`` (else its ``supports``) decides. Built once per key: ``pick`` runs on every
+#: call, so it does no imports or attribute probing of its own.
+_candidates: dict[tuple[str, str, bool], tuple[tuple[ModuleType, bool], ...]] = {}
+
+
+def _plan(op: str, cuda: bool) -> tuple[tuple[ModuleType, bool], ...]:
+    key = (_choice, op, cuda)
+    plan = _candidates.get(key)
+    if plan is None:
+        auto = _choice == "auto"
+        backends = (load(name) for name in _preference(cuda))
+        plan = _candidates[key] = tuple(
+            (backend, auto and hasattr(backend, "prefers"))
+            for backend in backends
+            if backend is not None and hasattr(backend, op)
+        )
+    return plan
 
 
 def pick(op: str, x: Tensor) -> ModuleType:
     """The backend that runs kernel function ``op`` on tensor ``x``."""
-    auto = _choice == "auto"
-    for name in _preference(x):
-        backend = load(name) if name != "torch" else torch_backend
-        if backend is None or not hasattr(backend, op):
-            continue
+    for backend, by_preference in _plan(op, x.is_cuda):
         # a backend prefers only tensors it supports
-        if backend.prefers(op, x) if auto and hasattr(backend, "prefers") else backend.supports(x):
+        if backend.prefers(op, x) if by_preference else backend.supports(x):
             return backend
     return torch_backend
 

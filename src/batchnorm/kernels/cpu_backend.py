@@ -65,14 +65,21 @@ PARALLEL_MIN = 32768
 FUSE_BYTES = 2 << 20
 
 _EMPTY = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
+#: numpy dtype of the accumulation dtype of each supported dtype (float32 -> float32:
+#: the contract's statistics are in torch_backend.acc_dtype(x.dtype), which is x's own).
+_ACC = {torch.float32: np.float32, torch.float64: np.float64}
+
+# Note on cost: these wrappers run several times per training step, and each torch call
+# costs about a microsecond (more when the kernels have just flushed the caches), so they
+# read shapes rather than make tensors (``x[0, 0]`` would), and take the cheapest views.
 
 
 def _layout(x: Tensor) -> str | None:
     """"nchw" (channel-major contiguous), "nhwc" (channels-last contiguous) or None."""
-    if x.device.type != "cpu" or x.dtype not in _EMPTY or x.dim() < 2 or x.numel() == 0:
+    if not x.is_cpu or x.dtype not in _EMPTY or x.dim() < 2 or x.numel() == 0:
         return None
-    if x.is_contiguous():
-        return "nchw" if x[0, 0].numel() > 1 else "nhwc"
+    if x.is_contiguous():  # one value per (n, c) reads as channels-last rows
+        return "nchw" if x.numel() > x.shape[0] * x.shape[1] else "nhwc"
     if x.permute(0, *range(2, x.dim()), 1).is_contiguous():
         return "nhwc"
     return None
@@ -99,14 +106,14 @@ def prefers(op: str, x: Tensor) -> bool:
 def _view(t: Tensor, layout: str) -> np.ndarray:
     """The (N, C, M) or (R, C) numpy view of a tensor laid out as ``layout`` (no copy)."""
     t = t.detach()
-    if layout == "nchw":
-        return t.view(t.shape[0], t.shape[1], -1).numpy()
+    if layout == "nchw":  # numpy's reshape of a contiguous array is a view, and cheaper
+        return t.numpy().reshape(t.shape[0], t.shape[1], -1)
     return t.permute(0, *range(2, t.dim()), 1).reshape(-1, t.shape[1]).numpy()
 
 
 def _like(t: Tensor, x: Tensor) -> Tensor:
     """``t`` with x's dtype and strides (a copy only when they differ)."""
-    if t.dtype == x.dtype and t.stride() == x.stride() and t.device == x.device:
+    if t.dtype == x.dtype and t.is_cpu and t.stride() == x.stride():
         return t
     out = torch.empty_like(x)
     out.copy_(t.detach())
@@ -119,12 +126,14 @@ def _vec(v: Tensor | None, x: Tensor) -> np.ndarray:
     acc = torch_backend.acc_dtype(x.dtype)
     if v is None:
         return _EMPTY[acc]
+    if v.dtype == acc and v.is_cpu and v.is_contiguous():
+        return v.detach().numpy()
     return v.detach().to(device="cpu", dtype=acc).contiguous().numpy()
 
 
 def _acc(v: np.ndarray, x: Tensor) -> Tensor:
-    """A float64 numpy vector as a tensor in x's accumulation dtype."""
-    return torch.from_numpy(v).to(torch_backend.acc_dtype(x.dtype))
+    """A float64 numpy vector as a tensor in x's accumulation dtype (cast by numpy)."""
+    return torch.from_numpy(v.astype(_ACC[x.dtype], copy=False))
 
 
 def _parts(x: Tensor, layout: str) -> int:
@@ -382,13 +391,16 @@ def backward_act(
     return out, _acc(sdx, z), _acc(sd, z)
 
 
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 def _plain(t: Tensor) -> bool:
     """A plain contiguous CPU float vector that numpy may view: not wrapped, not an
-    inference tensor, not requiring grad."""
+    inference tensor, not requiring grad. (Called four times per training step: cheap
+    attribute reads first; ``is_cpu`` rather than ``device.type``, which builds an object.)"""
     return (
-        type(t) is Tensor and t.device.type == "cpu" and t.dtype in _EMPTY and t.dim() == 1
-        and t.is_contiguous() and not t.requires_grad and not t.is_inference()
-        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+        type(t) is Tensor and not t.requires_grad and t.is_cpu and t.dtype in _EMPTY
+        and t.dim() == 1 and t.is_contiguous() and not t.is_inference() and not _wrapped(t)
     )
 
 
@@ -399,7 +411,7 @@ def update_running(
     """The running-statistic update of ``batchnorm.stats`` in one compiled call (a dozen
     small torch operations otherwise): True if applied, False if a statistic is not
     finite (nothing written), None where it does not apply (the caller then uses torch)."""
-    if not all(_plain(t) for t in (running_mean, running_var, mean, invstd)):
+    if not (_plain(running_mean) and _plain(running_var) and _plain(mean) and _plain(invstd)):
         return None
     ok = P.running_update(
         running_mean.numpy(), running_var.numpy(), mean.numpy(), invstd.numpy(),

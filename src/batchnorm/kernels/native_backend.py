@@ -14,10 +14,11 @@ import torch
 from torch import Tensor
 
 name = "native"
+_DTYPES = (torch.float32, torch.float64)
 
 
 def supports(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.numel() > 0
+    return x.is_cpu and x.dtype in _DTYPES and x.numel() > 0
 
 
 def prefers(op: str, x: Tensor) -> bool:
@@ -25,11 +26,39 @@ def prefers(op: str, x: Tensor) -> bool:
     return op in ("forward_train", "backward", "forward_eval") and supports(x)
 
 
+def _alike(dtype: torch.dtype, *vectors: Tensor | None) -> bool:
+    """Whether every given vector has ``dtype`` (a loop: this runs on every call)."""
+    for v in vectors:
+        if v is not None and v.dtype != dtype:
+            return False
+    return True
+
+
+def _as(dtype: torch.dtype, *vectors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The vectors in ``dtype``: ATen's CPU kernels want them in x's (``.to`` is
+    differentiable, so a float32 weight on float64 input still gets its gradient)."""
+    if _alike(dtype, *vectors):
+        return vectors
+    return tuple(None if v is None else v.to(dtype) for v in vectors)
+
+
 def forward_train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """ATen training forward: (y, mean, invstd)."""
+    """ATen training forward: (y, mean, invstd).
+
+    Called outside autograd's view of it, this is one op of the kernel contract; called
+    on tensors that require grad (``batchnorm.autograd.train_forward`` does, in eager mode
+    where no torch.func transform is active), ATen's autograd records it: its derivative
+    (double backward included) then runs in C++, and a training step costs what
+    ``torch.nn``'s costs, where our Python ``autograd.Function`` would add tens of
+    microseconds per call."""
+    weight, bias = _as(x.dtype, weight, bias)
     return torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+
+
+#: ``batchnorm.autograd`` may let autograd record ``forward_train`` (see its docstring).
+records_autograd = True
 
 
 def forward_eval(
@@ -39,10 +68,7 @@ def forward_eval(
     """ATen eval forward with the running variance (torch.nn's own eval kernel, one pass).
     Only this backend takes the variance; others get ``invstd`` through ``normalize``.
     Vectors in another dtype than x are brought to x's (ATen wants them alike)."""
-    if any(v is not None and v.dtype != x.dtype for v in (weight, bias, running_mean, running_var)):
-        weight, bias, running_mean, running_var = (
-            None if v is None else v.to(x.dtype) for v in (weight, bias, running_mean, running_var)
-        )
+    weight, bias, running_mean, running_var = _as(x.dtype, weight, bias, running_mean, running_var)
     return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, False)
 
 
@@ -55,6 +81,7 @@ def backward(
     output_mask: tuple[bool, bool, bool] = (True, True, True),
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """ATen training backward: (dx, dweight, dbias); eps is unused by ATen in training."""
+    (weight,) = _as(x.dtype, weight)
     return torch.ops.aten.native_batch_norm_backward(
         dy, x, weight, None, None, mean, invstd, True, 0.0, list(output_mask)
     )
