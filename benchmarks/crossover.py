@@ -1,0 +1,67 @@
+"""Where ``auto`` should switch from ATen's kernels to the fused CPU kernels.
+
+For channel-major float32 inputs of 32K-262K elements (several shapes per size), times a
+``batchnorm.BatchNorm*d`` training step (forward + backward) on 2 threads with every size
+sent to the fused kernels (``cpu``) and with every size sent to ATen (``native``, recorded
+by ATen's autograd), against ``torch.nn`` in the same rounds: the data behind
+``cpu_backend.PREFER_MIN``.
+
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \\
+        .venv/bin/python benchmarks/crossover.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numba
+import torch
+
+import batchnorm
+from batchnorm.kernels import cpu_backend
+
+SHAPES = [(8, 16, 16, 16), (8, 32, 16, 16), (8, 64, 16, 16), (8, 1024, 4, 4),
+          (16, 2048, 2, 2), (8, 96, 16, 16), (8, 1536, 4, 4), (8, 384, 8, 8),
+          (8, 128, 16, 16), (8, 2048, 4, 4), (32, 128, 64), (8, 128, 8, 8, 8)]
+
+
+def step_ms(module, x, dy, prefer_min: int, reps: int = 30, calls: int = 5) -> float:
+    cpu_backend.PREFER_MIN = prefer_min
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(calls):
+            x.grad = None
+            module(x).backward(dy)
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    numba.set_num_threads(2)
+    default = cpu_backend.PREFER_MIN
+    print(f"PREFER_MIN now {default:,}")
+    print("shape | elements | torch.nn ms | cpu ms | native ms | cpu / native")
+    try:
+        for shape in SHAPES:
+            x = torch.randn(shape, requires_grad=True)
+            dy = torch.randn(shape)
+            name = {3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}[x.dim()]
+            ours, native = getattr(batchnorm, name)(shape[1]), getattr(torch.nn, name)(shape[1])
+            for module in (ours, native):  # warm-up (and numba load)
+                for _ in range(3):
+                    x.grad = None
+                    module(x).backward(dy)
+            t_nn = step_ms(native, x, dy, default)
+            t_cpu = step_ms(ours, x, dy, 0)
+            t_native = step_ms(ours, x, dy, 1 << 62)
+            print("x".join(map(str, shape)), f"| {x.numel():,} | {t_nn:.3f} | {t_cpu:.3f} | "
+                  f"{t_native:.3f} | {t_cpu / t_native:.2f}", flush=True)
+    finally:
+        cpu_backend.PREFER_MIN = default
+
+
+if __name__ == "__main__":
+    main()
