@@ -1,6 +1,6 @@
 """Where ``auto`` should switch from ATen's kernels to the fused CPU kernels.
 
-For channel-major float32 inputs of 32K-262K elements (several shapes per size), times a
+For channel-major float32 inputs of 32K-524K elements (several shapes per size), times a
 ``batchnorm.BatchNorm*d`` training step (forward + backward) on 2 threads with every size
 sent to the fused kernels (``cpu``) and with every size sent to ATen (``native``, recorded
 by ATen's autograd), against ``torch.nn`` in the same rounds: the data behind
