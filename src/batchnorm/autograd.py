@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import kernels, ops
+from . import kernels, ops, stats
 from .kernels.torch_backend import acc_dtype, channel_view, reduce_dims
 
 
@@ -227,6 +227,45 @@ def train_forward(
                 return backend.forward_train(x, weight, bias, eps)
         return BatchNormTrain.apply(x, weight, bias, eps)
     return ops.forward_train(x, weight, bias, eps)
+
+
+def train_forward_updating(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+    running_mean: Tensor, running_var: Tensor, count: int, momentum: float | None,
+    num_batches_tracked: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``train_forward``, then the guarded running update of
+    ``stats.update_running_from_invstd`` (non-finite batch: nothing written, a warning).
+
+    Where ATen's kernels run the forward (as in ``train_forward``), ATen's kernel also
+    blends the batch into the buffers, as it does for ``torch.nn``, so the running
+    statistics are torch.nn's bit for bit; the guard then keeps a copy of the buffers and
+    puts it back if the batch's statistics are not finite."""
+    if not torch.compiler.is_compiling() and not _wrapped(x, weight, bias):
+        backend = kernels.pick("forward_train", x)
+        if getattr(backend, "records_autograd", False) and backend.updates_running(
+            x, running_mean, running_var
+        ):
+            factor = stats.blend_factor(momentum, num_batches_tracked, pending=1)
+            backup = running_mean.clone(), running_var.clone()
+            y, mean, invstd = backend.forward_train_update(
+                x, weight, bias, eps, running_mean, running_var, factor
+            )
+            if stats.finite_batch(mean, invstd, eps):
+                if num_batches_tracked is not None:
+                    num_batches_tracked.add_(1)
+            else:
+                running_mean.copy_(backup[0])
+                running_var.copy_(backup[1])
+                # writes nothing for a non-finite batch, and warns naming the channels
+                stats.update_running(running_mean, running_var, mean,
+                                     stats.var_from_invstd(invstd, eps), count, momentum)
+            return y, mean, invstd
+    y, mean, invstd = train_forward(x, weight, bias, eps)
+    stats.update_running_from_invstd(
+        running_mean, running_var, mean, invstd, eps, count, momentum, num_batches_tracked
+    )
+    return y, mean, invstd
 
 
 def eval_forward(

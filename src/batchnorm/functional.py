@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import kernels, stats
-from .autograd import eval_forward, needs_function, train_forward
+from .autograd import eval_forward, needs_function, train_forward, train_forward_updating
 from .kernels.torch_backend import acc_dtype, channel_view, reduce_dims
 
 __all__ = ["batch_stats", "normalize", "batch_norm", "batch_norm_stateless"]
@@ -87,12 +87,11 @@ def batch_norm(
     _check_float(input)
     if training:
         count = _values_per_channel(input)
-        y, mean, invstd = train_forward(input, weight, bias, eps)
         if running_mean is not None and running_var is not None:
-            stats.update_running_from_invstd(
-                running_mean, running_var, mean, invstd, eps, count, momentum
-            )
-        return y
+            return train_forward_updating(
+                input, weight, bias, eps, running_mean, running_var, count, momentum
+            )[0]
+        return train_forward(input, weight, bias, eps)[0]
     if running_mean is None or running_var is None:
         raise ValueError(
             "batch_norm with training=False needs running_mean and running_var; got None. "

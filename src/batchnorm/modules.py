@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import stats
-from .autograd import train_forward
+from .autograd import train_forward, train_forward_updating
 from .functional import eval_normalize
 
 SINGLE_VALUE_POLICIES = ("error", "use_running", "skip_update")
@@ -205,13 +204,17 @@ class _BatchNorm(nn.Module):
     def _uses_batch_stats(self) -> bool:
         return self.training or (self.running_mean is None and self.running_var is None)
 
+    def _tracks(self) -> bool:
+        return self.training and self.track_running_stats and self.running_mean is not None
+
     def _updates_running(self) -> bool:
         # Not while autograd runs a backward: a forward then is an activation-checkpoint
         # recomputation of a batch already counted (statistics update once per step).
-        return (
-            self.training and self.track_running_stats and self.running_mean is not None
-            and not in_backward()
-        )
+        return self._tracks() and not in_backward()
+
+    def _recomputing(self) -> bool:
+        """An activation-checkpoint recomputation of a forward that updated the buffers."""
+        return self._tracks() and in_backward()
 
     # -- forward --------------------------------------------------------------------
     def forward(self, input: Tensor) -> Tensor:
@@ -239,19 +242,27 @@ class _BatchNorm(nn.Module):
                     "but has no running statistics (track_running_stats=False)"
                 )
             update = False
-        y, mean, invstd = train_forward(input, self.weight, self.bias, self.eps)
+        return self.normalise_batch(input, self.weight, self.bias, count, update)
+
+    def normalise_batch(
+        self, input: Tensor, weight: Tensor | None, bias: Tensor | None, count: int,
+        update: bool,
+    ) -> Tensor:
+        """Normalise with the batch's statistics (``count`` values per channel), and fold
+        them into the running buffers if ``update``. An activation-checkpoint
+        recomputation of an updating forward makes the same call on copies of the buffers:
+        ATen saves the buffers it is given, and checkpoint compares what was saved."""
         if update:
-            stats.update_running_from_invstd(
-                self.running_mean,
-                self.running_var,
-                mean,
-                invstd,
-                self.eps,
-                count,
-                self.momentum,
-                self.num_batches_tracked,
-            )
-        return y
+            return train_forward_updating(
+                input, weight, bias, self.eps, self.running_mean, self.running_var, count,
+                self.momentum, self.num_batches_tracked,
+            )[0]
+        if count > 1 and self._recomputing():
+            return train_forward_updating(
+                input, weight, bias, self.eps, self.running_mean.clone(),
+                self.running_var.clone(), count, 0.0,
+            )[0]
+        return train_forward(input, weight, bias, self.eps)[0]
 
 
 class BatchNorm1d(_BatchNorm):

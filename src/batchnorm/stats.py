@@ -104,7 +104,7 @@ def update_running(
     if ok:
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
-        factor = _factor(momentum, num_batches_tracked)
+        factor = blend_factor(momentum, num_batches_tracked)
         running_mean.lerp_(mean.to(running_mean.dtype), factor)
         running_var.lerp_(unbiased.to(running_var.dtype), factor)
     elif warn:
@@ -138,7 +138,7 @@ def update_running_from_invstd(
         cpu = kernels.load("cpu")
     if cpu is not None:
         correction = count / (count - 1) if count > 1 else 1.0
-        factor = _factor(momentum, num_batches_tracked, pending=1)
+        factor = blend_factor(momentum, num_batches_tracked, pending=1)
         if cpu.update_running(running_mean, running_var, mean, invstd, eps, correction, factor):
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(1)  # an integer buffer: autograd never records it
@@ -147,7 +147,20 @@ def update_running_from_invstd(
                    momentum, num_batches_tracked, warn=True)
 
 
-def _factor(
+def finite_batch(mean: Tensor, invstd: Tensor, eps: float) -> bool:
+    """Whether a batch's statistics pass the running-update guard: every mean finite and
+    every variance ``invstd^-2 - eps`` finite (invstd neither 0 nor NaN). One compiled
+    call on CPU, a few torch operations and a host read elsewhere."""
+    cpu = kernels.load("cpu") if not torch.compiler.is_compiling() else None
+    if cpu is not None:
+        verdict = cpu.finite_batch(mean, invstd, eps)
+        if verdict is not None:
+            return verdict
+    var = var_from_invstd(invstd, eps)
+    return math.isfinite(float(mean.sum(dtype=torch.float64) + var.sum(dtype=torch.float64)))
+
+
+def blend_factor(
     momentum: float | None, num_batches_tracked: Tensor | None, pending: int = 0
 ) -> float:
     """The blend weight of the new batch; ``pending`` counts an increment of

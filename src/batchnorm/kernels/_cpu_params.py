@@ -67,22 +67,29 @@ def grad(mean, invstd, weight, sum_dy, sum_dy_xhat, count, like):
 
 
 @njit(error_model="numpy", cache=True)
+def finite_batch(mean, invstd, eps):
+    """Whether every mean and every var = max(invstd^-2 - eps, 0) is finite (float64)."""
+    for c in range(mean.shape[0]):
+        inv = float(invstd[c])
+        if not (math.isfinite(float(mean[c])) and math.isfinite(max(1.0 / (inv * inv) - eps, 0.0))):
+            return False
+    return True
+
+
+@njit(error_model="numpy", cache=True)
 def running_update(running_mean, running_var, mean, invstd, eps, correction, factor):
     """Fold one batch into the running buffers in place, from (mean, invstd); False, and
     nothing written, if any statistic is not finite.
 
     var = max(invstd^-2 - eps, 0) is recovered in float64; the stored variance is
     ``var * correction`` (the unbiased one); ``running += factor * (stat - running)``."""
-    C = mean.shape[0]
-    var = np.empty(C)
-    for c in range(C):
+    if not finite_batch(mean, invstd, eps):
+        return False
+    for c in range(mean.shape[0]):
         inv = float(invstd[c])
-        var[c] = max(1.0 / (inv * inv) - eps, 0.0) * correction
-        if not (math.isfinite(float(mean[c])) and math.isfinite(var[c])):
-            return False
-    for c in range(C):
+        var = max(1.0 / (inv * inv) - eps, 0.0) * correction
         rm = float(running_mean[c])
         rv = float(running_var[c])
         running_mean[c] = rm + factor * (float(mean[c]) - rm)
-        running_var[c] = rv + factor * (var[c] - rv)
+        running_var[c] = rv + factor * (var - rv)
     return True

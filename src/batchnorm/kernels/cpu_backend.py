@@ -405,6 +405,13 @@ def _plain(t: Tensor) -> bool:
     )
 
 
+def finite_batch(mean: Tensor, invstd: Tensor, eps: float) -> bool | None:
+    """``batchnorm.stats.finite_batch`` in one compiled call; None where it does not apply."""
+    if not (_plain(mean) and _plain(invstd)):
+        return None
+    return P.finite_batch(mean.numpy(), invstd.numpy(), float(eps))
+
+
 def update_running(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, invstd: Tensor, eps: float,
     correction: float, factor: float,

@@ -61,6 +61,28 @@ def forward_train(
 records_autograd = True
 
 
+def updates_running(x: Tensor, running_mean: Tensor, running_var: Tensor) -> bool:
+    """Whether ``forward_train_update`` can take these buffers: x's dtype, not inference
+    tensors (ATen writes them in place)."""
+    return (
+        running_mean.dtype == x.dtype and running_var.dtype == x.dtype
+        and not running_mean.is_inference() and not running_var.is_inference()
+    )
+
+
+def forward_train_update(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+    running_mean: Tensor, running_var: Tensor, factor: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``forward_train`` that also blends the batch into the running buffers in place,
+    inside ATen's kernel as for ``torch.nn`` (``running += factor * (stat - running)``
+    with the unbiased variance, in ATen's accumulation type): torch.nn's running
+    statistics bit for bit. No guard: ``batchnorm.autograd.train_forward_updating`` keeps
+    a copy of the buffers and puts it back for a non-finite batch."""
+    weight, bias = _as(x.dtype, weight, bias)
+    return torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, factor, eps)
+
+
 def forward_eval(
     x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
     bias: Tensor | None, eps: float,

@@ -97,8 +97,11 @@ class _GhostBatchNorm(_BatchNorm):
             return eval_normalize(
                 input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
+        chunks = sub_batches(input, self.virtual_batch_size)
+        if len(chunks) == 1:  # one sub-batch is plain BN: its rule, and its very numbers
+            return super().forward(input)
         outputs, parts = [], []
-        for chunk in sub_batches(input, self.virtual_batch_size):
+        for chunk in chunks:
             y, mean, invstd = train_forward(chunk, self.weight, self.bias, self.eps)
             outputs.append(y)
             count = torch.full_like(mean, chunk.numel() // chunk.shape[1])

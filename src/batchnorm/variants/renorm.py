@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 from .. import stats
-from ..autograd import train_forward
 from ..functional import eval_normalize
 from ..modules import _BatchNorm
 from ._common import fill_doc, statistics_mode
@@ -140,13 +139,10 @@ class _BatchRenorm(_BatchNorm):
         bias = d if self.weight is None else self.weight * d.to(self.weight.dtype)
         if self.bias is not None:
             bias = self.bias + bias
-        y, mean, invstd = train_forward(input, weight, bias, self.eps)
-        if mode == "batch_update":
-            stats.update_running_from_invstd(
-                self.running_mean, self.running_var, mean, invstd, self.eps,
-                input.numel() // input.shape[1], self.momentum, self.num_batches_tracked,
-            )
-        return y
+        # r and d were taken from the running buffers above, before this updates them
+        return self.normalise_batch(
+            input, weight, bias, input.numel() // input.shape[1], mode == "batch_update"
+        )
 
 
 def renorm_factors(
