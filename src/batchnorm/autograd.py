@@ -215,16 +215,32 @@ def needs_function(*tensors: Tensor | None) -> bool:
     return _wrapped(*tensors)
 
 
+def _aten_recorded(x: Tensor, weight: Tensor | None, bias: Tensor | None):
+    """The backend whose training forward ATen's autograd records (``native``) when the
+    dispatcher picks it for ``x`` in eager mode outside torch.func transforms, else None."""
+    if torch.compiler.is_compiling() or _wrapped(x, weight, bias):
+        return None
+    backend = kernels.pick("forward_train", x)
+    return backend if getattr(backend, "records_autograd", False) else None
+
+
+def _ours(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    """Our kernels: through ``BatchNormTrain`` when autograd needs it, directly otherwise
+    (``train_forward`` without the ATen decision, once ``_aten_recorded`` said None)."""
+    if needs_function(x, weight, bias):
+        return BatchNormTrain.apply(x, weight, bias, eps)
+    return ops.forward_train(x, weight, bias, eps)
+
+
 def train_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, invstd) normalised with the batch statistics, differentiable in x, weight
-    and bias through ``BatchNormTrain`` when needed."""
+    and bias through ``BatchNormTrain`` when needed (or ATen's autograd, see above)."""
     if needs_function(x, weight, bias):
-        if not torch.compiler.is_compiling() and not _wrapped(x, weight, bias):
-            backend = kernels.pick("forward_train", x)
-            if getattr(backend, "records_autograd", False):
-                return backend.forward_train(x, weight, bias, eps)
+        aten = _aten_recorded(x, weight, bias)
+        if aten is not None:
+            return aten.forward_train(x, weight, bias, eps)
         return BatchNormTrain.apply(x, weight, bias, eps)
     return ops.forward_train(x, weight, bias, eps)
 
@@ -241,27 +257,26 @@ def train_forward_updating(
     blends the batch into the buffers, as it does for ``torch.nn``, so the running
     statistics are torch.nn's bit for bit; the guard then keeps a copy of the buffers and
     puts it back if the batch's statistics are not finite."""
-    if not torch.compiler.is_compiling() and not _wrapped(x, weight, bias):
-        backend = kernels.pick("forward_train", x)
-        if getattr(backend, "records_autograd", False) and backend.updates_running(
-            x, running_mean, running_var
-        ):
-            factor = stats.blend_factor(momentum, num_batches_tracked, pending=1)
-            backup = running_mean.clone(), running_var.clone()
-            y, mean, invstd = backend.forward_train_update(
-                x, weight, bias, eps, running_mean, running_var, factor
-            )
-            if stats.finite_batch(mean, invstd, eps):
-                if num_batches_tracked is not None:
-                    num_batches_tracked.add_(1)
-            else:
-                running_mean.copy_(backup[0])
-                running_var.copy_(backup[1])
-                # writes nothing for a non-finite batch, and warns naming the channels
-                stats.update_running(running_mean, running_var, mean,
-                                     stats.var_from_invstd(invstd, eps), count, momentum)
-            return y, mean, invstd
-    y, mean, invstd = train_forward(x, weight, bias, eps)
+    aten = _aten_recorded(x, weight, bias)
+    if aten is not None and aten.updates_running(x, running_mean, running_var):
+        factor = stats.blend_factor(momentum, num_batches_tracked, pending=1)
+        backup = running_mean.clone(), running_var.clone()
+        y, mean, invstd = aten.forward_train_update(
+            x, weight, bias, eps, running_mean, running_var, factor
+        )
+        if stats.finite_batch(mean, invstd, eps):
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+        else:
+            running_mean.copy_(backup[0])
+            running_var.copy_(backup[1])
+            # (stacklevel 3: the warning points at the caller of this function)
+            stats.warn_not_finite(mean, stats.var_from_invstd(invstd, eps), stacklevel=3)
+        return y, mean, invstd
+    if aten is not None:  # buffers ATen cannot take: its forward, our guarded update
+        y, mean, invstd = aten.forward_train(x, weight, bias, eps)
+    else:
+        y, mean, invstd = _ours(x, weight, bias, eps)
     stats.update_running_from_invstd(
         running_mean, running_var, mean, invstd, eps, count, momentum, num_batches_tracked
     )

@@ -108,14 +108,20 @@ def update_running(
         running_mean.lerp_(mean.to(running_mean.dtype), factor)
         running_var.lerp_(unbiased.to(running_var.dtype), factor)
     elif warn:
-        bad = (~(torch.isfinite(mean) & torch.isfinite(unbiased))).nonzero().flatten().tolist()
-        warnings.warn(
-            f"batch statistics are not finite in channel(s) {bad[:20]}"
-            f"{' ...' if len(bad) > 20 else ''}: running statistics were NOT updated "
-            "(the output follows IEEE arithmetic). Check the input for NaN/Inf or overflow.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        warn_not_finite(mean, unbiased, stacklevel=4)
+
+
+def warn_not_finite(mean: Tensor, var: Tensor, stacklevel: int = 3) -> None:
+    """The guard's warning for a batch whose statistics are not finite, naming the
+    channels (``stacklevel`` as for ``warnings.warn``, counted from the caller)."""
+    bad = (~(torch.isfinite(mean) & torch.isfinite(var))).nonzero().flatten().tolist()
+    warnings.warn(
+        f"batch statistics are not finite in channel(s) {bad[:20]}"
+        f"{' ...' if len(bad) > 20 else ''}: running statistics were NOT updated "
+        "(the output follows IEEE arithmetic). Check the input for NaN/Inf or overflow.",
+        RuntimeWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def update_running_from_invstd(

@@ -66,12 +66,18 @@ def grad(mean, invstd, weight, sum_dy, sum_dy_xhat, count, like):
     return ga, hi, lo, gb, gc
 
 
+@njit(error_model="numpy", cache=True, inline="always")
+def _var(inv, eps):
+    """The biased variance behind invstd = 1/sqrt(var + eps), in float64."""
+    inv = float(inv)
+    return max(1.0 / (inv * inv) - eps, 0.0)
+
+
 @njit(error_model="numpy", cache=True)
 def finite_batch(mean, invstd, eps):
     """Whether every mean and every var = max(invstd^-2 - eps, 0) is finite (float64)."""
     for c in range(mean.shape[0]):
-        inv = float(invstd[c])
-        if not (math.isfinite(float(mean[c])) and math.isfinite(max(1.0 / (inv * inv) - eps, 0.0))):
+        if not (math.isfinite(float(mean[c])) and math.isfinite(_var(invstd[c], eps))):
             return False
     return True
 
@@ -86,8 +92,7 @@ def running_update(running_mean, running_var, mean, invstd, eps, correction, fac
     if not finite_batch(mean, invstd, eps):
         return False
     for c in range(mean.shape[0]):
-        inv = float(invstd[c])
-        var = max(1.0 / (inv * inv) - eps, 0.0) * correction
+        var = _var(invstd[c], eps) * correction
         rm = float(running_mean[c])
         rv = float(running_var[c])
         running_mean[c] = rm + factor * (float(mean[c]) - rm)
