@@ -259,8 +259,10 @@ def train_forward_updating(
     puts it back if the batch's statistics are not finite."""
     aten = _aten_recorded(x, weight, bias)
     if aten is not None and aten.updates_running(x, running_mean, running_var):
-        factor = stats.blend_factor(momentum, num_batches_tracked, pending=1)
-        backup = running_mean.clone(), running_var.clone()
+        factor = momentum if momentum is not None else stats.blend_factor(
+            momentum, num_batches_tracked, pending=1
+        )
+        backup = torch.cat((running_mean, running_var))  # one op: cheaper than two clones
         y, mean, invstd = aten.forward_train_update(
             x, weight, bias, eps, running_mean, running_var, factor
         )
@@ -268,8 +270,8 @@ def train_forward_updating(
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
         else:
-            running_mean.copy_(backup[0])
-            running_var.copy_(backup[1])
+            running_mean.copy_(backup[: running_mean.numel()])
+            running_var.copy_(backup[running_mean.numel():])
             # (stacklevel 3: the warning points at the caller of this function)
             stats.warn_not_finite(mean, stats.var_from_invstd(invstd, eps), stacklevel=3)
         return y, mean, invstd

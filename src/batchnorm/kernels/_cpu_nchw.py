@@ -34,8 +34,9 @@ def span(p, parts, n):
 
 
 @njit(error_model="numpy", cache=True)
-def _channel_sums(p, q, c, kp, kq, zero, a, b):
-    """``_cpu_loops.sums`` of channel c over its flat range [a, b)."""
+def _channel_sums(p, q, c, k, zero, grad, a, b):
+    """``_cpu_loops.grad_sums(p, q, ...)`` (``grad``) or ``moments(q, ...)`` of channel c
+    over its flat range [a, b)."""
     M = p.shape[2]
     s1 = 0.0
     s2 = 0.0
@@ -43,7 +44,10 @@ def _channel_sums(p, q, c, kp, kq, zero, a, b):
     while a < b:
         i0 = a - n * M
         i1 = min(M, i0 + b - a)
-        r1, r2 = L.sums(p[n, c, i0:i1], q[n, c, i0:i1], kp, kq, zero)
+        if grad:
+            r1, r2 = L.grad_sums(p[n, c, i0:i1], q[n, c, i0:i1], k, zero)
+        else:
+            r1, r2 = L.moments(q[n, c, i0:i1], k, zero)
         s1 += r1
         s2 += r2
         a += i1 - i0
@@ -53,12 +57,15 @@ def _channel_sums(p, q, c, kp, kq, zero, a, b):
 
 @njit(error_model="numpy", cache=True)
 def _channel_affine(x, out, c, hi, lo, scale, shift, code, alpha, a, b):
+    """``_cpu_loops.affine_rows`` of channel c over its flat range [a, b); the per-channel
+    vectors whole."""
     M = x.shape[2]
     n = a // M
     while a < b:
         i0 = a - n * M
         i1 = min(M, i0 + b - a)
-        L.affine(x[n, c, i0:i1], out[n, c, i0:i1], hi, lo, scale, shift, code, alpha)
+        L.affine_rows(x[n, c, i0:i1].reshape(1, i1 - i0), out[n, c, i0:i1].reshape(1, i1 - i0),
+                      hi[c:c + 1], lo[c:c + 1], scale[c:c + 1], shift[c:c + 1], code, alpha)
         a += i1 - i0
         n += 1
 
@@ -113,7 +120,7 @@ def stats(x, parts):
         c = t // parts
         k = x[0, c, 0]
         a, b = span(t % parts, parts, count)
-        r1, r2 = _channel_sums(x, x, c, k, k, zero, a, b)
+        r1, r2 = _channel_sums(x, x, c, k, zero, False, a, b)
         s1[c, t % parts] = r1
         s2[c, t % parts] = r2
     mean = np.empty(C)
@@ -133,14 +140,16 @@ def affine(x, out, hi, lo, scale, shift, parts, code, alpha):
     if parts == 1:
         block = -(-C // BLOCK_TASKS)
         for blk in prange(BLOCK_TASKS):
+            c0 = blk * block
+            c1 = min(C, c0 + block)
             for n in range(N):
-                for c in range(blk * block, min(C, (blk + 1) * block)):
-                    L.affine(x[n, c], out[n, c], hi[c], lo[c], scale[c], shift[c], code, alpha)
+                L.affine_rows(x[n, c0:c1], out[n, c0:c1], hi[c0:c1], lo[c0:c1],
+                              scale[c0:c1], shift[c0:c1], code, alpha)
         return
     for t in prange(C * parts):
         c = t // parts
         a, b = span(t % parts, parts, N * M)
-        _channel_affine(x, out, c, hi[c], lo[c], scale[c], shift[c], code, alpha, a, b)
+        _channel_affine(x, out, c, hi, lo, scale, shift, code, alpha, a, b)
 
 
 @njit(parallel=True, error_model="numpy", cache=True)
@@ -157,7 +166,11 @@ def forward_fused(x, weight, bias, eps, out, code, alpha, block):
     var = np.empty(C)
     s1 = np.zeros(C)
     s2 = np.zeros(C)
-    par = np.empty((C, 4), x.dtype)  # per-channel scalars rounded to x's dtype
+    # per-channel scalars rounded to x's dtype: hi + lo carries the float64 mean
+    hi = np.empty(C, x.dtype)
+    lo = np.empty(C, x.dtype)
+    scales = np.empty(C, x.dtype)
+    shifts = np.empty(C, x.dtype)
     zero = np.zeros(1, x.dtype)[0]
     for blk in prange((C + block - 1) // block):
         c0 = blk * block
@@ -165,7 +178,7 @@ def forward_fused(x, weight, bias, eps, out, code, alpha, block):
         for n in range(N):
             for c in range(c0, c1):
                 k = x[0, c, 0]
-                r1, r2 = L.sums(x[n, c], x[n, c], k, k, zero)
+                r1, r2 = L.moments(x[n, c], k, zero)
                 s1[c] += r1
                 s2[c] += r2
         for c in range(c0, c1):
@@ -175,14 +188,13 @@ def forward_fused(x, weight, bias, eps, out, code, alpha, block):
             scale = 1.0 / math.sqrt(v + eps)
             if weight.size:
                 scale *= weight[c]
-            par[c, 0] = mu  # hi + lo carries the float64 mean
-            par[c, 1] = mu - par[c, 0]
-            par[c, 2] = scale
-            par[c, 3] = bias[c] if bias.size else 0.0
+            hi[c] = mu
+            lo[c] = mu - hi[c]
+            scales[c] = scale
+            shifts[c] = bias[c] if bias.size else 0.0
         for n in range(N):
-            for c in range(c0, c1):
-                L.affine(x[n, c], out[n, c], par[c, 0], par[c, 1], par[c, 2], par[c, 3],
-                         code, alpha)
+            L.affine_rows(x[n, c0:c1], out[n, c0:c1], hi[c0:c1], lo[c0:c1], scales[c0:c1],
+                          shifts[c0:c1], code, alpha)
     return mean, var
 
 
@@ -200,7 +212,7 @@ def reduce(dy, x, mean, parts):
     for t in prange(C * parts):
         c = t // parts
         a, b = span(t % parts, parts, N * M)
-        r1, r2 = _channel_sums(dy, x, c, zero, hi[c], zero, a, b)
+        r1, r2 = _channel_sums(dy, x, c, hi[c], zero, True, a, b)
         s1[c, t % parts] = r1
         s2[c, t % parts] = r2
     sd = _totals(s1)
@@ -246,7 +258,7 @@ def backward_fused(dy, x, mean, invstd, weight, out, want_dx, block):
         c1 = min(C, c0 + block)
         for n in range(N):
             for c in range(c0, c1):
-                r1, r2 = L.sums(dy[n, c], x[n, c], zero, hi[c], zero)
+                r1, r2 = L.grad_sums(dy[n, c], x[n, c], hi[c], zero)
                 sd[c] += r1
                 sdx[c] += r2
         for c in range(c0, c1):

@@ -1,0 +1,53 @@
+"""``batchnorm warmup`` leaves every CPU kernel compiled for float32 and float64.
+
+Checked in a fresh interpreter: in this one, other tests have already compiled kernels, so
+a kernel the warm-up forgot would still look compiled here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("batchnorm.kernels.cpu_backend")
+
+_PROBE = """
+import json
+from numba.core.registry import CPUDispatcher
+from typer.testing import CliRunner
+from batchnorm.cli import app
+result = CliRunner().invoke(app, ["warmup"])
+from batchnorm.kernels import _cpu_nchw, _cpu_nhwc, _cpu_params
+kernels = {}
+for mod in (_cpu_nchw, _cpu_nhwc, _cpu_params):
+    for name, obj in vars(mod).items():
+        if isinstance(obj, CPUDispatcher) and obj.py_func.__module__ == mod.__name__:
+            kernels[mod.__name__.rsplit(".", 1)[1] + "." + name] = {
+                "parallel": bool(obj.targetoptions.get("parallel")),
+                "signatures": [str(s) for s in obj.signatures],
+            }
+print(json.dumps({"code": result.exit_code, "output": result.output, "kernels": kernels}))
+"""
+
+#: Called from Python by cpu_backend (the others run inside the parallel kernels).
+_FROM_PYTHON = ("finite_batch", "running_update", "affine", "grad")
+
+
+def test_warmup_compiles_every_kernel_for_both_dtypes():
+    done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["code"] == 0, report["output"]
+    assert "CPU kernels ready in" in report["output"]
+    kernels = report["kernels"]
+    wanted = [name for name, k in kernels.items() if k["parallel"]]
+    wanted += [f"_cpu_params.{name}" for name in _FROM_PYTHON]
+    assert len(wanted) >= 18, sorted(kernels)  # 8 channel-major, 6 channels-last, 4 params
+    for name in wanted:
+        signatures = " ".join(kernels[name]["signatures"])
+        for dtype in ("float32", "float64"):
+            assert f"Array({dtype}" in signatures, f"{name} not compiled for {dtype}"
