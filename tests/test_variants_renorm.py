@@ -161,3 +161,31 @@ def test_bad_arguments_and_bad_input_leave_state_untouched():
         with pytest.raises(err):
             bn(x)
         assert all(torch.equal(v, snap[k]) for k, v in bn.state_dict().items())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_checkpoint_recomputation_reuses_the_original_factors(backend):
+    """Under activation checkpointing the recomputed forward runs after the buffers were
+    updated; it must reuse the r and d of the original forward, also when the layer saw
+    two inputs before one backward (shared weights), so gradients equal the unchecked
+    layer's."""
+    from torch.utils.checkpoint import checkpoint
+
+    from batchnorm import kernels
+
+    if backend == "cpu":
+        pytest.importorskip("numba")
+    plain = batchnorm.BatchRenorm2d(3, warmup_steps=0, r_max=1.5, d_max=0.5)
+    ckpt = batchnorm.BatchRenorm2d(3, warmup_steps=0, r_max=1.5, d_max=0.5)
+    with kernels.use_backend(backend):
+        for step in range(3):
+            a, b = torch.randn(4, 3, 6, 6) * (step + 2) + step, torch.randn(4, 3, 6, 6) - 1
+            xs = [[t.clone().requires_grad_() for t in (a, b)] for _ in range(2)]
+            (plain(xs[0][0]) * plain(xs[0][1])).sum().backward()
+            y = checkpoint(ckpt, xs[1][0], use_reentrant=False)
+            z = checkpoint(ckpt, xs[1][1], use_reentrant=False)
+            (y * z).sum().backward()
+            for ours, ref in zip(xs[1], xs[0]):
+                torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-6, atol=1e-6)
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(ckpt.state_dict()[key], value, rtol=0, atol=0)

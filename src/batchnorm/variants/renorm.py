@@ -10,6 +10,8 @@ products gives the parameter gradients.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import Tensor
 
@@ -45,6 +47,10 @@ _DOC = r"""Batch Renormalization over a {dims} input, as described in `Batch
 
     Running statistics are updated exactly as in BatchNorm (mean and *unbiased*
     variance, skipped for non-finite batches). {momentum}
+
+    Activation checkpointing (``torch.utils.checkpoint``) gives the gradients of the
+    unchecked layer: the recomputed forward reuses the ``r`` and ``d`` of the original
+    one (the buffers have been updated in between), for up to 8 inputs per backward.
 
     Args:
         num_features: number of channels `C`.
@@ -109,6 +115,8 @@ class _BatchRenorm(_BatchNorm):
         self.r_max = float(r_max)
         self.d_max = float(d_max)
         self.warmup_steps = int(warmup_steps)
+        # (r, d) of the last few updating forwards, for activation-checkpoint recomputation
+        self._recent: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
 
     def extra_repr(self) -> str:
         return (
@@ -130,11 +138,7 @@ class _BatchRenorm(_BatchNorm):
                 input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
         with torch.no_grad():
-            batch = stats.moments(input)
-            r, d = renorm_factors(
-                batch.mean, batch.var, self.running_mean, self.running_var, self.eps,
-                *self.limits(),
-            )
+            r, d = self._factors(input, mode == "batch_update")
         weight = r if self.weight is None else self.weight * r.to(self.weight.dtype)
         bias = d if self.weight is None else self.weight * d.to(self.weight.dtype)
         if self.bias is not None:
@@ -143,6 +147,46 @@ class _BatchRenorm(_BatchNorm):
         return self.normalise_batch(
             input, weight, bias, input.numel() // input.shape[1], mode == "batch_update"
         )
+
+
+    def _factors(self, input: Tensor, update: bool) -> tuple[Tensor, Tensor]:
+        """(r, d) against the running statistics before this batch's update.
+
+        An activation-checkpoint recomputation runs after the original forward has updated
+        the buffers (and the step count that the warm-up reads), so it reuses the factors
+        that forward computed, found by the input's storage, shape and strides (the
+        checkpoint keeps the input alive until then). The last ``RECENT`` updating
+        forwards are kept, so a layer applied to several inputs before one backward
+        (shared weights) finds each of its inputs."""
+        key = _key(input)
+        if key is not None and self._recomputing() and key in self._recent:
+            return self._recent[key]
+        batch = stats.moments(input)
+        r, d = renorm_factors(
+            batch.mean, batch.var, self.running_mean, self.running_var, self.eps,
+            *self.limits(),
+        )
+        if update and key is not None:
+            self._recent[key] = (r, d)
+            self._recent.move_to_end(key)
+            while len(self._recent) > RECENT:
+                self._recent.popitem(last=False)
+        return r, d
+
+
+#: Updating forwards whose factors a Batch Renorm layer keeps for recomputation.
+RECENT = 8
+
+
+def _key(input: Tensor) -> tuple | None:
+    """Where and how ``input`` is laid out; None where that cannot be read (torch.compile
+    traces, torch.func wrappers)."""
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        return input.data_ptr(), tuple(input.shape), input.stride(), input.dtype
+    except RuntimeError:  # no storage: a torch.func wrapper
+        return None
 
 
 def renorm_factors(
