@@ -104,51 +104,23 @@ def act_sums(dz, z, shift, rscale, code, alpha):
 
 
 @njit(error_model="numpy", cache=True, inline="always")
-def _row(x, out, hi, lo, scale, shift, r):
-    """Row r of x and out, with its scalars."""
-    return x[r], out[r], hi[r], lo[r], scale[r], shift[r]
-
-
-@njit(error_model="numpy", cache=True)
-def _act_rows(x, out, hi, lo, scale, shift, code, alpha):
-    """``affine_rows`` for every activation but identity: one loop per activation (a
-    literal code each), so every loop vectorises where its activation can."""
-    for r in range(x.shape[0]):
-        xr, o, h, lw, sc, sh = _row(x, out, hi, lo, scale, shift, r)
-        if code == A.RELU:
-            for i in range(o.shape[0]):
-                o[i] = A.act(((xr[i] - h) - lw) * sc + sh, A.RELU, alpha)
-        elif code == A.LEAKY_RELU:
-            for i in range(o.shape[0]):
-                o[i] = A.act(((xr[i] - h) - lw) * sc + sh, A.LEAKY_RELU, alpha)
-        elif code == A.ELU:
-            for i in range(o.shape[0]):
-                o[i] = A.act(((xr[i] - h) - lw) * sc + sh, A.ELU, alpha)
-        elif code == A.SILU:
-            for i in range(o.shape[0]):
-                o[i] = A.act(((xr[i] - h) - lw) * sc + sh, A.SILU, alpha)
-        else:
-            for i in range(o.shape[0]):
-                o[i] = A.act(((xr[i] - h) - lw) * sc + sh, A.GELU, alpha)
-
-
-@njit(error_model="numpy", cache=True, inline="always")
 def affine_rows(x, out, hi, lo, scale, shift, code, alpha):
     """out[r] = act(((x[r] - hi[r]) - lo[r]) * scale[r] + shift[r]) for each row r of the
-    2-d x and out (contiguous rows; per-row scalars in x's dtype).
-
-    Identity (plain BN) is inlined into the calling kernel; the activations' loops live in
-    a function of their own (``_act_rows``, one call per block of rows): inlined too,
-    their five loops made numba take 9 s instead of about 4 s to compile
-    ``forward_fused``, which a plain BN layer's first training step waits for on a new
-    install. (A call per row instead cost relu 25% at 7x7.)"""
-    if code == A.IDENTITY:
-        for r in range(x.shape[0]):
-            xr, o, h, lw, sc, sh = _row(x, out, hi, lo, scale, shift, r)
+    2-d x and out (contiguous rows; per-row scalars in x's dtype); one loop per activation
+    (a literal code each), so every loop vectorises."""
+    for r in range(x.shape[0]):
+        xr = x[r]
+        o = out[r]
+        h, lw, sc, sh = hi[r], lo[r], scale[r], shift[r]
+        if code == A.IDENTITY:
             for i in range(o.shape[0]):
                 o[i] = ((xr[i] - h) - lw) * sc + sh
-    else:
-        _act_rows(x, out, hi, lo, scale, shift, code, alpha)
+        elif code == A.RELU:
+            for i in range(o.shape[0]):
+                o[i] = A.act(((xr[i] - h) - lw) * sc + sh, A.RELU, alpha)
+        else:
+            for i in range(o.shape[0]):
+                o[i] = A.act(((xr[i] - h) - lw) * sc + sh, A.LEAKY_RELU, alpha)
 
 
 @njit(error_model="numpy", cache=True, inline="always")
@@ -160,17 +132,11 @@ def grad_x(dy, x, out, a, hi, lo, b, c):
 
 @njit(error_model="numpy", cache=True, inline="always")
 def act_grad_x(dz, z, out, a, b, c, shift, rscale, code, alpha):
-    """dx of BN + invertible activation from z: a * dy + b * x_hat + c (b = c = 0 in eval)."""
-    if code == A.IDENTITY:
-        for i in range(out.shape[0]):
-            out[i] = a * dz[i] + (b * ((z[i] - shift) * rscale) + c)
-    elif code == A.LEAKY_RELU:
-        for i in range(out.shape[0]):
-            zi = float(z[i])
-            dy = float(dz[i]) * A.grad_from_output(zi, A.LEAKY_RELU, alpha)
-            out[i] = a * dy + (b * ((A.inverse(zi, A.LEAKY_RELU, alpha) - shift) * rscale) + c)
-    else:
-        for i in range(out.shape[0]):
-            zi = float(z[i])
-            dy = float(dz[i]) * A.grad_from_output(zi, A.ELU, alpha)
-            out[i] = a * dy + (b * ((A.inverse(zi, A.ELU, alpha) - shift) * rscale) + c)
+    """dx of BN + invertible activation from z: a * dy + b * x_hat + c (b = c = 0 in eval).
+
+    The CPU backend sends only leaky_relu here (identity and elu go through BN's fused
+    backward), so the loop is compiled for that code alone."""
+    for i in range(out.shape[0]):
+        zi = float(z[i])
+        dy = float(dz[i]) * A.grad_from_output(zi, A.LEAKY_RELU, alpha)
+        out[i] = a * dy + (b * ((A.inverse(zi, A.LEAKY_RELU, alpha) - shift) * rscale) + c)

@@ -124,14 +124,8 @@ def _block_affine(x, out, hi, lo, scale, shift, code, alpha):
         _affine_rows(x, out, hi, lo, scale, shift, A.IDENTITY, alpha)
     elif code == A.RELU:
         _affine_rows(x, out, hi, lo, scale, shift, A.RELU, alpha)
-    elif code == A.LEAKY_RELU:
-        _affine_rows(x, out, hi, lo, scale, shift, A.LEAKY_RELU, alpha)
-    elif code == A.ELU:
-        _affine_rows(x, out, hi, lo, scale, shift, A.ELU, alpha)
-    elif code == A.SILU:
-        _affine_rows(x, out, hi, lo, scale, shift, A.SILU, alpha)
     else:
-        _affine_rows(x, out, hi, lo, scale, shift, A.GELU, alpha)
+        _affine_rows(x, out, hi, lo, scale, shift, A.LEAKY_RELU, alpha)
 
 
 @njit(error_model="numpy", cache=True, inline="always")

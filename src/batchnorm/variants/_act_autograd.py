@@ -118,9 +118,10 @@ class InputSavingBNAct(torch.autograd.Function):
                 var, mean = torch.var_mean(x.to(acc), dim=reduce_dims(x), correction=0)
                 invstd = torch.rsqrt(var + ctx.eps)
             y = _affine(x, mean, invstd, weight, bias)
-        else:
+            dy = dz.to(acc) * activations.grad(y, ctx.act, ctx.alpha)
+        else:  # one pass for y, one for dy (ATen's activation backward)
             y = ops.normalize(x, mean, invstd, weight, bias).to(acc)
-        dy = dz.to(acc) * activations.grad(y, ctx.act, ctx.alpha)
+            dy = activations.backward(dz.to(acc), y, ctx.act, ctx.alpha)
         if ctx.training and torch.is_grad_enabled():
             dx, dw, db = differentiable_backward(dy, x, weight, ctx.eps)
         elif ctx.training:
