@@ -296,3 +296,26 @@ def test_constant_channel_with_zero_eps_gives_ieee_infinity(layout, path):
     x = _layout(torch.ones(4, 3, 10, 10), layout)
     _, mean, invstd = C.forward_train(x, None, None, 0.0)
     assert torch.equal(mean, torch.ones(3)) and torch.isinf(invstd).all()
+
+
+@pytest.mark.parametrize("act,alpha", ACTS)
+@pytest.mark.parametrize("shape,layout", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_from_the_input_matches_torch_backend(shape, layout, dtype, act, alpha, path):
+    """The input-saving BN + activation backward (relu and leaky_relu: one fused kernel
+    that decides the slope on x; the others: y, then ATen's activation backward), with a
+    zero and a negative weight among the channels (the slope's side flips with the sign)."""
+    x, dz, w, b = _inputs(shape, layout, dtype)
+    w = w.clone()
+    w[0] = -w[0]
+    if w.numel() > 1:
+        w[1] = 0.0
+    mean, var = T.batch_stats(x)
+    invstd = torch.rsqrt(var + 1e-5)
+    for training in (True, False):
+        for weight, bias in ((w, b), (None, None)):
+            _close(
+                C.backward_act_input(dz, x, mean, invstd, weight, bias, act, alpha, training),
+                T.backward_act_input(dz, x, mean, invstd, weight, bias, act, alpha, training),
+                dtype,
+            )

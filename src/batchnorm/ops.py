@@ -149,6 +149,22 @@ def _(dz, z, mean, invstd, weight, bias, act, alpha, training):
     return torch.empty_like(z), torch.empty_like(mean), torch.empty_like(mean)
 
 
+@torch.library.custom_op("batchnorm::backward_act_input", mutates_args=())
+def _backward_act_input_op(
+    dz: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+    bias: Optional[Tensor], act: str, alpha: float, training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of BN + activation from its input x: (dx, dweight, dbias)."""
+    return kernels.call(
+        "backward_act_input", dz, x, mean, invstd, weight, bias, act, alpha, training
+    )
+
+
+@_backward_act_input_op.register_fake
+def _(dz, x, mean, invstd, weight, bias, act, alpha, training):
+    return torch.empty_like(x), torch.empty_like(mean), torch.empty_like(mean)
+
+
 def _eager_or_op(op: Callable, kernel: str) -> Callable:
     """Call the kernel directly in eager mode, the custom op while tracing."""
 
@@ -175,3 +191,4 @@ backward_elemt = _eager_or_op(_backward_elemt_op, "backward_elemt")
 forward_train_act = _eager_or_op(_forward_train_act_op, "forward_train_act")
 forward_eval_act = _eager_or_op(_forward_eval_act_op, "forward_eval_act")
 backward_act = _eager_or_op(_backward_act_op, "backward_act")
+backward_act_input = _eager_or_op(_backward_act_input_op, "backward_act_input")

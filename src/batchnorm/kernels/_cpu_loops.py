@@ -30,40 +30,59 @@ _REDUCE = {"reassoc", "contract"}
 CHUNK = 1024
 
 
-@njit(error_model="numpy", cache=True, fastmath=_REDUCE)
-def _run_sums(p, q, k, zero, grad):
-    """The sums of one run of at most CHUNK values, accumulated in the input dtype: with
-    ``grad`` (sum(p), sum(p * (q - k))), else (sum(q - k), sum((q - k)^2)) (p unused).
+#: What ``_run_sums`` adds up (see there).
+MOMENTS, GRAD, GATED_STRICT, GATED = 0, 1, 2, 3
 
-    Two loops, so that each does only its own arithmetic: a shared loop would subtract a
-    shift from p too (zero in the backward), and the subtractions and additions share the
-    same two vector ports, which bounds these loops (about 1.6x faster split)."""
+
+@njit(error_model="numpy", cache=True, fastmath=_REDUCE)
+def _run_sums(p, q, k, zero, mode, sg, t, low):
+    """The sums of one run of at most CHUNK values, accumulated in the input dtype:
+
+    * MOMENTS: (sum(q - k), sum((q - k)^2)) (p unused);
+    * GRAD: (sum(p), sum(p * (q - k)));
+    * GATED(_STRICT): GRAD of g = p where float(q) * sg >= t (> t), p * low elsewhere:
+      dy = dz * act'(y) of relu (low 0, strict) or leaky_relu (low alpha) after BN,
+      decided on x itself (see ``_cpu_nchw.gated_backward_fused``).
+
+    One loop per mode, so that each does only its own arithmetic: a shared loop would
+    subtract a shift from p too (zero in the backward), and the subtractions and additions
+    share the same two vector ports, which bounds these loops (about 1.6x faster split)."""
     s1 = zero
     s2 = zero
-    if grad:
-        for i in range(q.shape[0]):
-            s1 += p[i]
-            s2 += p[i] * (q[i] - k)
-    else:
+    if mode == MOMENTS:
         for i in range(q.shape[0]):
             d = q[i] - k
             s1 += d
             s2 += d * d
+    elif mode == GRAD:
+        for i in range(q.shape[0]):
+            s1 += p[i]
+            s2 += p[i] * (q[i] - k)
+    elif mode == GATED_STRICT:
+        for i in range(q.shape[0]):
+            g = p[i] if float(q[i]) * sg > t else p[i] * low
+            s1 += g
+            s2 += g * (q[i] - k)
+    else:
+        for i in range(q.shape[0]):
+            g = p[i] if float(q[i]) * sg >= t else p[i] * low
+            s1 += g
+            s2 += g * (q[i] - k)
     return s1, s2
 
 
 @njit(error_model="numpy", cache=True, inline="always")
-def _chunked(p, q, k, zero, grad):
+def _chunked(p, q, k, zero, mode, sg, t, low):
     """``_run_sums`` over runs of ``CHUNK`` values, the runs' sums added in float64."""
     n = q.shape[0]
     if n <= CHUNK:
-        r1, r2 = _run_sums(p, q, k, zero, grad)
+        r1, r2 = _run_sums(p, q, k, zero, mode, sg, t, low)
         return float(r1), float(r2)
     s1 = 0.0
     s2 = 0.0
     for a in range(0, n, CHUNK):
         b = min(n, a + CHUNK)
-        r1, r2 = _run_sums(p[a:b], q[a:b], k, zero, grad)
+        r1, r2 = _run_sums(p[a:b], q[a:b], k, zero, mode, sg, t, low)
         s1 += float(r1)
         s2 += float(r2)
     return s1, s2
@@ -79,14 +98,21 @@ def moments(x, k, zero):
     as float64 (LLVM spreads a run over dozens of lane accumulators, so each holds a few
     values: float32 rounding of a run's sum stays near 1e-7 relative); the runs' sums are
     added in float64."""
-    return _chunked(x, x, k, zero, False)
+    return _chunked(x, x, k, zero, MOMENTS, 1.0, 0.0, zero)
 
 
 @njit(error_model="numpy", cache=True, inline="always")
 def grad_sums(dy, x, k, zero):
     """(sum(dy), sum(dy * (x - k))) as float64, summed as in ``moments``; k is the mean
     rounded to x's dtype (the caller restores the rest in float64)."""
-    return _chunked(dy, x, k, zero, True)
+    return _chunked(dy, x, k, zero, GRAD, 1.0, 0.0, zero)
+
+
+@njit(error_model="numpy", cache=True, inline="always")
+def gated_sums(dz, x, k, zero, strict, sg, t, low):
+    """``grad_sums`` of dy = dz where float(x) * sg > t (>= t unless ``strict``), dz * low
+    elsewhere (``low`` in x's dtype)."""
+    return _chunked(dz, x, k, zero, GATED_STRICT if strict else GATED, sg, t, low)
 
 
 @njit(error_model="numpy", cache=True, fastmath=_REDUCE)
@@ -128,6 +154,19 @@ def grad_x(dy, x, out, a, hi, lo, b, c):
     """out = a * dy + (b * ((x - hi) - lo) + c): the training dx with per-channel a, b, c."""
     for i in range(out.shape[0]):
         out[i] = a * dy[i] + (b * ((x[i] - hi) - lo) + c)
+
+
+@njit(error_model="numpy", cache=True, inline="always")
+def gated_grad_x(dz, x, out, a, hi, lo, b, c, strict, sg, t, low):
+    """``grad_x`` of the gated dy of ``gated_sums``."""
+    if strict:
+        for i in range(out.shape[0]):
+            g = dz[i] if float(x[i]) * sg > t else dz[i] * low
+            out[i] = a * g + (b * ((x[i] - hi) - lo) + c)
+    else:
+        for i in range(out.shape[0]):
+            g = dz[i] if float(x[i]) * sg >= t else dz[i] * low
+            out[i] = a * g + (b * ((x[i] - hi) - lo) + c)
 
 
 @njit(error_model="numpy", cache=True, inline="always")

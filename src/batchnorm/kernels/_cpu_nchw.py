@@ -280,6 +280,66 @@ def backward_fused(dy, x, mean, invstd, weight, out, want_dx, block):
     return sd, sdx
 
 
+@njit(error_model="numpy", cache=True)
+def _gate(mean, invstd, weight, bias, strict):
+    """Per channel (sg, t) such that y = (x - mean) * invstd * weight + bias > 0 (>= 0
+    unless ``strict``) exactly when float(x) * sg > t (>= t), in float64."""
+    C = mean.shape[0]
+    sg = np.empty(C)
+    t = np.empty(C)
+    for c in range(C):
+        scale = float(invstd[c]) * (float(weight[c]) if weight.size else 1.0)
+        shift = float(bias[c]) if bias.size else 0.0
+        if scale == 0.0:  # y = shift everywhere
+            on = shift > 0.0 if strict else shift >= 0.0
+            sg[c] = 1.0
+            t[c] = -math.inf if on else math.inf
+        else:
+            sg[c] = 1.0 if scale > 0.0 else -1.0
+            t[c] = sg[c] * (float(mean[c]) - shift / scale)
+    return sg, t
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def gated_backward_fused(dz, x, mean, invstd, weight, bias, out, strict, low, training, block):
+    """Backward of BN + relu (``strict``, ``low`` 0) or leaky_relu (``low`` alpha) from the
+    input x, fused per block of channels as ``backward_fused``: dy = dz * act'(y) is
+    decided on x (``_gate``: y's sign without computing y), so a pass reads dz and x only.
+    ``training`` False: fixed statistics, dx = weight * invstd * dy.
+
+    Returns float64 (sum(dy), sum(dy * x_hat)); writes dx into ``out``."""
+    N, C, M = x.shape
+    count = N * M
+    sd = np.zeros(C)
+    sdx = np.zeros(C)
+    par = np.empty((C, 3), x.dtype)
+    hi, lo = P.split(mean, x)
+    sg, t = _gate(mean, invstd, weight, bias, strict)
+    zero = np.zeros(1, x.dtype)[0]
+    for blk in prange((C + block - 1) // block):
+        c0 = blk * block
+        c1 = min(C, c0 + block)
+        for n in range(N):
+            for c in range(c0, c1):
+                r1, r2 = L.gated_sums(dz[n, c], x[n, c], hi[c], zero, strict, sg[c], t[c], low)
+                sd[c] += r1
+                sdx[c] += r2
+        for c in range(c0, c1):
+            sdx[c] -= float(lo[c]) * sd[c]
+            inv = float(invstd[c])
+            k = inv * weight[c] if weight.size else inv
+            par[c, 0] = k
+            par[c, 1] = -k * inv * inv * sdx[c] / count if training else 0.0
+            par[c, 2] = -k * sd[c] / count if training else 0.0
+        for n in range(N):
+            for c in range(c0, c1):
+                L.gated_grad_x(dz[n, c], x[n, c], out[n, c], par[c, 0], hi[c], lo[c],
+                               par[c, 1], par[c, 2], strict, sg[c], t[c], low)
+    for c in range(C):
+        sdx[c] *= float(invstd[c])
+    return sd, sdx
+
+
 @njit(parallel=True, error_model="numpy", cache=True)
 def act_reduce(dz, z, shift, rscale, parts, code, alpha):
     """Per-channel float64 (sum(dy), sum(dy * x_hat)) of BN + invertible activation from z."""

@@ -405,6 +405,38 @@ def backward_act(
     return out, _acc(sdx, z), _acc(sd, z)
 
 
+@_sized
+def backward_act_input(
+    dz: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
+    bias: Tensor | None, act: str, alpha: float, training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch_backend.backward_act_input``: for relu and leaky_relu on channel-major
+    tensors one fused kernel (two passes over dz and x, as the plain backward: the slope
+    is decided on x), otherwise y, then dy by ATen's activation backward, then BN's
+    backward."""
+    layout = _layout(x)
+    if layout is None:
+        return torch_backend.backward_act_input(
+            dz, x, mean, invstd, weight, bias, act, alpha, training
+        )
+    activations.check(act, alpha)
+    block = _block(x, layout, _parts(x, layout), 3)
+    if not block or act not in ("relu", "leaky_relu"):
+        y = normalize(x, mean, invstd, weight, bias)
+        dy = activations.backward(_like(dz, x), y, act, alpha)
+        grads = (backward if training else backward_eval)(dy, x, mean, invstd, weight)
+        return grads[0], grads[1], grads[2]
+    out = torch.empty_like(x)
+    low = np.zeros(1, _ACC[x.dtype])
+    low[0] = 0.0 if act == "relu" else alpha
+    sd, sdx = NCHW.gated_backward_fused(
+        _view(_like(dz, x), layout), _view(x, layout), _vec(mean, x), _vec(invstd, x),
+        _vec(weight, x), _vec(bias, x), _view(out, layout), act == "relu", low[0], training,
+        block,
+    )
+    return out, _acc(sdx, x), _acc(sd, x)
+
+
 def _backward_act_via_bn(
     dz: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
     bias: Tensor | None, act: str, alpha: float, training: bool,

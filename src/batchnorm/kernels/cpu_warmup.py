@@ -51,6 +51,7 @@ def _run(x: torch.Tensor) -> None:
     z, mean, invstd = cpu.forward_train_act(x, w, b, 1e-5, "leaky_relu", 0.01)
     cpu.backward_act(dy, z, mean, invstd, w, b, "leaky_relu", 0.01, True)
     cpu.forward_eval_act(x, mean, invstd, w, b, "leaky_relu", 0.01)
+    cpu.backward_act_input(dy, x, mean, invstd, w, b, "relu", 0.0, True)
     cpu.finite_batch(mean, invstd, 1e-5)
     cpu.update_running(torch.zeros(c, dtype=x.dtype), torch.ones(c, dtype=x.dtype),
                        mean, invstd, 1e-5, 1.0, 0.1)

@@ -197,3 +197,18 @@ def backward_act(
     else:
         dx = dy * channel_view(k, z)
     return dx.to(z.dtype), sum_dy_xhat, sum_dy
+
+
+def backward_act_input(
+    dz: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
+    bias: Tensor | None, act: str, alpha: float, training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of BN + activation from its INPUT x (the input-saving layer): y is
+    recomputed, dy = dz * act'(y) (ATen's activation backward), then BN's closed form
+    (``training``) or the fixed-statistics one. Returns (dx, dweight, dbias), the last two
+    in the accumulation dtype."""
+    acc = mean.dtype
+    y = normalize(x, mean, invstd, weight, bias).to(acc)
+    dy = activations.backward(dz.to(acc), y, act, alpha)
+    dx, dw, db = (backward if training else backward_eval)(dy, x, mean, invstd, weight)
+    return dx, dw, db

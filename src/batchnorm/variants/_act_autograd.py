@@ -16,7 +16,8 @@ Two ways to keep what the backward needs:
 
 ``InputSavingBNAct`` (any activation; the only choice for relu, silu, gelu)
     keeps the input ``x`` and recomputes ``y`` and ``act'(y)`` in the backward, then runs
-    BN's closed form through ``batchnorm::backward``. Double backward works.
+    BN's closed form, all through ``batchnorm::backward_act_input`` (one fused kernel for
+    relu and leaky_relu on CPU). Double backward works.
 
 Both take fixed statistics ``(mean, invstd)`` for evaluation, or ``None`` to use (and
 return) the batch's own.
@@ -113,19 +114,20 @@ class InputSavingBNAct(torch.autograd.Function):
     def backward(ctx, dz, _dmean, _dinvstd):
         x, weight, bias, mean, invstd = ctx.saved_tensors
         acc = mean.dtype
-        if torch.is_grad_enabled():  # double backward: statistics recomputed from x
-            if ctx.training:
-                var, mean = torch.var_mean(x.to(acc), dim=reduce_dims(x), correction=0)
-                invstd = torch.rsqrt(var + ctx.eps)
-            y = _affine(x, mean, invstd, weight, bias)
-            dy = dz.to(acc) * activations.grad(y, ctx.act, ctx.alpha)
-        else:  # one pass for y, one for dy (ATen's activation backward)
-            y = ops.normalize(x, mean, invstd, weight, bias).to(acc)
-            dy = activations.backward(dz.to(acc), y, ctx.act, ctx.alpha)
-        if ctx.training and torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
+            dx, dw, db = ops.backward_act_input(
+                like_layout(dz, x), x, mean, invstd, weight, bias, ctx.act, ctx.alpha,
+                ctx.training,
+            )
+            return _grads(ctx, dx, dw, db, weight)[:8]
+        # double backward: differentiable torch, statistics recomputed from x
+        if ctx.training:
+            var, mean = torch.var_mean(x.to(acc), dim=reduce_dims(x), correction=0)
+            invstd = torch.rsqrt(var + ctx.eps)
+        y = _affine(x, mean, invstd, weight, bias)
+        dy = dz.to(acc) * activations.grad(y, ctx.act, ctx.alpha)
+        if ctx.training:
             dx, dw, db = differentiable_backward(dy, x, weight, ctx.eps)
-        elif ctx.training:
-            dx, dw, db = ops.backward(like_layout(dy.to(x.dtype), x), x, mean, invstd, weight)
         else:
             k = invstd if weight is None else weight.to(acc) * invstd
             dx = (dy * channel_view(k, x)).to(x.dtype)
