@@ -131,3 +131,22 @@ def test_torch_compile_default_inductor_backend_trains():
     y2.square().sum().backward()
     torch.testing.assert_close(model[0].weight.grad, reference[0].weight.grad)
     torch.testing.assert_close(model[1].running_var, reference[1].running_var)
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "silu"])
+def test_torch_compile_bn_act_matches_eager(act):
+    """BatchNormAct's custom ops (the input-saving backward for relu and silu, the
+    output-saving one for leaky_relu) trace into one graph and give eager's numbers."""
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), batchnorm.BatchNormAct2d(4, act=act))
+    eager = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), batchnorm.BatchNormAct2d(4, act=act))
+    eager.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 3, 8, 8)
+    y1, y2 = compiled(x), eager(x)
+    torch.testing.assert_close(y1, y2)
+    y1.square().sum().backward()
+    y2.square().sum().backward()
+    torch.testing.assert_close(model[0].weight.grad, eager[0].weight.grad)
+    torch.testing.assert_close(model[1].weight.grad, eager[1].weight.grad)
+    torch.testing.assert_close(model[1].running_var, eager[1].running_var)
