@@ -148,7 +148,6 @@ class _BatchRenorm(_BatchNorm):
             input, weight, bias, input.numel() // input.shape[1], mode == "batch_update"
         )
 
-
     def _factors(self, input: Tensor, update: bool) -> tuple[Tensor, Tensor]:
         """(r, d) against the running statistics before this batch's update.
 
