@@ -259,9 +259,7 @@ def train_forward_updating(
     puts it back if the batch's statistics are not finite."""
     aten = _aten_recorded(x, weight, bias)
     if aten is not None and aten.updates_running(x, running_mean, running_var):
-        factor = momentum if momentum is not None else stats.blend_factor(
-            momentum, num_batches_tracked, pending=1
-        )
+        factor = stats.blend_factor(momentum, num_batches_tracked, pending=1)
         backup = torch.cat((running_mean, running_var))  # one op: cheaper than two clones
         y, mean, invstd = aten.forward_train_update(
             x, weight, bias, eps, running_mean, running_var, factor

@@ -240,6 +240,18 @@ def grad_x(dy, x, out, ga, hi, lo, gb, gc, parts):
         _channel_grad_x(dy, x, out, c, ga[c], hi[c], lo[c], gb[c], gc[c], a, b)
 
 
+@njit(error_model="numpy", cache=True, inline="always")
+def _dx_coefficients(invstd, weight, sd, sdx, count, c, training, par):
+    """par[c] = (a, b, c) of dx = a * dy + (b * (x - mean) + c) for channel c, from the
+    float64 sums sd = sum(dy), sdx = sum(dy * (x - mean)): with k = weight * invstd,
+    a = k and, in training, b = -k * invstd^2 * sdx / m, c = -k * sd / m (0 in eval)."""
+    inv = float(invstd[c])
+    k = inv * weight[c] if weight.size else inv
+    par[c, 0] = k
+    par[c, 1] = -k * inv * inv * sdx[c] / count if training else 0.0
+    par[c, 2] = -k * sd[c] / count if training else 0.0
+
+
 @njit(parallel=True, error_model="numpy", cache=True)
 def backward_fused(dy, x, mean, invstd, weight, out, want_dx, block):
     """Training backward, one task per block of channels (walked as in ``forward_fused``):
@@ -266,11 +278,7 @@ def backward_fused(dy, x, mean, invstd, weight, out, want_dx, block):
         if not want_dx:
             continue
         for c in range(c0, c1):
-            inv = float(invstd[c])
-            k = inv * weight[c] if weight.size else inv
-            par[c, 0] = k
-            par[c, 1] = -k * inv * inv * sdx[c] / count
-            par[c, 2] = -k * sd[c] / count
+            _dx_coefficients(invstd, weight, sd, sdx, count, c, True, par)
         for n in range(N):
             for c in range(c0, c1):
                 L.grad_x(dy[n, c], x[n, c], out[n, c], par[c, 0], hi[c], lo[c],
@@ -326,11 +334,7 @@ def gated_backward_fused(dz, x, mean, invstd, weight, bias, out, strict, low, tr
                 sdx[c] += r2
         for c in range(c0, c1):
             sdx[c] -= float(lo[c]) * sd[c]
-            inv = float(invstd[c])
-            k = inv * weight[c] if weight.size else inv
-            par[c, 0] = k
-            par[c, 1] = -k * inv * inv * sdx[c] / count if training else 0.0
-            par[c, 2] = -k * sd[c] / count if training else 0.0
+            _dx_coefficients(invstd, weight, sd, sdx, count, c, training, par)
         for n in range(N):
             for c in range(c0, c1):
                 L.gated_grad_x(dz[n, c], x[n, c], out[n, c], par[c, 0], hi[c], lo[c],

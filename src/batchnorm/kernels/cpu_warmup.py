@@ -2,7 +2,7 @@
 
 Numba compiles a kernel on its first call with a new argument type and caches it next to
 the sources (``__pycache__``, or ``NUMBA_CACHE_DIR``). A new install therefore pays the
-compilation on the first training step (about 10 s for a plain BN layer on a 2-core
+compilation on the first training step (about 9 s for a plain BN layer on a 2-core
 machine, more for float64, the activations and eval afterwards). Running the warm-up once
 after installing (in a Docker image build, or before a timed run) moves that cost out of
 the first step: every later process loads the compiled kernels from the cache.

@@ -99,7 +99,10 @@ class _GhostBatchNorm(_BatchNorm):
             )
         chunks = sub_batches(input, self.virtual_batch_size)
         if len(chunks) == 1:  # one sub-batch is plain BN: its rule, and its very numbers
-            return super().forward(input)
+            return self.normalise_batch(
+                input, self.weight, self.bias, input.numel() // input.shape[1],
+                mode == "batch_update",
+            )
         outputs, parts = [], []
         for chunk in chunks:
             y, mean, invstd = train_forward(chunk, self.weight, self.bias, self.eps)
@@ -112,7 +115,7 @@ class _GhostBatchNorm(_BatchNorm):
                 self.running_mean, self.running_var, total.mean, total.var,
                 input.numel() // input.shape[1], self.momentum, self.num_batches_tracked,
             )
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+        return torch.cat(outputs, dim=0)
 
 
 def sub_batches(input: Tensor, virtual_batch_size: int) -> list[Tensor]:
