@@ -20,9 +20,9 @@ from numba.core.registry import CPUDispatcher
 from typer.testing import CliRunner
 from batchnorm.cli import app
 result = CliRunner().invoke(app, ["warmup"])
-from batchnorm.kernels import _cpu_nchw, _cpu_nhwc, _cpu_params
+from batchnorm.kernels import _cpu_nchw, _cpu_nhwc, _cpu_params, cpu_backup
 kernels = {}
-for mod in (_cpu_nchw, _cpu_nhwc, _cpu_params):
+for mod in (_cpu_nchw, _cpu_nhwc, _cpu_params, cpu_backup):
     for name, obj in vars(mod).items():
         if isinstance(obj, CPUDispatcher) and obj.py_func.__module__ == mod.__name__:
             kernels[mod.__name__.rsplit(".", 1)[1] + "." + name] = {
@@ -32,8 +32,11 @@ for mod in (_cpu_nchw, _cpu_nhwc, _cpu_params):
 print(json.dumps({"code": result.exit_code, "output": result.output, "kernels": kernels}))
 """
 
-#: Called from Python by cpu_backend (the others run inside the parallel kernels).
-_FROM_PYTHON = ("finite_batch", "running_update", "affine", "grad")
+#: Called from Python by cpu_backend and cpu_backup (the others run inside the parallel
+#: kernels).
+_FROM_PYTHON = ("_cpu_params.finite_batch", "_cpu_params.running_update", "_cpu_params.affine",
+                "_cpu_params.grad", "cpu_backup._save", "cpu_backup._finite",
+                "cpu_backup._restore")
 
 
 def test_warmup_compiles_every_kernel_for_both_dtypes():
@@ -45,8 +48,8 @@ def test_warmup_compiles_every_kernel_for_both_dtypes():
     assert "CPU kernels ready in" in report["output"]
     kernels = report["kernels"]
     wanted = [name for name, k in kernels.items() if k["parallel"]]
-    wanted += [f"_cpu_params.{name}" for name in _FROM_PYTHON]
-    assert len(wanted) >= 18, sorted(kernels)  # 8 channel-major, 6 channels-last, 4 params
+    wanted += _FROM_PYTHON
+    assert len(wanted) >= 21, sorted(kernels)  # 8 channel-major, 6 channels-last, 7 more
     for name in wanted:
         signatures = " ".join(kernels[name]["signatures"])
         for dtype in ("float32", "float64"):

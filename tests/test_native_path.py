@@ -106,3 +106,111 @@ def test_checkpoint_recomputation_counts_once(make, reentrant):
     for key, value in plain.state_dict().items():
         assert torch.equal(ckpt.state_dict()[key], value), key
     assert int(ckpt.num_batches_tracked) == 3
+
+
+def _nan_batch(c=3):
+    x = torch.randn(4, c, 5, 5)
+    x[0, 1, 0, 0] = float("nan")
+    return x
+
+
+def _guarded_step_keeps(bn, x):
+    """One step on a non-finite batch: buffers and counter as before, a warning."""
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match=r"channel\(s\) \[1\]"):
+        bn(x)
+    for key, value in before.items():
+        assert torch.equal(bn.state_dict()[key], value), key
+
+
+def test_guard_follows_buffers_that_were_replaced_or_moved():
+    """The layer's backup keeps numpy views of the buffers it saved last: a buffer assigned
+    anew, converted by ``.double()`` or moved into shared memory must be re-viewed, or the
+    guard would check (and restore) the old memory."""
+    bn = batchnorm.BatchNorm2d(3)
+    bn(torch.randn(4, 3, 5, 5))  # views made
+    bn.running_mean = torch.full((3,), 2.0)
+    bn(torch.randn(4, 3, 5, 5))
+    assert int(bn.num_batches_tracked) == 2 and bn.running_mean.sub(2).abs().max() < 0.5
+    _guarded_step_keeps(bn, _nan_batch())
+    bn.running_var.share_memory_()  # same tensor object, new memory
+    _guarded_step_keeps(bn, _nan_batch())
+    bn.double()
+    _guarded_step_keeps(bn, _nan_batch().double())
+    bn(torch.randn(4, 3, 5, 5, dtype=torch.float64))
+    assert int(bn.num_batches_tracked) == 3
+
+
+def test_copies_of_a_layer_guard_their_own_buffers():
+    import copy
+    import pickle
+
+    bn = batchnorm.BatchNorm2d(3)
+    bn(torch.randn(4, 3, 5, 5))
+    original = {k: v.clone() for k, v in bn.state_dict().items()}
+    for twin in (copy.deepcopy(bn), pickle.loads(pickle.dumps(bn))):
+        twin(torch.randn(4, 3, 5, 5) + 3)
+        assert int(twin.num_batches_tracked) == 2
+        _guarded_step_keeps(twin, _nan_batch())
+    for key, value in original.items():
+        assert torch.equal(bn.state_dict()[key], value), key
+
+
+def test_non_finite_buffers_before_the_step_let_a_finite_batch_pass():
+    """The fast check reads the blended buffers; when they were not finite already, the
+    batch statistics decide, as the torch-op guard does: counted, no warning."""
+    bn = batchnorm.BatchNorm1d(4)
+    bn.running_var[2] = float("inf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bn(torch.randn(16, 4))
+    assert int(bn.num_batches_tracked) == 1 and torch.isinf(bn.running_var[2])
+    assert torch.isfinite(bn.running_mean).all()
+
+
+@pytest.mark.parametrize("name, shape, channels_last", CASES)
+def test_eval_with_grad_equals_torch_nn_through_atens_autograd(name, shape, channels_last):
+    """Eval mode with an input that needs grad (frozen BN while fine-tuning, input
+    gradients): ATen's autograd records the eval kernel, as in torch.nn."""
+    ours = getattr(batchnorm, name)(shape[1])
+    theirs = getattr(torch.nn, name)(shape[1])
+    with torch.no_grad():
+        theirs.running_mean.uniform_(-1, 1)
+        theirs.running_var.uniform_(0.5, 2)
+        theirs.weight.uniform_(0.5, 1.5)
+    ours.load_state_dict(theirs.state_dict())
+    ours.eval()
+    theirs.eval()
+    x = _input(shape, channels_last)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    ys = [m(xi) for m, xi in zip((ours, theirs), xs)]
+    assert "NativeBatchNorm" in type(ys[0].grad_fn).__name__
+    g = torch.randn_like(ys[0])
+    for y in ys:
+        y.backward(g)
+    assert torch.equal(ys[0], ys[1]) and torch.equal(xs[0].grad, xs[1].grad)
+    assert torch.equal(ours.weight.grad, theirs.weight.grad)
+    assert torch.equal(ours.bias.grad, theirs.bias.grad)
+
+
+def test_eval_with_grad_double_backward_and_learnable_statistics():
+    bn = batchnorm.BatchNorm2d(3, dtype=torch.float64).eval()
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(bn, (x,))
+    # statistics that require grad (ATen refuses them): ``BatchNormEval`` differentiates
+    mean = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    var = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, m, v: batchnorm.functional.batch_norm(x, m, v, training=False), (x, mean, var)
+    )
+
+
+def test_functional_batch_norm_guards_without_a_layer_backup():
+    """``functional.batch_norm`` has no layer to keep a backup in: the torch copy guards."""
+    x = _nan_batch().flatten(2)
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    before = rm.clone(), rv.clone()
+    assert kernels.pick("forward_train", x).name == "native"
+    with pytest.warns(RuntimeWarning, match=r"channel\(s\) \[1\]"):
+        batchnorm.functional.batch_norm(x, rm, rv, training=True)
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])

@@ -172,12 +172,16 @@ class BatchNormEval(Function):
         dyf = dy.to(acc)
         g = invstd if weight is None else weight.to(acc) * invstd
         dx = (dyf * channel_view(g, x)).to(x.dtype) if need[0] else None
-        dw = None
-        if need[3]:
-            x_hat = (x.to(acc) - channel_view(mean, x)) * channel_view(invstd, x)
-            dw = (dyf * x_hat).sum(dims)
-        db = dyf.sum(dims) if need[4] else None
-        return dx, None, None, _cast(dw, weight, need[3]), _cast(db, weight, need[4])
+        dw = dmean = dinvstd = None
+        if need[2] or need[3]:  # sum(dy * (x - mean)): d invstd / weight, d weight * invstd
+            centred = (dyf * (x.to(acc) - channel_view(mean, x))).sum(dims)
+            dw = centred * invstd if need[3] else None
+            if need[2]:
+                dinvstd = centred if weight is None else centred * weight.to(acc)
+        db = dyf.sum(dims) if need[4] or need[1] else None
+        if need[1]:  # statistics that are learned (meta-learning, test-time adaptation)
+            dmean = -g * db
+        return dx, dmean, dinvstd, _cast(dw, weight, need[3]), _cast(db, weight, need[4])
 
     @staticmethod
     def vmap(info, in_dims, x, mean, invstd, weight, bias):
@@ -195,7 +199,7 @@ class BatchNormEval(Function):
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
-def _wrapped(*tensors: Tensor | None) -> bool:
+def transformed(*tensors: Tensor | None) -> bool:
     """Whether a torch.func transform wraps one of the tensors. (These two checks run on
     every call: plain loops, as generator expressions cost a microsecond each.)"""
     for t in tensors:
@@ -212,13 +216,13 @@ def needs_function(*tensors: Tensor | None) -> bool:
         for t in tensors:
             if t is not None and t.requires_grad:
                 return True
-    return _wrapped(*tensors)
+    return transformed(*tensors)
 
 
 def _aten_recorded(x: Tensor, weight: Tensor | None, bias: Tensor | None):
     """The backend whose training forward ATen's autograd records (``native``) when the
     dispatcher picks it for ``x`` in eager mode outside torch.func transforms, else None."""
-    if torch.compiler.is_compiling() or _wrapped(x, weight, bias):
+    if torch.compiler.is_compiling() or transformed(x, weight, bias):
         return None
     backend = kernels.pick("forward_train", x)
     return backend if getattr(backend, "records_autograd", False) else None
@@ -248,7 +252,7 @@ def train_forward(
 def train_forward_updating(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
     running_mean: Tensor, running_var: Tensor, count: int, momentum: float | None,
-    num_batches_tracked: Tensor | None = None,
+    num_batches_tracked: Tensor | None = None, backup=None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``train_forward``, then the guarded running update of
     ``stats.update_running_from_invstd`` (non-finite batch: nothing written, a warning).
@@ -256,20 +260,32 @@ def train_forward_updating(
     Where ATen's kernels run the forward (as in ``train_forward``), ATen's kernel also
     blends the batch into the buffers, as it does for ``torch.nn``, so the running
     statistics are torch.nn's bit for bit; the guard then keeps a copy of the buffers and
-    puts it back if the batch's statistics are not finite."""
+    puts it back if the batch's statistics are not finite: in ``backup`` (a layer's
+    ``kernels.cpu_backup.RunningBackup``) where it applies, else in a new tensor."""
     aten = _aten_recorded(x, weight, bias)
     if aten is not None and aten.updates_running(x, running_mean, running_var):
         factor = stats.blend_factor(momentum, num_batches_tracked, pending=1)
-        backup = torch.cat((running_mean, running_var))  # one op: cheaper than two clones
+        saved = backup is not None and backup.save(
+            running_mean, running_var, num_batches_tracked
+        )
+        copy = None if saved else torch.cat((running_mean, running_var))  # one op
         y, mean, invstd = aten.forward_train_update(
             x, weight, bias, eps, running_mean, running_var, factor
         )
-        if stats.finite_batch(mean, invstd, eps):
+        # Finite buffers after the blend imply a finite batch (``commit`` then counts it
+        # in num_batches_tracked). Otherwise ask the batch: buffers that were not finite
+        # before, or a blend that overflowed, let a finite batch pass.
+        if saved and backup.commit():
+            pass
+        elif stats.finite_batch(mean, invstd, eps):
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
         else:
-            running_mean.copy_(backup[: running_mean.numel()])
-            running_var.copy_(backup[running_mean.numel():])
+            if saved:
+                backup.restore()
+            else:
+                running_mean.copy_(copy[: running_mean.numel()])
+                running_var.copy_(copy[running_mean.numel():])
             # (stacklevel 3: the warning points at the caller of this function)
             stats.warn_not_finite(mean, stats.var_from_invstd(invstd, eps), stacklevel=3)
         return y, mean, invstd

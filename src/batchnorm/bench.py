@@ -11,7 +11,9 @@ moment of the machine hits all of them alike, and summarised by their medians:
   Training (forward + backward) writes two full-size tensors (y, dx) and reads four
   (x, x, dy, and x or dy once more): the bound is 2 fresh full-size copies + 4 full reads
   (``x.sum()``), as issue 8 defines it. Eval writes one tensor and reads one: 1 fresh copy
-  + 1 read. Two-pass kernels cannot beat it by much; fused kernels that re-read from
+  + 1 read. Eval with gradients (``eval_grad``) moves what training does (y and dx
+  written, x and dy read for the forward, dx, dweight and dbias): the training bound.
+  Two-pass kernels cannot beat it by much; fused kernels that re-read from
   cache can.
 
 Columns: speed-up = native / ours; GB/s = the bound's bytes / ours; % of bound =
@@ -49,7 +51,9 @@ class Case:
     shape: tuple[int, ...]
     layout: str = "nchw"  # nchw | channels_last
     dtype: str = "float32"
-    op: str = "train"  # train (forward + backward) | eval (forward, no grad)
+    #: train: forward + backward | eval: forward, no grad | eval_grad: eval-mode forward +
+    #: backward (frozen statistics while fine-tuning, input gradients)
+    op: str = "train"
 
     @property
     def name(self) -> str:
@@ -68,9 +72,11 @@ def default_cases(quick: bool) -> list[Case]:
         Case("float64", (8, 1024, 14, 14), dtype="float64"),
         Case("eval", (8, 256, 56, 56), op="eval"),
         Case("eval", (8, 1024, 14, 14), op="eval"),
+        Case("eval", (8, 1024, 14, 14), op="eval_grad"),
         Case("tiny", (4, 16, 4, 4)),
         Case("tiny", (16, 32)),
         Case("tiny", (4, 16, 4, 4), op="eval"),
+        Case("tiny", (4, 16, 4, 4), op="eval_grad"),
     ]
     if not quick:
         cases += [Case("large", (32, 256, 56, 56)), Case("large", (8, 64, 16, 112, 112))]
@@ -95,8 +101,11 @@ def _make(case: Case):
     native_cls, ours_cls = _modules(x.dim())
     native = native_cls(case.shape[1], dtype=dtype)
     ours = ours_cls(case.shape[1], dtype=dtype)
-    if case.op == "train":
+    if case.op != "eval":
         x.requires_grad_(True)
+        if case.op == "eval_grad":
+            native.eval()
+            ours.eval()
 
         def run(module):
             def step():
@@ -147,20 +156,26 @@ def _sample(fn: Callable[[], None], calls: int) -> float:
 def measure(
     case: Case, reps: int, on_round: Callable[[], None] | None = None, backend: str = "auto"
 ) -> dict:
-    """Median times (ms) of native, ours and the bound, interleaved over ``reps`` rounds."""
+    """Median times (ms) of native, ours and the bound, interleaved over ``reps`` rounds.
+
+    The order of native and ours alternates from round to round: a call that follows
+    another module's step finds other data in the caches, which on this 2-core VM shifted
+    small cases by 5-13% against whichever always ran second."""
     native, ours, bound, x = _make(case)
     with kernels.use_backend(backend):
         for fn in (native, ours, bound, native, ours, bound):  # warm-up (and numba load)
             fn()
         calls = _calls_per_sample(native)
         times: dict[str, list[float]] = {"native": [], "ours": [], "bound": []}
-        for _ in range(reps):
-            for key, fn in (("native", native), ("ours", ours), ("bound", bound)):
+        order = (("native", native), ("ours", ours), ("bound", bound))
+        swapped = (order[1], order[0], order[2])
+        for rep in range(reps):
+            for key, fn in swapped if rep % 2 else order:
                 times[key].append(_sample(fn, calls))
             if on_round:
                 on_round()
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    nbytes = x.numel() * x.element_size() * (6 if case.op == "train" else 2)
+    nbytes = x.numel() * x.element_size() * (2 if case.op == "eval" else 6)
     return {
         **dataclasses.asdict(case),
         "name": case.name,

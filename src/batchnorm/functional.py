@@ -21,7 +21,9 @@ import torch
 from torch import Tensor
 
 from . import kernels, stats
-from .autograd import eval_forward, needs_function, train_forward, train_forward_updating
+from .autograd import (
+    eval_forward, needs_function, train_forward, train_forward_updating, transformed,
+)
 from .kernels.torch_backend import acc_dtype, channel_view, reduce_dims
 
 __all__ = ["batch_stats", "normalize", "batch_norm", "batch_norm_stateless"]
@@ -137,18 +139,32 @@ def eval_normalize(
 ) -> Tensor:
     """Normalise with fixed statistics through the fused eval kernel.
 
-    Where no gradient is needed, a backend with ``forward_eval`` (ATen's own eval kernel,
-    ``native``: the same numbers as ``torch.nn``, one pass) takes the running variance
-    as it is; otherwise ``invstd`` is formed here and the ``normalize`` kernel runs."""
-    if not torch.compiler.is_compiling() and not needs_function(
-        input, running_mean, running_var, weight, bias
-    ):
+    A backend with ``forward_eval`` (ATen's own eval kernel, ``native``: the same numbers
+    as ``torch.nn``, one pass) takes the running variance as it is, where no gradient is
+    needed or where ATen's autograd may record the call (eager, no torch.func transform,
+    running statistics that do not require grad): its backward is the same affine map, in
+    C++ rather than in ``BatchNormEval``'s Python. Otherwise ``invstd`` is formed here and
+    the ``normalize`` kernel runs."""
+    if not torch.compiler.is_compiling():
         backend = kernels.pick("forward_eval", input)
-        if hasattr(backend, "forward_eval"):
+        if hasattr(backend, "forward_eval") and (
+            not needs_function(input, running_mean, running_var, weight, bias)
+            or _recordable(backend, input, running_mean, running_var, weight, bias)
+        ):
             return backend.forward_eval(input, running_mean, running_var, weight, bias, eps)
     acc = acc_dtype(input.dtype)
     invstd = torch.rsqrt(running_var.to(acc) + eps)
     return eval_forward(input, running_mean.to(acc), invstd, weight, bias)
+
+
+def _recordable(backend, input: Tensor, running_mean: Tensor, running_var: Tensor,
+                weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether ATen's autograd may record ``backend.forward_eval`` on these tensors."""
+    return (
+        getattr(backend, "records_autograd", False)
+        and not running_mean.requires_grad and not running_var.requires_grad
+        and not transformed(input, running_mean, running_var, weight, bias)
+    )
 
 
 def _values_per_channel(input: Tensor) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from .autograd import train_forward, train_forward_updating
 from .functional import eval_normalize
 
@@ -25,22 +26,23 @@ def in_backward() -> bool:
 
 def check_layout(layer: nn.Module, input: Tensor) -> None:
     """The rank, channel-count and dtype checks of every BN-like layer: ``layer`` has
-    ``_expected_dims``, ``_shape_text`` and ``num_features``."""
-    name = type(layer).__name__
+    ``_expected_dims``, ``_shape_text`` and ``num_features``. (Runs on every call: the
+    messages are built only when raised.)"""
     if input.dim() not in layer._expected_dims:
         raise ValueError(
-            f"{name} expects {layer._shape_text} input, got a {input.dim()}-D tensor of "
-            f"shape {tuple(input.shape)}"
+            f"{type(layer).__name__} expects {layer._shape_text} input, got a "
+            f"{input.dim()}-D tensor of shape {tuple(input.shape)}"
         )
     if input.shape[1] != layer.num_features:
         raise ValueError(
-            f"{name}({layer.num_features}) expects {layer.num_features} channels on "
-            f"dim 1, got input of shape {tuple(input.shape)} with {input.shape[1]}"
+            f"{type(layer).__name__}({layer.num_features}) expects {layer.num_features} "
+            f"channels on dim 1, got input of shape {tuple(input.shape)} with "
+            f"{input.shape[1]}"
         )
     if not input.is_floating_point():
         raise TypeError(
-            f"{name} expects a floating-point input (float16, bfloat16, float32 or "
-            f"float64), got {input.dtype}. Convert it first, e.g. x.float()."
+            f"{type(layer).__name__} expects a floating-point input (float16, bfloat16, "
+            f"float32 or float64), got {input.dtype}. Convert it first, e.g. x.float()."
         )
 
 
@@ -194,12 +196,22 @@ class _BatchNorm(nn.Module):
     def check_input(self, input: Tensor) -> None:
         """Raise a clear error for input this layer cannot normalise (state untouched)."""
         check_layout(self, input)
-        name = type(self).__name__
         if input.numel() == 0 and self._uses_batch_stats():
             raise ValueError(
-                f"{name} got an empty batch of shape {tuple(input.shape)} in training: "
-                "statistics of no values are undefined. Skip empty batches."
+                f"{type(self).__name__} got an empty batch of shape {tuple(input.shape)} "
+                "in training: statistics of no values are undefined. Skip empty batches."
             )
+
+    def _tensors(self) -> tuple[Tensor | None, ...]:
+        """(weight, bias, running_mean, running_var), read from the module's dicts: each
+        ``self.weight`` goes through ``nn.Module.__getattr__`` (about a microsecond, four
+        to six times per call). Attributes that moved out of the dicts (a parametrization
+        of ``weight``) are read the ordinary way."""
+        params, buffers = self._parameters, self._buffers
+        try:
+            return params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"]
+        except KeyError:
+            return self.weight, self.bias, self.running_mean, self.running_var
 
     def _uses_batch_stats(self) -> bool:
         return self.training or (self.running_mean is None and self.running_var is None)
@@ -219,12 +231,15 @@ class _BatchNorm(nn.Module):
     # -- forward --------------------------------------------------------------------
     def forward(self, input: Tensor) -> Tensor:
         self.check_input(input)
-        if not self._uses_batch_stats():
-            return eval_normalize(
-                input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
-            )
+        weight, bias, running_mean, running_var = self._tensors()
+        training = self.training
+        if not training and (running_mean is not None or running_var is not None):
+            return eval_normalize(input, running_mean, running_var, weight, bias, self.eps)
         count = input.numel() // input.shape[1]
-        update = self._updates_running()
+        update = (
+            training and self.track_running_stats and running_mean is not None
+            and not in_backward()
+        )
         if count <= 1:
             if self.single_value == "error":
                 raise ValueError(
@@ -232,17 +247,15 @@ class _BatchNorm(nn.Module):
                     f"{list(input.shape)}. Pass single_value='use_running' or "
                     "'skip_update' to handle a batch of one."
                 )
-            if self.single_value == "use_running" and self.running_mean is not None:
-                return eval_normalize(
-                    input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
-                )
+            if self.single_value == "use_running" and running_mean is not None:
+                return eval_normalize(input, running_mean, running_var, weight, bias, self.eps)
             if self.single_value == "use_running":
                 raise ValueError(
                     f"{type(self).__name__}(single_value='use_running') got a batch of one "
                     "but has no running statistics (track_running_stats=False)"
                 )
             update = False
-        return self.normalise_batch(input, self.weight, self.bias, count, update)
+        return self.normalise_batch(input, weight, bias, count, update)
 
     def normalise_batch(
         self, input: Tensor, weight: Tensor | None, bias: Tensor | None, count: int,
@@ -253,9 +266,10 @@ class _BatchNorm(nn.Module):
         recomputation of an updating forward makes the same call on copies of the buffers:
         ATen saves the buffers it is given, and checkpoint compares what was saved."""
         if update:
+            _, _, running_mean, running_var = self._tensors()
             return train_forward_updating(
-                input, weight, bias, self.eps, self.running_mean, self.running_var, count,
-                self.momentum, self.num_batches_tracked,
+                input, weight, bias, self.eps, running_mean, running_var, count,
+                self.momentum, self._buffers.get("num_batches_tracked"), self._backup(),
             )[0]
         if count > 1 and self._recomputing():
             return train_forward_updating(
@@ -263,6 +277,16 @@ class _BatchNorm(nn.Module):
                 self.running_var.clone(), count, 0.0,
             )[0]
         return train_forward(input, weight, bias, self.eps)[0]
+
+    def _backup(self):
+        """This layer's ``kernels.cpu_backup.RunningBackup`` (made on first use; None
+        without numba, and while torch.compile traces: ATen's kernels run only eagerly)."""
+        if torch.compiler.is_compiling():
+            return None
+        backup = self.__dict__.get("_running_backup")
+        if backup is None:
+            backup = self.__dict__["_running_backup"] = kernels.running_backup()
+        return backup
 
 
 class BatchNorm1d(_BatchNorm):

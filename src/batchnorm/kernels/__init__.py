@@ -37,6 +37,7 @@ _OPTIONAL = {
     "cpu": "batchnorm.kernels.cpu_backend",
     "native": "batchnorm.kernels.native_backend",
     "triton": "batchnorm.kernels.triton_backend",
+    "cpu_backup": "batchnorm.kernels.cpu_backup",
 }
 _loaded: dict[str, ModuleType | None] = {"torch": torch_backend}
 _choice = os.environ.get("BATCHNORM_BACKEND", "auto")
@@ -118,3 +119,10 @@ def pick(op: str, x: Tensor) -> ModuleType:
 def call(op: str, *args, **kwargs):
     """Run kernel function ``op``; its first argument (a tensor) guides the choice."""
     return getattr(pick(op, args[0]), op)(*args, **kwargs)
+
+
+def running_backup():
+    """A new ``cpu_backup.RunningBackup`` for a layer (the non-finite guard of the
+    running buffers that ATen updates in place), or None where numba is missing."""
+    module = load("cpu_backup")
+    return None if module is None else module.RunningBackup()

@@ -9,7 +9,7 @@ the first step: every later process loads the compiled kernels from the cache.
 
 Each case calls the backend's public functions on a small tensor that takes one of its
 code paths (channel-major with many channels: the fused kernels; with few: channels cut
-into parts; channels-last; eval; BN + activation; the running-statistic guard), in
+into parts; channels-last; eval; BN + activation; the running-statistic guards), in
 float32 and float64, so every kernel is compiled for both.
 """
 
@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from . import cpu_backend as cpu
+from . import cpu_backup
 
 #: (label, shape) of the inputs: many channels -> fused kernels; few channels with long
 #: rows -> channels cut into parts (``cpu_backend._parts``); 2-d -> channels-last rows.
@@ -53,8 +54,12 @@ def _run(x: torch.Tensor) -> None:
     cpu.forward_eval_act(x, mean, invstd, w, b, "leaky_relu", 0.01)
     cpu.backward_act_input(dy, x, mean, invstd, w, b, "relu", 0.0, True)
     cpu.finite_batch(mean, invstd, 1e-5)
-    cpu.update_running(torch.zeros(c, dtype=x.dtype), torch.ones(c, dtype=x.dtype),
-                       mean, invstd, 1e-5, 1.0, 0.1)
+    running = (torch.zeros(c, dtype=x.dtype), torch.ones(c, dtype=x.dtype))
+    cpu.update_running(*running, mean, invstd, 1e-5, 1.0, 0.1)
+    backup = cpu_backup.RunningBackup()  # the guard of the ATen path
+    backup.save(*running, torch.zeros((), dtype=torch.int64))
+    backup.commit()
+    backup.restore()
 
 
 def cases() -> Iterator[tuple[str, Callable[[], None]]]:

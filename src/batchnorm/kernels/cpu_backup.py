@@ -1,0 +1,139 @@
+"""A layer's running buffers set aside before ATen updates them in place, and put back if
+the update was not finite: the non-finite guard of the ATen path at about a microsecond
+per training step.
+
+ATen's training kernel blends the batch into ``running_mean``/``running_var`` itself (so
+the buffers are torch.nn's bit for bit). A non-finite batch must leave them untouched, so
+the layer keeps their values before the call and restores them afterwards if needed. With
+torch ops that is a ``torch.cat`` and a finiteness check on the batch statistics, about
+5 us per step, a tenth of a small BN step. Here numpy views of the buffers are made once
+per layer and kept (re-made when a buffer is replaced or moves, e.g. ``.to()`` or
+``share_memory_()``), the copy and the check (which also counts the batch in
+``num_batches_tracked``) are one compiled call each, and the check reads the updated
+buffers: ATen computes ``(1 - f) * running + f * stat``, which is
+finite only if the batch statistic is (``0 * nan`` is nan even for ``f = 0``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit
+from torch import Tensor
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+@njit(cache=True)
+def _save(mean, var, backup):
+    c = mean.shape[0]
+    for i in range(c):
+        backup[i] = mean[i]
+        backup[c + i] = var[i]
+
+
+@njit(cache=True)
+def _restore(mean, var, backup):
+    c = mean.shape[0]
+    for i in range(c):
+        mean[i] = backup[i]
+        var[i] = backup[c + i]
+
+
+@njit(cache=True)
+def _finite(mean, var, counter):
+    """Whether every value of both is finite (a count without early exit: vectorises);
+    if so, add 1 to ``counter`` (one element, or empty for none)."""
+    bad = 0
+    for i in range(mean.shape[0]):
+        m = mean[i]
+        v = var[i]
+        bad += (m - m != 0.0) | (v - v != 0.0)
+    if bad == 0 and counter.size:
+        counter[0] += 1
+    return bad == 0
+
+
+def _viewable(t: Tensor, dtypes: tuple[torch.dtype, ...], dim: int) -> bool:
+    return (
+        type(t) is Tensor and t.is_cpu and t.dtype in dtypes and t.dim() == dim
+        and t.is_contiguous() and not t.requires_grad and not t.is_inference()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
+
+
+_NO_COUNTER = np.empty(0, np.int64)
+
+
+class RunningBackup:
+    """``save(mean, var, counter)`` before the update, ``commit()`` after it (True: the
+    buffers are finite and the counter went up by one), ``restore()`` if it said False.
+
+    ``counter`` is ``num_batches_tracked`` (or None): counted here, through its numpy view
+    (a torch ``add_`` costs another 1.5 us; its version counter, which nothing saves for
+    backward, is left as it is). One per layer (``batchnorm.BatchNorm*d`` keep one); it
+    holds views of the last buffers it saved, so copies of a layer (``copy.deepcopy``,
+    pickling) start with a fresh one.
+    """
+
+    __slots__ = ("_buffers", "_pointers", "_views", "_backup")
+
+    def __init__(self) -> None:
+        self._buffers: tuple[Tensor | None, ...] = ()
+        self._pointers: tuple[int, ...] = ()
+        self._views: tuple[np.ndarray, ...] = ()
+        self._backup = np.empty(0)
+
+    def __reduce__(self):
+        return (type(self), ())
+
+    def save(
+        self, running_mean: Tensor, running_var: Tensor, counter: Tensor | None
+    ) -> bool:
+        """Copy both buffers aside; False (nothing kept) where numpy cannot view them."""
+        buffers = self._buffers
+        if (
+            not buffers or running_mean is not buffers[0] or running_var is not buffers[1]
+            or counter is not buffers[2]
+            or self._pointers != _pointers(running_mean, running_var, counter)
+        ):
+            if not self._bind(running_mean, running_var, counter):
+                return False
+        views = self._views
+        _save(views[0], views[1], self._backup)
+        return True
+
+    def _bind(self, running_mean: Tensor, running_var: Tensor, counter: Tensor | None) -> bool:
+        self._buffers = ()
+        if not (
+            _viewable(running_mean, _DTYPES, 1) and _viewable(running_var, _DTYPES, 1)
+            and running_mean.dtype == running_var.dtype
+            and running_mean.numel() == running_var.numel()
+            and (counter is None or _viewable(counter, (torch.int64,), 0))
+        ):
+            return False
+        count = _NO_COUNTER if counter is None else counter.numpy().reshape(1)
+        self._views = (running_mean.numpy(), running_var.numpy(), count)
+        self._backup = np.empty(2 * running_mean.numel(), self._views[0].dtype)
+        self._pointers = _pointers(running_mean, running_var, counter)
+        self._buffers = (running_mean, running_var, counter)
+        return True
+
+    def commit(self) -> bool:
+        """Whether both buffers (as they are now) hold only finite values; if so, the
+        counter goes up by one."""
+        return bool(_finite(*self._views))
+
+    def restore(self) -> None:
+        """Put the saved values back (and tell autograd the buffers changed)."""
+        _restore(self._views[0], self._views[1], self._backup)
+        torch.autograd.graph.increment_version(self._buffers[:2])
+
+
+def _pointers(
+    running_mean: Tensor, running_var: Tensor, counter: Tensor | None
+) -> tuple[int, ...]:
+    return (
+        running_mean.data_ptr(), running_var.data_ptr(),
+        0 if counter is None else counter.data_ptr(),
+    )
