@@ -276,8 +276,8 @@ def train_forward_updating(
         # in num_batches_tracked). Otherwise ask the batch: buffers that were not finite
         # before, or a blend that overflowed, let a finite batch pass.
         if saved and backup.commit():
-            pass
-        elif stats.finite_batch(mean, invstd, eps):
+            return y, mean, invstd
+        if stats.finite_batch(mean, invstd, eps):
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
         else:

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from . import activations, torch_backend
+from .cpu_backup import viewable
 
 try:  # a read-only install with no writable cache directory must not break import
     from . import _cpu_act as A
@@ -68,6 +69,7 @@ _EMPTY = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.
 #: numpy dtype of the accumulation dtype of each supported dtype (float32 -> float32:
 #: the contract's statistics are in torch_backend.acc_dtype(x.dtype), which is x's own).
 _ACC = {torch.float32: np.float32, torch.float64: np.float64}
+_FLOATS = tuple(_ACC)
 
 # Note on cost: these wrappers run several times per training step, and each torch call
 # costs about a microsecond (more when the kernels have just flushed the caches), so they
@@ -456,17 +458,9 @@ def _backward_act_via_bn(
     return grads[0], grads[1], grads[2]
 
 
-_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-
-
 def _plain(t: Tensor) -> bool:
-    """A plain contiguous CPU float vector that numpy may view: not wrapped, not an
-    inference tensor, not requiring grad. (Called four times per training step: cheap
-    attribute reads first; ``is_cpu`` rather than ``device.type``, which builds an object.)"""
-    return (
-        type(t) is Tensor and not t.requires_grad and t.is_cpu and t.dtype in _EMPTY
-        and t.dim() == 1 and t.is_contiguous() and not t.is_inference() and not _wrapped(t)
-    )
+    """A plain contiguous CPU float vector that numpy may view (``cpu_backup.viewable``)."""
+    return viewable(t, _FLOATS, 1)
 
 
 def finite_batch(mean: Tensor, invstd: Tensor, eps: float) -> bool | None:

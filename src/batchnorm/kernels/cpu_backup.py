@@ -54,10 +54,14 @@ def _finite(mean, var, counter):
     return bad == 0
 
 
-def _viewable(t: Tensor, dtypes: tuple[torch.dtype, ...], dim: int) -> bool:
+def viewable(t: Tensor, dtypes: tuple[torch.dtype, ...], dim: int) -> bool:
+    """A plain contiguous CPU tensor of ``dim`` dimensions and one of ``dtypes`` that numpy
+    may view: not wrapped by torch.func, not an inference tensor, not requiring grad. (On
+    every training step: cheap attribute reads first; ``is_cpu`` rather than
+    ``device.type``, which builds an object.)"""
     return (
-        type(t) is Tensor and t.is_cpu and t.dtype in dtypes and t.dim() == dim
-        and t.is_contiguous() and not t.requires_grad and not t.is_inference()
+        type(t) is Tensor and not t.requires_grad and t.is_cpu and t.dtype in dtypes
+        and t.dim() == dim and t.is_contiguous() and not t.is_inference()
         and not torch._C._functorch.is_functorch_wrapped_tensor(t)
     )
 
@@ -106,10 +110,10 @@ class RunningBackup:
     def _bind(self, running_mean: Tensor, running_var: Tensor, counter: Tensor | None) -> bool:
         self._buffers = ()
         if not (
-            _viewable(running_mean, _DTYPES, 1) and _viewable(running_var, _DTYPES, 1)
+            viewable(running_mean, _DTYPES, 1) and viewable(running_var, _DTYPES, 1)
             and running_mean.dtype == running_var.dtype
             and running_mean.numel() == running_var.numel()
-            and (counter is None or _viewable(counter, (torch.int64,), 0))
+            and (counter is None or viewable(counter, (torch.int64,), 0))
         ):
             return False
         count = _NO_COUNTER if counter is None else counter.numpy().reshape(1)
