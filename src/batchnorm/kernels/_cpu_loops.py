@@ -42,7 +42,7 @@ def _run_sums(p, q, k, zero, mode, sg, t, low):
     * GRAD: (sum(p), sum(p * (q - k)));
     * GATED(_STRICT): GRAD of g = p where float(q) * sg >= t (> t), p * low elsewhere:
       dy = dz * act'(y) of relu (low 0, strict) or leaky_relu (low alpha) after BN,
-      decided on x itself (see ``_cpu_nchw.gated_backward_fused``).
+      decided on x itself (see ``_cpu_nchw.act_backward_fused``).
 
     One loop per mode, so that each does only its own arithmetic: a shared loop would
     subtract a shift from p too (zero in the backward), and the subtractions and additions
@@ -167,6 +167,19 @@ def gated_grad_x(dz, x, out, a, hi, lo, b, c, strict, sg, t, low):
         for i in range(out.shape[0]):
             g = dz[i] if float(x[i]) * sg >= t else dz[i] * low
             out[i] = a * g + (b * ((x[i] - hi) - lo) + c)
+
+
+@njit(error_model="numpy", cache=True, inline="always")
+def smooth_dy(dz, x, out, hi, lo, scale, shift, code):
+    """out = dz * act'(y) of silu or gelu, y = ((x - hi) - lo) * scale + shift (scalars in
+    x's dtype): the dy of BN + activation, recomputed from x. No fast-math here (see
+    ``_cpu_math``); the caller sums or uses ``out`` in the loops above."""
+    if code == A.SILU:
+        for i in range(out.shape[0]):
+            out[i] = dz[i] * A.smooth_grad(((x[i] - hi) - lo) * scale + shift, A.SILU)
+    else:
+        for i in range(out.shape[0]):
+            out[i] = dz[i] * A.smooth_grad(((x[i] - hi) - lo) * scale + shift, A.GELU)
 
 
 @njit(error_model="numpy", cache=True, inline="always")

@@ -20,6 +20,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from . import _cpu_act as A
 from . import _cpu_loops as L
 from . import _cpu_params as P
 
@@ -309,27 +310,41 @@ def _gate(mean, invstd, weight, bias, strict):
 
 
 @njit(parallel=True, error_model="numpy", cache=True)
-def gated_backward_fused(dz, x, mean, invstd, weight, bias, out, strict, low, training, block):
-    """Backward of BN + relu (``strict``, ``low`` 0) or leaky_relu (``low`` alpha) from the
-    input x, fused per block of channels as ``backward_fused``: dy = dz * act'(y) is
-    decided on x (``_gate``: y's sign without computing y), so a pass reads dz and x only.
-    ``training`` False: fixed statistics, dx = weight * invstd * dy.
+def act_backward_fused(dz, x, mean, invstd, weight, bias, out, code, low, training, block):
+    """Backward of BN + activation from the input x, fused per block of channels as
+    ``backward_fused``: a pass reads dz and x only, dy = dz * act'(y) is made on the way.
 
-    Returns float64 (sum(dy), sum(dy * x_hat)); writes dx into ``out``."""
+    * relu (``low`` 0) and leaky_relu (``low`` alpha): the slope is decided on x
+      (``_gate``: y's sign without computing y);
+    * silu and gelu: y is recomputed from x and dy written to a scratch copy of the block
+      (``_cpu_loops.smooth_dy``, compiled without fast-math), which the sums and then dx
+      read: the derivative, a dozen times the cost of a plain pass, is evaluated once.
+
+    ``training`` False: fixed statistics, dx = weight * invstd * dy. Returns float64
+    (sum(dy), sum(dy * x_hat)); writes dx into ``out``."""
     N, C, M = x.shape
     count = N * M
     sd = np.zeros(C)
     sdx = np.zeros(C)
     par = np.empty((C, 3), x.dtype)
-    hi, lo = P.split(mean, x)
+    hi, lo, scale, shift = P.affine(mean, invstd, weight, bias, x)
+    strict = code == A.RELU
+    smooth = code == A.SILU or code == A.GELU
     sg, t = _gate(mean, invstd, weight, bias, strict)
     zero = np.zeros(1, x.dtype)[0]
     for blk in prange((C + block - 1) // block):
         c0 = blk * block
         c1 = min(C, c0 + block)
+        dy = np.empty((N, c1 - c0, M) if smooth else (0, 0, 0), x.dtype)
         for n in range(N):
             for c in range(c0, c1):
-                r1, r2 = L.gated_sums(dz[n, c], x[n, c], hi[c], zero, strict, sg[c], t[c], low)
+                if smooth:
+                    L.smooth_dy(dz[n, c], x[n, c], dy[n, c - c0], hi[c], lo[c], scale[c],
+                                shift[c], code)
+                    r1, r2 = L.grad_sums(dy[n, c - c0], x[n, c], hi[c], zero)
+                else:
+                    r1, r2 = L.gated_sums(dz[n, c], x[n, c], hi[c], zero, strict, sg[c], t[c],
+                                          low)
                 sd[c] += r1
                 sdx[c] += r2
         for c in range(c0, c1):
@@ -337,8 +352,12 @@ def gated_backward_fused(dz, x, mean, invstd, weight, bias, out, strict, low, tr
             _dx_coefficients(invstd, weight, sd, sdx, count, c, training, par)
         for n in range(N):
             for c in range(c0, c1):
-                L.gated_grad_x(dz[n, c], x[n, c], out[n, c], par[c, 0], hi[c], lo[c],
-                               par[c, 1], par[c, 2], strict, sg[c], t[c], low)
+                if smooth:
+                    L.grad_x(dy[n, c - c0], x[n, c], out[n, c], par[c, 0], hi[c], lo[c],
+                             par[c, 1], par[c, 2])
+                else:
+                    L.gated_grad_x(dz[n, c], x[n, c], out[n, c], par[c, 0], hi[c], lo[c],
+                                   par[c, 1], par[c, 2], strict, sg[c], t[c], low)
     for c in range(C):
         sdx[c] *= float(invstd[c])
     return sd, sdx

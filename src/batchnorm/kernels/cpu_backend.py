@@ -181,12 +181,18 @@ def _sized(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-#: Activations computed inside the numba element loops: the piecewise linear ones, which
-#: vectorise. elu, silu and gelu need exp/erf, which numba calls one element at a time
-#: (fused that way, their forward took several times longer than BN followed by ATen's
-#: vectorised kernel): for those the layer normalises with these kernels and ATen then
-#: applies the activation in place, or its backward, one pass each.
+#: Activations computed inside the numba element loops: the piecewise linear ones.
+#: elu, silu and gelu need exp/erf: the layer normalises with these kernels and ATen then
+#: applies the activation in place (its vectorised kernel), one pass. In the input-saving
+#: backward, silu and gelu in float32 are fused too (``_cpu_math`` writes out exp and erf
+#: so that they vectorise; in float64 numba would call libm once per element).
 LINEAR = ("identity", "relu", "leaky_relu")
+SMOOTH = ("silu", "gelu")
+
+
+def _fused_backward(act: str, x: Tensor) -> bool:
+    """Whether ``act_backward_fused`` computes dy = dz * act'(y) for input ``x``."""
+    return act in ("relu", "leaky_relu") or (act in SMOOTH and x.dtype == torch.float32)
 
 
 @_sized
@@ -413,9 +419,10 @@ def backward_act_input(
     dz: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
     bias: Tensor | None, act: str, alpha: float, training: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``torch_backend.backward_act_input``: for relu and leaky_relu on channel-major
-    tensors one fused kernel (two passes over dz and x, as the plain backward: the slope
-    is decided on x), otherwise y, then dy by ATen's activation backward, then BN's
+    """``torch_backend.backward_act_input``: for the activations the element loops compute
+    (but identity) on channel-major tensors one fused kernel, two passes over dz and x as
+    the plain backward (relu's slope decided on x, silu's and gelu's derivative at y
+    recomputed from x); otherwise y, then dy by ATen's activation backward, then BN's
     backward."""
     layout = _layout(x)
     if layout is None:
@@ -423,17 +430,18 @@ def backward_act_input(
             dz, x, mean, invstd, weight, bias, act, alpha, training
         )
     activations.check(act, alpha)
-    block = _block(x, layout, _parts(x, layout), 3)
-    if not block or act not in ("relu", "leaky_relu"):
+    # dz, x and dx stay in cache between the two passes; silu and gelu add a scratch dy
+    block = _block(x, layout, _parts(x, layout), 4 if act in SMOOTH else 3)
+    if not block or not _fused_backward(act, x):
         y = normalize(x, mean, invstd, weight, bias)
         dy = activations.backward(_like(dz, x), y, act, alpha)
         grads = (backward if training else backward_eval)(dy, x, mean, invstd, weight)
         return grads[0], grads[1], grads[2]
     out = torch.empty_like(x)
-    low = _ACC[x.dtype](0.0 if act == "relu" else alpha)  # the slope below 0, in x's dtype
-    sd, sdx = NCHW.gated_backward_fused(
+    low = _ACC[x.dtype](alpha if act == "leaky_relu" else 0.0)  # the slope below 0
+    sd, sdx = NCHW.act_backward_fused(
         _view(_like(dz, x), layout), _view(x, layout), _vec(mean, x), _vec(invstd, x),
-        _vec(weight, x), _vec(bias, x), _view(out, layout), act == "relu", low, training,
+        _vec(weight, x), _vec(bias, x), _view(out, layout), A.CODES[act], low, training,
         block,
     )
     return out, _acc(sdx, x), _acc(sd, x)
