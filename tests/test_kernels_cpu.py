@@ -303,8 +303,10 @@ def test_constant_channel_with_zero_eps_gives_ieee_infinity(layout, path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_backward_from_the_input_matches_torch_backend(shape, layout, dtype, act, alpha, path):
     """The input-saving BN + activation backward (relu and leaky_relu: one fused kernel
-    that decides the slope on x; the others: y, then ATen's activation backward), with a
-    zero and a negative weight among the channels (the slope's side flips with the sign)."""
+    that decides the slope on x; silu and gelu in float32: the same kernel with the
+    derivative at y recomputed from x; the others: y, then ATen's activation backward),
+    with a zero and a negative weight among the channels (the slope's side flips with the
+    sign)."""
     x, dz, w, b = _inputs(shape, layout, dtype)
     w = w.clone()
     w[0] = -w[0]
@@ -319,3 +321,30 @@ def test_backward_from_the_input_matches_torch_backend(shape, layout, dtype, act
                 T.backward_act_input(dz, x, mean, invstd, weight, bias, act, alpha, training),
                 dtype,
             )
+
+
+@pytest.mark.parametrize("act,dtype,fused", [
+    ("silu", torch.float32, True), ("gelu", torch.float32, True), ("relu", torch.float64, True),
+    ("silu", torch.float64, False), ("elu", torch.float32, False),
+])
+def test_which_input_saving_backwards_run_the_fused_kernel(act, dtype, fused, monkeypatch):
+    """silu and gelu take the fused kernel in float32 only (float64 would call libm per
+    element); elu never (ATen's kernels)."""
+    from batchnorm.kernels import _cpu_act as A
+    from batchnorm.kernels import _cpu_nchw
+
+    calls = []
+    real = _cpu_nchw.act_backward_fused
+
+    def spy(*args):
+        calls.append(args[7])  # the activation code
+        return real(*args)
+
+    monkeypatch.setattr(_cpu_nchw, "act_backward_fused", spy)
+    x, dz, w, b = _inputs((2, 40, 3, 3), "nchw", dtype)
+    mean, var = T.batch_stats(x)
+    invstd = torch.rsqrt(var + 1e-5)
+    alpha = 1.0 if act == "elu" else 0.0
+    got = C.backward_act_input(dz, x, mean, invstd, w, b, act, alpha, True)
+    _close(got, T.backward_act_input(dz, x, mean, invstd, w, b, act, alpha, True), dtype)
+    assert calls == ([A.CODES[act]] if fused else [])
