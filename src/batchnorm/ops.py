@@ -133,36 +133,33 @@ def _(x, mean, invstd, weight, bias, act, alpha):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("batchnorm::backward_act", mutates_args=())
-def _backward_act_op(
-    dz: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
-    bias: Optional[Tensor], act: str, alpha: float, training: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Backward of BN + invertible activation from its output z: (dx, dweight, dbias)."""
-    return kernels.call(
-        "backward_act", dz, z, mean, invstd, weight, bias, act, alpha, training
-    )
+def _act_backward_op(name: str, doc: str):
+    """The custom op ``batchnorm::<name>`` of a BN + activation backward: (dz, t, mean,
+    invstd, weight, bias, act, alpha, training) -> (dx, dweight, dbias), t the tensor the
+    layer kept (its output z or its input x)."""
+
+    def impl(
+        dz: Tensor, t: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+        bias: Optional[Tensor], act: str, alpha: float, training: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return kernels.call(name, dz, t, mean, invstd, weight, bias, act, alpha, training)
+
+    impl.__doc__ = doc
+    op = torch.library.custom_op(f"batchnorm::{name}", impl, mutates_args=())
+
+    @op.register_fake
+    def _(dz, t, mean, invstd, weight, bias, act, alpha, training):
+        return torch.empty_like(t), torch.empty_like(mean), torch.empty_like(mean)
+
+    return op
 
 
-@_backward_act_op.register_fake
-def _(dz, z, mean, invstd, weight, bias, act, alpha, training):
-    return torch.empty_like(z), torch.empty_like(mean), torch.empty_like(mean)
-
-
-@torch.library.custom_op("batchnorm::backward_act_input", mutates_args=())
-def _backward_act_input_op(
-    dz: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
-    bias: Optional[Tensor], act: str, alpha: float, training: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Backward of BN + activation from its input x: (dx, dweight, dbias)."""
-    return kernels.call(
-        "backward_act_input", dz, x, mean, invstd, weight, bias, act, alpha, training
-    )
-
-
-@_backward_act_input_op.register_fake
-def _(dz, x, mean, invstd, weight, bias, act, alpha, training):
-    return torch.empty_like(x), torch.empty_like(mean), torch.empty_like(mean)
+_backward_act_op = _act_backward_op(
+    "backward_act", "Backward of BN + invertible activation from its output z."
+)
+_backward_act_input_op = _act_backward_op(
+    "backward_act_input", "Backward of BN + activation from its input x."
+)
 
 
 def _eager_or_op(op: Callable, kernel: str) -> Callable:
