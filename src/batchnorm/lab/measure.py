@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import ctypes
+import gc
+import math
+import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -38,3 +42,59 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and standard deviation (0 for a single value)."""
     a = np.asarray(values, dtype=float)
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def pin_allocator() -> bool:
+    """Make glibc's malloc keep freed memory in this process from now on (as
+    ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` do for ``batchnorm bench``): blocks
+    up to 32 MB come from the heap and the heap's top is not handed back, so an allocation
+    does not pay for fresh zero-filled pages depending on what the process freed before.
+    Returns whether it applied (False without glibc). It cannot be undone: glibc's adaptive
+    thresholds stay off, and the process keeps its peak memory.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+
+
+def paired_times(fns: dict[str, Callable[[], object]], rounds: int, min_sample: float = 0.005) -> dict[str, np.ndarray]:
+    """Seconds per call of each callable in each of ``rounds`` rounds, the callables timed in turns.
+
+    A sample repeats a call as often as one (untimed, warm-up) call says it takes to last about
+    ``min_sample`` seconds; the order reverses every other round (whatever runs second finds the
+    caches as the first left them); Python's garbage collector is paused while timing, as
+    ``timeit`` does (a collection lands on whichever call happens to trigger it). Round i of
+    every callable ran at the same moment, so per-round ratios cancel the machine's drift.
+    """
+    names = list(fns)
+    calls = {}
+    for name in names:
+        tic = time.perf_counter()
+        fns[name]()
+        calls[name] = max(1, math.ceil(min_sample / max(time.perf_counter() - tic, 1e-7)))
+    times = {name: np.empty(rounds) for name in names}
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                fn, n = fns[name], calls[name]
+                tic = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                times[name][r] = (time.perf_counter() - tic) / n
+    finally:
+        if enabled:
+            gc.enable()
+    return times
+
+
+def sign_test(wins: int, n: int) -> float:
+    """One-sided p-value of a sign test: the chance of ``wins`` or more heads in ``n`` fair coin flips."""
+    if not 0 <= wins <= n:
+        raise ValueError(f"expected 0 <= wins <= n, got wins={wins}, n={n}")
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
