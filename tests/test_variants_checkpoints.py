@@ -49,7 +49,8 @@ def test_from_keras_equals_training_in_our_convention():
     # and back: the Keras dict again
     back, keras_kwargs = checkpoints.to_keras(bn.state_dict(), momentum=bn.momentum, eps=bn.eps,
                                               values_per_channel=M)
-    assert keras_kwargs == {"momentum": pytest.approx(DECAY), "epsilon": 1e-3}
+    assert keras_kwargs == {"momentum": pytest.approx(DECAY), "epsilon": 1e-3, "center": True, "scale": True}
+    assert list(back) == ["gamma", "beta", "moving_mean", "moving_variance"]  # layer.get_weights() order
     for name, value in [("gamma", GAMMA), ("beta", BETA), ("moving_mean", mean), ("moving_variance", var)]:
         np.testing.assert_allclose(back[name], value, rtol=1e-12, atol=1e-12)
 
@@ -81,7 +82,7 @@ def test_flax_round_trip_and_equivalence():
     ours = our_trained_bn(kwargs["momentum"])
     torch.testing.assert_close(state["running_var"], ours.running_var, rtol=1e-8, atol=1e-8)
     back, flax_kwargs = checkpoints.to_flax(ours.state_dict(), momentum=0.4, values_per_channel=M)
-    assert flax_kwargs == {"momentum": pytest.approx(DECAY), "epsilon": 1e-5}
+    assert flax_kwargs == {"momentum": pytest.approx(DECAY), "epsilon": 1e-5, "use_scale": True, "use_bias": True}
     np.testing.assert_allclose(back["batch_stats"]["var"], var, rtol=1e-8)
     np.testing.assert_allclose(back["batch_stats"]["mean"], mean, rtol=1e-12)
     np.testing.assert_allclose(back["params"]["scale"], np.ones(3))  # ours trained with gamma 1
@@ -89,11 +90,11 @@ def test_flax_round_trip_and_equivalence():
 
 def test_missing_affine_and_bad_arguments():
     state, _ = checkpoints.from_keras({"moving_mean": np.zeros(2), "moving_variance": np.ones(2)},
-                                      values_per_channel=None)
+                                      values_per_channel=None, center=False, scale=False)
     assert torch.equal(state["weight"], torch.ones(2, dtype=torch.float64))
-    with pytest.raises(ValueError, match="lack \\['moving_variance'\\]"):
-        checkpoints.from_keras({"moving_mean": np.zeros(2)}, values_per_channel=None)
-    with pytest.raises(ValueError, match="4 arrays"):
+    with pytest.raises(ValueError, match="lacks \\['moving_variance'\\]"):
+        checkpoints.from_keras({"moving_mean": np.zeros(2)}, values_per_channel=None, center=False, scale=False)
+    with pytest.raises(ValueError, match="expected 4 arrays"):
         checkpoints.from_keras([np.zeros(2)] * 3, values_per_channel=None)
     with pytest.raises(ValueError, match="values_per_channel must be an integer >= 2"):
         checkpoints.from_flax({"batch_stats": {"mean": np.zeros(2), "var": np.ones(2)}}, values_per_channel=1)
@@ -102,5 +103,5 @@ def test_missing_affine_and_bad_arguments():
     with pytest.raises(ValueError, match="track_running_stats=True"):
         checkpoints.to_flax(batchnorm.BatchNorm1d(2, track_running_stats=False).state_dict(),
                             values_per_channel=None)
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match="all the same length"):
         checkpoints.from_keras([np.ones(3), np.zeros(3), np.zeros(2), np.ones(2)], values_per_channel=None)
