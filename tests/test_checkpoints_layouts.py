@@ -354,3 +354,16 @@ def test_to_keras_lengths_and_dtypes(dtype) -> None:
     assert all(v.dtype == expected for v in weights.values())
     np.testing.assert_array_equal(weights["gamma"], GAMMA.astype(expected))
     np.testing.assert_array_equal(weights["moving_variance"], VAR.astype(expected))
+
+
+def test_library_doc_example_runs() -> None:
+    """docs/library.md "Weights from Keras and Flax": its example runs as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "library.md").read_text()
+    section = text.split("## Weights from Keras and Flax", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "docs/library.md", "exec"), {})
