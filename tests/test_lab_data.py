@@ -209,3 +209,60 @@ def test_mnist1d_is_made_offline_and_leaves_global_generators_alone() -> None:
     assert (np.random.rand(), random.random()) == (expected_np, expected_py)
     assert d.x_train.shape == (4000, 40) and d.x_test.shape == (1000, 40) and d.n_classes == 10
     assert sorted(d.y_train.unique().tolist()) == list(range(10))
+
+
+def test_idx_with_no_images_names_the_file(tmp_path: Path) -> None:
+    write_idx_set(tmp_path, gz=False)
+    path = tmp_path / "t10k-images-idx3-ubyte"
+    path.write_bytes(idx_bytes(np.zeros((0, 6, 5), dtype=np.uint8)))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(0, dtype=np.uint8)))
+    with pytest.raises(DataError, match=r"expected at least one image of at least one pixel, found shape \(0, 6, 5\)") as e:
+        load("mnist", tmp_path)
+    assert str(path) in str(e.value)
+    path.write_bytes(idx_bytes(np.zeros((5, 0, 5), dtype=np.uint8)))
+    with pytest.raises(DataError, match=r"found shape \(5, 0, 5\)"):
+        load("mnist", tmp_path)
+
+
+def test_idx_huge_header_reports_the_exact_byte_count(tmp_path: Path) -> None:
+    """Dimensions near 2**32 overflowed NumPy's int64 product and gave a wrong count."""
+    path = tmp_path / "train-images-idx3-ubyte"
+    dims = (0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF)
+    path.write_bytes(bytes([0, 0, 0x0D, 3]) + struct.pack(">3I", *dims) + bytes(8))  # float32 entries
+    expected = 16 + 0xFFFFFFFF**3 * 4
+    with pytest.raises(DataError, match=rf"expected {expected} bytes for an IDX array of shape \(4294967295, "
+                                        rf"4294967295, 4294967295\) and type >f4, found 24") as e:
+        read_idx(path)
+    assert str(path) in str(e.value)
+
+
+def test_train_and_test_images_of_different_sizes(tmp_path: Path) -> None:
+    write_idx_set(tmp_path, gz=True)
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(idx_bytes(np.zeros((5, 7, 5), dtype=np.uint8))))
+    with pytest.raises(DataError, match=r"has images of 7x5 pixels but .*train-images-idx3-ubyte.gz has 6x5: "
+                                        r"expected test images of the training images' size") as e:
+        load("mnist", tmp_path)
+    assert str(path) in str(e.value)
+
+
+def test_cifar_gzipped_batches_are_decompressed(tmp_path: Path) -> None:
+    folder = tmp_path / "cifar-10-batches-bin"
+    written = write_cifar(folder)
+    plain = load("cifar10", tmp_path)
+    for name in ["test_batch.bin", "data_batch_2.bin"]:
+        (folder / (name + ".gz")).write_bytes(gzip.compress((folder / name).read_bytes()))
+        (folder / name).unlink()
+    images, labels = read_cifar_batch(folder / "test_batch.bin.gz")
+    np.testing.assert_array_equal(images, written[5][0])
+    np.testing.assert_array_equal(labels, written[5][1])
+    gz = load("cifar10", tmp_path)
+    assert torch.equal(gz.x_train, plain.x_train) and torch.equal(gz.x_test, plain.x_test)
+    assert torch.equal(gz.y_test, plain.y_test)
+
+
+def test_data_dir_that_is_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "mnist.tar"
+    path.write_bytes(b"x")
+    with pytest.raises(DataError, match=r"mnist.tar is not a folder \(expected a folder with the mnist files in it\)"):
+        load("mnist", path)

@@ -12,6 +12,7 @@ from rich.console import Console
 from .data import DATASETS, DataError
 from .experiment import PROFILES
 from .experiments import select
+from .output import OutputError
 from .runner import run_lab
 
 
@@ -23,6 +24,7 @@ def lab_command(
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the files of mnist, fashion-mnist or cifar10.")] = None,
     seeds: Annotated[Optional[int], typer.Option(help="Number of seeds for every experiment (default: the profile's).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Redo every training run instead of reusing stored ones.")] = False,
+    replace: Annotated[bool, typer.Option("--replace", help="Overwrite the report of another run (other claims, profile or data) in --out.")] = False,
 ) -> None:
     """Measure what Batch Normalization does (the claims of docs/claims.md) and write an HTML report."""
     if profile not in PROFILES:
@@ -42,8 +44,8 @@ def lab_command(
     parts += ["--seeds", str(seeds)] if seeds is not None else []
     try:
         run_lab(out, profile=profile, only=only, data=data, data_dir=data_dir, seeds=seeds, fresh=fresh,
-                console=console, command=shlex.join(parts))
-    except DataError as e:
+                console=console, command=shlex.join(parts), replace=replace)
+    except (DataError, OutputError) as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(2) from e
     except KeyboardInterrupt:

@@ -6,8 +6,8 @@ Embedded (no file, no network): ``mnist1d`` (made offline by the ``mnist1d`` pac
 
 From files a user already has (``data_dir``): ``mnist`` and ``fashion-mnist`` (the four
 IDX files under their standard names, gzipped or not) and ``cifar10`` (the *binary*
-version: ``data_batch_1.bin`` ... ``data_batch_5.bin``, ``test_batch.bin``). The bytes are
-parsed here; nothing is unpickled. Features are scaled to zero mean and unit variance
+version: ``data_batch_1.bin`` ... ``data_batch_5.bin``, ``test_batch.bin``, gzipped or not).
+The bytes are parsed here; nothing is unpickled. Features are scaled to zero mean and unit variance
 with one mean and one standard deviation taken over the training set.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import math
 import random
 import struct
 import zlib
@@ -81,7 +82,8 @@ def load(name: str, data_dir: Path | None = None) -> Dataset:
         raise DataError(f"data set {name!r} is read from files: give the folder that holds them (--data-dir DIR)")
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DataError(f"data folder {data_dir} does not exist (expected the {name} files in it)")
+        what = "is not a folder" if data_dir.exists() else "does not exist"
+        raise DataError(f"data folder {data_dir} {what} (expected a folder with the {name} files in it)")
     if name == "cifar10":
         return _cifar10(data_dir)
     return _idx_set(name, data_dir)
@@ -181,7 +183,7 @@ def read_idx(path: Path) -> np.ndarray:
         raise DataError(f"{path}: truncated IDX header: expected {header} bytes for {ndim} dimensions, found {len(raw)}")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     dtype = np.dtype(_IDX_TYPES[raw[2]])
-    expected = header + int(np.prod(shape)) * dtype.itemsize
+    expected = header + math.prod(shape) * dtype.itemsize  # Python ints: no overflow for huge headers
     if len(raw) != expected:
         raise DataError(f"{path}: expected {expected} bytes for an IDX array of shape {shape} and type {dtype}, "
                         f"found {len(raw)} (truncated or corrupt)")
@@ -205,6 +207,8 @@ def _idx_set(name: str, data_dir: Path) -> Dataset:
         a = read_idx(path)
         if key.endswith("images") and (a.ndim != 3 or a.dtype != np.uint8):
             raise DataError(f"{path}: expected unsigned-byte images of shape (N, rows, cols), found {a.dtype} of shape {a.shape}")
+        if key.endswith("images") and 0 in a.shape:
+            raise DataError(f"{path}: expected at least one image of at least one pixel, found shape {a.shape}")
         if key.endswith("labels") and (a.ndim != 1 or a.dtype != np.uint8 or (a.size and a.max() > 9)):
             raise DataError(f"{path}: expected unsigned-byte labels 0-9 of shape (N,), found {a.dtype} of shape {a.shape}")
         arrays[key] = (a, path)
@@ -212,6 +216,10 @@ def _idx_set(name: str, data_dir: Path) -> Dataset:
         (images, ipath), (labels, lpath) = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if len(images) != len(labels):
             raise DataError(f"{ipath} has {len(images)} images but {lpath} has {len(labels)} labels: expected the same number")
+    (train, train_path), (test, test_path) = arrays["train_images"], arrays["test_images"]
+    if train.shape[1:] != test.shape[1:]:
+        raise DataError(f"{test_path} has images of {test.shape[1]}x{test.shape[2]} pixels but {train_path} has "
+                        f"{train.shape[1]}x{train.shape[2]}: expected test images of the training images' size")
     return _finish(name, arrays["train_images"][0] / 255.0, arrays["train_labels"][0],
                    arrays["test_images"][0] / 255.0, arrays["test_labels"][0], 10,
                    f"IDX files in {arrays['train_images'][1].parent}")
@@ -225,8 +233,8 @@ _CIFAR_TEST = ("test_batch.bin",)
 
 
 def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, 3, 32, 32) uint8 and labels (N,) of one CIFAR-10 binary batch file."""
-    raw = path.read_bytes()
+    """Images (N, 3, 32, 32) uint8 and labels (N,) of one CIFAR-10 binary batch file (gzipped or not)."""
+    raw = _read_bytes(path)
     if not raw or len(raw) % _CIFAR_RECORD:
         raise DataError(f"{path}: expected a whole number of {_CIFAR_RECORD}-byte records (CIFAR-10 binary version), "
                         f"found {len(raw)} bytes")

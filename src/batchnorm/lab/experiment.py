@@ -114,10 +114,10 @@ class Context:
         """The result of ``spec`` on the lab's data: from the store, or trained and stored."""
         label = spec.label()
         key = self.store.key(spec.to_json(), self.data.fingerprint)
-        stored = self.store.get(label, key)
+        stored = self.store.get(label, key, RunResult.from_json)
         if stored is not None:
             self.progress.finish(label, stored=True)
-            return RunResult.from_json(stored)
+            return stored
         result = train(spec, self.data, self.progress.start(label, spec.steps))
         self.store.put(label, key, result.to_json())
         self.progress.finish(label, stored=False)

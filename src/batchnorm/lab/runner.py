@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import report, results
-from .data import load
+from . import output, report, results
+from .data import DataError, Dataset, load
 from .experiment import PROFILES, ClaimResult, Context
 from .experiments import select
 from .store import RunStore
@@ -59,8 +59,13 @@ class BarProgress:
 
 def run_lab(out: Path, profile: str = "quick", only: list[str] | None = None, data: str = "mnist1d",
             data_dir: Path | None = None, seeds: int | None = None, fresh: bool = False,
-            console: Console | None = None, command: str = "batchnorm lab") -> Path:
-    """Run the lab and write ``out/results.json`` and ``out/index.html``; returns the report's path."""
+            console: Console | None = None, command: str = "batchnorm lab", replace: bool = False) -> Path:
+    """Run the lab and write ``out/results.json`` and ``out/index.html``; returns the report's path.
+
+    Before any training: the output folder is checked (``output.prepare``: a report of
+    other claims, profile or data there is kept unless ``replace``), the data set is read
+    and checked against the experiments' batch sizes; errors are ``OutputError`` and
+    ``DataError``."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}: expected one of {PROFILES}")
     if seeds is not None and seeds < 1:
@@ -68,12 +73,14 @@ def run_lab(out: Path, profile: str = "quick", only: list[str] | None = None, da
     console = console or Console()
     experiments = select(only)
     out = Path(out)
+    previous = output.prepare(out, [e.ID for e in experiments], profile, data, replace)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     clock, cpu = time.perf_counter(), time.process_time()
     with console.status(f"loading {data}"):
         dataset = load(data, data_dir)
     console.print(f"data: {dataset.name}, {len(dataset.y_train)} train / {len(dataset.y_test)} test ({dataset.source})")
-    store = RunStore(out, fresh=fresh)
+    check_batch_sizes(dataset, experiments, profile)
+    store = RunStore(out, fresh=fresh, on_corrupt=lambda message: console.print(f"[yellow]warning:[/] {message}"))
     threads = torch.get_num_threads()
     torch.set_num_threads(LAB_THREADS)
     claims: list[ClaimResult] = []
@@ -98,9 +105,28 @@ def run_lab(out: Path, profile: str = "quick", only: list[str] | None = None, da
                             time.perf_counter() - clock, time.process_time() - cpu, LAB_THREADS,
                             bars.trained, bars.reused)
     path = report.write(written, out)
+    output.remove_orphans(out, previous, written)
     console.print(summary_table(claims))
     console.print(f"Report: {path.resolve()}")
     return path
+
+
+BATCH_FIELDS = ("batch_size", "batch_sizes", "few_class_batch")  # Config fields that size training batches
+
+
+def check_batch_sizes(dataset: Dataset, experiments: list, profile: str) -> None:
+    """Raise ``DataError`` when an experiment's training batch (its Config's ``BATCH_FIELDS``
+    in ``profile``) is larger than the training set: found before any training starts."""
+    n = len(dataset.y_train)
+    for experiment in experiments:
+        cfg = getattr(experiment.Config, profile)()
+        for name in BATCH_FIELDS:
+            value = getattr(cfg, name, None)
+            for size in value if isinstance(value, tuple) else (value,):
+                if isinstance(size, int) and size > n:
+                    raise DataError(f"{dataset.source}: {n} training examples, fewer than {experiment.ID}'s {name} "
+                                    f"{size} in the {profile} profile; expected at least {size} training examples "
+                                    f"(a larger training set, or other claims with --only)")
 
 
 def summary_table(claims: list[ClaimResult]) -> Table:
