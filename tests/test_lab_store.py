@@ -173,6 +173,15 @@ def squash(text: str) -> str:
     return "".join(text.split())
 
 
+def test_context_retrains_a_run_file_of_another_layout(tmp_path: Path, data, count_training: list[str]) -> None:
+    first = Context(c1_training, "smoke", data, tmp_path, RunStore(tmp_path)).train(SPEC)
+    (path,) = (tmp_path / "runs").glob("*.json")
+    path.write_text('{"spec": {}, "loss": [1.0]}')  # valid JSON, not a RunResult
+    with pytest.warns(RuntimeWarning, match=rf"{path}: unreadable stored run \(TypeError"):
+        again = Context(c1_training, "smoke", data, tmp_path, RunStore(tmp_path)).train(SPEC)
+    assert len(count_training) == 2 and again.test_accuracy == first.test_accuracy
+
+
 def test_cli_retrains_a_truncated_run_file(tmp_path: Path, count_training: list[str]) -> None:
     runner = CliRunner()
     args = ["lab", "--profile", "smoke", "--only", "C1", "--data", "gaussians", "--out", str(tmp_path)]
@@ -236,6 +245,10 @@ def test_out_naming_a_file_stops_before_training(tmp_path: Path, count_training:
     assert code == 2 and squash(f"error: --out {path} is a file; expected a folder") in output
     code, output = lab(path / "sub", "--only", "C1")
     assert code == 2 and squash(f"cannot create the output folder {path / 'sub'}") in output
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "runs").write_text("x")
+    code, output = lab(tmp_path / "out", "--only", "C1")
+    assert code == 2 and squash(f"{tmp_path / 'out' / 'runs'} is a file; expected the lab's runs/ folder") in output
     assert path.read_text() == "mine" and count_training == []
 
 

@@ -47,6 +47,9 @@ def prepare(out: Path, claims: list[str], profile: str, data: str, replace: bool
                           "can be made") from e
     if not os.access(out, os.W_OK | os.X_OK):
         raise OutputError(f"the output folder {out} is not writable; expected a folder this user can write to")
+    for folder in ("runs", "figures", "data"):
+        if (out / folder).exists() and not (out / folder).is_dir():
+            raise OutputError(f"{out / folder} is a file; expected the lab's {folder}/ folder there (move the file away)")
     results, index = out / "results.json", out / "index.html"
     if not results.exists():
         if index.exists() and not replace:
