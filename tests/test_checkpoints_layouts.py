@@ -367,3 +367,80 @@ def test_library_doc_example_runs() -> None:
     assert blocks
     for block in blocks:
         exec(compile(block, "docs/library.md", "exec"), {})
+
+
+# --- any layout: the exact values or a clean error (hypothesis) --------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+KERAS_NAMES = ("gamma", "beta", "moving_mean", "moving_variance")
+FLAX_NAMES = ("scale", "bias", "mean", "var")
+OTHER_NAMES = ["scale", "center", "bias", "mean", "gamma", "moving_mean", "kernel", "0"]
+
+
+@st.composite
+def arrays(draw, n: int):
+    """A stored value: mostly a 1-D float array of length ``n``, sometimes anything else."""
+    kind = draw(st.sampled_from(["f32"] * 40 + ["f16", "f64", "bf16-torch", "list"] * 3 +
+                                ["other-length", "int", "2d", "scalar", "str", "none"]))
+    values = np.array(draw(st.lists(st.floats(-4, 4, width=16), min_size=n, max_size=n)), dtype=np.float32)
+    return {"f32": values, "f16": values.astype(np.float16), "f64": values.astype(np.float64),
+            "bf16-torch": torch.from_numpy(values).bfloat16(), "list": values.tolist(),
+            "other-length": np.ones(n + 1, np.float32), "int": values.astype(np.int64), "2d": values[None],
+            "scalar": np.float32(1.0), "str": "abc", "none": None}[kind]
+
+
+@st.composite
+def layouts(draw, names: tuple[str, ...]):
+    """One layer's dict (gamma/beta each maybe missing, sometimes a wrong name more), nested
+    under a random path, sometimes beside a second layer with the same names."""
+    n = draw(st.sampled_from([1, 2, 3]))
+    present = [name for i, name in enumerate(names) if i >= 2 and draw(st.integers(0, 9)) > 0 or draw(st.booleans())]
+    if draw(st.integers(0, 4)) == 0:
+        present.append(draw(st.sampled_from(OTHER_NAMES)))
+    layer = {name: draw(arrays(n)) for name in dict.fromkeys(present)}
+    path = draw(st.lists(st.sampled_from(["params", "batch_stats", "bn", "layers", "0"]), max_size=2))
+    tree: dict = layer
+    for part in reversed(path):
+        tree = {part: tree}
+    if draw(st.integers(0, 4)) == 0:
+        tree = {**tree, "other": {name: draw(arrays(n)) for name in layer}}
+    flags = (names[0] in layer, names[1] in layer)  # the layer's flags, or (1 in 4) random ones
+    if draw(st.integers(0, 3)) == 0:
+        flags = (draw(st.booleans()), draw(st.booleans()))
+    return tree, layer, flags
+
+
+def exact_or_refused(convert, layer: dict, names: tuple[str, str, str, str], flags: tuple[bool, bool]) -> None:
+    """``convert()`` returns the layer's values exactly, or raises ValueError / TypeError."""
+    try:
+        state, _ = convert()
+    except (ValueError, TypeError):
+        return
+    gamma, beta, mean, var = names
+    found = {name: layer[name] for name in names if layer.get(name) is not None}
+    assert set(layer) - {name for name, value in layer.items() if value is None} <= set(names)  # no unknown name
+    assert (gamma in found) == flags[0] and (beta in found) == flags[1]  # never a default for a stored value
+    for ours, theirs in [("weight", gamma), ("bias", beta), ("running_mean", mean), ("running_var", var)]:
+        if theirs in found:
+            value = found[theirs]
+            expected = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+            assert state[ours].dtype == expected.dtype and torch.equal(state[ours], expected), ours
+        else:
+            assert torch.equal(state[ours], torch.full_like(state["running_mean"], float(ours == "weight"))), ours
+
+
+@settings(max_examples=300, deadline=None)
+@given(layouts(KERAS_NAMES))
+def test_any_keras_layout_is_read_exactly_or_refused(layout) -> None:
+    tree, layer, (scale, center) = layout
+    exact_or_refused(lambda: keras(weights=tree, center=center, scale=scale), layer, KERAS_NAMES, (scale, center))
+
+
+@settings(max_examples=300, deadline=None)
+@given(layouts(FLAX_NAMES))
+def test_any_flax_layout_is_read_exactly_or_refused(layout) -> None:
+    tree, layer, (use_scale, use_bias) = layout
+    exact_or_refused(lambda: flax(variables=tree, use_scale=use_scale, use_bias=use_bias), layer, FLAX_NAMES,
+                     (use_scale, use_bias))
