@@ -28,15 +28,17 @@ class OutputError(ValueError):
 
 
 def _describe(claims: list[str], profile: str, data: str) -> str:
-    return f"claims {', '.join(claims)}, profile {profile}, data {data}"
+    return f"claims {', '.join(claims) or 'none'}, profile {profile}, data {data}"
 
 
 def prepare(out: Path, claims: list[str], profile: str, data: str, replace: bool = False) -> dict[str, Any] | None:
     """Create ``out`` if needed and check that this run may write its report there.
 
     ``claims`` are the IDs this run reports. Returns the report already in ``out``
-    (results.json's contents) when this run replaces it, else None; raises ``OutputError``
-    when ``out`` is not a writable folder or holds another report and ``replace`` is False."""
+    (results.json's contents) that this run will write over (refresh, extend or
+    ``replace``), else None. Raises ``OutputError`` when ``out`` is not a writable folder,
+    or holds a report this run would lose claims of (or of another profile or data set)
+    and ``replace`` is False."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; expected a folder (a new one, or one that holds a lab report)")

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from rich.console import Console
@@ -62,10 +63,10 @@ def run_lab(out: Path, profile: str = "quick", only: list[str] | None = None, da
             console: Console | None = None, command: str = "batchnorm lab", replace: bool = False) -> Path:
     """Run the lab and write ``out/results.json`` and ``out/index.html``; returns the report's path.
 
-    Before any training: the output folder is checked (``output.prepare``: a report of
-    other claims, profile or data there is kept unless ``replace``), the data set is read
-    and checked against the experiments' batch sizes; errors are ``OutputError`` and
-    ``DataError``."""
+    Before any training: the output folder is checked (``output.prepare``: a report there
+    that this run would lose claims of, or of another profile or data set, is kept unless
+    ``replace``), the data set is read and checked against the experiments' batch sizes;
+    errors are ``output.OutputError`` and ``DataError``."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}: expected one of {PROFILES}")
     if seeds is not None and seeds < 1:
@@ -114,7 +115,7 @@ def run_lab(out: Path, profile: str = "quick", only: list[str] | None = None, da
 BATCH_FIELDS = ("batch_size", "batch_sizes", "few_class_batch")  # Config fields that size training batches
 
 
-def check_batch_sizes(dataset: Dataset, experiments: list, profile: str) -> None:
+def check_batch_sizes(dataset: Dataset, experiments: list[ModuleType], profile: str) -> None:
     """Raise ``DataError`` when an experiment's training batch (its Config's ``BATCH_FIELDS``
     in ``profile``) is larger than the training set: found before any training starts."""
     n = len(dataset.y_train)
