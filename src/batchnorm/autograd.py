@@ -18,12 +18,9 @@ penalties, ``torch.func.grad`` nesting) the same closed form runs as differentia
 operations on the saved input, recomputing the statistics so that their dependence on x
 is differentiated too.
 
-Where the dispatcher picks ATen's kernels for the training forward (``native``: small
-tensors, channels_last, (N, C); see ``batchnorm.kernels``), eager calls skip
-``BatchNormTrain`` and let ATen's autograd record ``native_batch_norm``: the same forward
-and backward kernels (the same closed form), with the derivative bookkeeping in C++ rather
-than in a Python Function, which costs tens of microseconds per step (more than a small
-BN itself). torch.func transforms and torch.compile still go through ``BatchNormTrain``.
+Both Functions take the backend whose kernels they run (``kernels``, chosen by
+``batchnorm.plan``), or None for ``batchnorm.ops`` (custom ops that pick the kernels when
+they run: torch.compile, torch.func, dispatch modes).
 
 Both Functions define ``setup_context`` and a ``vmap`` rule, so ``torch.func.grad`` and
 ``torch.func.vmap`` work: vmap over B models turns (B, N, C, *) into one BN call over
@@ -35,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import kernels, ops, stats
+from . import ops
 from .kernels.torch_backend import acc_dtype, channel_view, reduce_dims
 
 
@@ -95,33 +92,19 @@ def _unfold(y: Tensor, batch: int) -> Tensor:
     return y.reshape(y.shape[0], batch, -1, *y.shape[2:]).transpose(0, 1)
 
 
-class Function(torch.autograd.Function):
-    """An autograd Function whose eager ``apply`` skips the per-call ``inspect.signature``
-    binding that torch performs for ``setup_context``-style Functions (tens of
-    microseconds, as much as a small BN itself). Every argument is passed positionally, so
-    that binding has nothing to do. Under torch.func transforms or torch.compile the
-    standard path runs."""
-
-    @classmethod
-    def apply(cls, *args):
-        if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
-            return super().apply(*args)
-        return super(torch.autograd.Function, cls).apply(*args)
-
-
-class BatchNormTrain(Function):
+class BatchNormTrain(torch.autograd.Function):
     """y, mean, invstd = BN over the batch's own statistics (mean/invstd not differentiable)."""
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-        return ops.forward_train(x, weight, bias, eps)
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, kernels):
+        return (kernels or ops).forward_train(x, weight, bias, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, _bias, eps = inputs
+        x, weight, _bias, eps, kernels = inputs
         _y, mean, invstd = output
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.eps = eps
+        ctx.eps, ctx.kernels = eps, kernels
         ctx.mark_non_differentiable(mean, invstd)
 
     @staticmethod
@@ -130,37 +113,39 @@ class BatchNormTrain(Function):
         if torch.is_grad_enabled():
             dx, dw, db = differentiable_backward(dy, x, weight, ctx.eps)
         else:
-            dx, dw, db = ops.backward(like_layout(dy, x), x, mean, invstd, weight)
+            dx, dw, db = (ctx.kernels or ops).backward(like_layout(dy, x), x, mean, invstd, weight)
         need = ctx.needs_input_grad
         return (
             dx if need[0] else None,
             _cast(dw, weight, need[1]),
             _cast(db, weight, need[2]),
             None,
+            None,
         )
 
     @staticmethod
-    def vmap(info, in_dims, x, weight, bias, eps):
+    def vmap(info, in_dims, x, weight, bias, eps, kernels):
         b = info.batch_size
         y, mean, invstd = BatchNormTrain.apply(
             _fold(x, in_dims[0], b),
             _batched(weight, in_dims[1], b),
             _batched(bias, in_dims[2], b),
             eps,
+            kernels,
         )
         return (_unfold(y, b), mean.view(b, -1), invstd.view(b, -1)), (0, 0, 0)
 
 
-class BatchNormEval(Function):
+class BatchNormEval(torch.autograd.Function):
     """y = BN with fixed statistics (mean, invstd): an affine map per channel."""
 
     @staticmethod
-    def forward(x, mean, invstd, weight, bias):
-        return ops.normalize(x, mean, invstd, weight, bias)
+    def forward(x, mean, invstd, weight, bias, kernels):
+        return (kernels or ops).normalize(x, mean, invstd, weight, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, mean, invstd, weight, _bias = inputs
+        x, mean, invstd, weight, _bias, _kernels = inputs
         ctx.save_for_backward(x, mean, invstd, weight)
 
     @staticmethod
@@ -181,10 +166,10 @@ class BatchNormEval(Function):
         db = dyf.sum(dims) if need[4] or need[1] else None
         if need[1]:  # statistics that are learned (meta-learning, test-time adaptation)
             dmean = -g * db
-        return dx, dmean, dinvstd, _cast(dw, weight, need[3]), _cast(db, weight, need[4])
+        return dx, dmean, dinvstd, _cast(dw, weight, need[3]), _cast(db, weight, need[4]), None
 
     @staticmethod
-    def vmap(info, in_dims, x, mean, invstd, weight, bias):
+    def vmap(info, in_dims, x, mean, invstd, weight, bias, kernels):
         b = info.batch_size
         y = BatchNormEval.apply(
             _fold(x, in_dims[0], b),
@@ -192,117 +177,18 @@ class BatchNormEval(Function):
             _batched(invstd, in_dims[2], b),
             _batched(weight, in_dims[3], b),
             _batched(bias, in_dims[4], b),
+            kernels,
         )
         return _unfold(y, b), 0
 
 
-_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+def eager_apply(function: type[torch.autograd.Function]):
+    """``function.apply`` for eager calls outside torch.func transforms: the C entry
+    itself, without the per-call ``inspect.signature`` binding torch performs for
+    ``setup_context``-style Functions (tens of microseconds, as much as a small BN). Every
+    argument is passed positionally, so that binding has nothing to do."""
+    return super(torch.autograd.Function, function).apply
 
 
-def transformed(*tensors: Tensor | None) -> bool:
-    """Whether a torch.func transform wraps one of the tensors. (These two checks run on
-    every call: plain loops, as generator expressions cost a microsecond each.)"""
-    for t in tensors:
-        if t is not None and _is_wrapped(t):
-            return True
-    return False
-
-
-def needs_function(*tensors: Tensor | None) -> bool:
-    """Whether the autograd Function is needed: something requires grad, or a torch.func
-    transform wraps an input (its vmap rule must run). Otherwise the kernels are called
-    directly, which spares the Function's per-call cost."""
-    if torch.is_grad_enabled():
-        for t in tensors:
-            if t is not None and t.requires_grad:
-                return True
-    return transformed(*tensors)
-
-
-def _aten_recorded(x: Tensor, weight: Tensor | None, bias: Tensor | None):
-    """The backend whose training forward ATen's autograd records (``native``) when the
-    dispatcher picks it for ``x`` in eager mode outside torch.func transforms, else None."""
-    if torch.compiler.is_compiling() or transformed(x, weight, bias):
-        return None
-    backend = kernels.pick("forward_train", x)
-    return backend if getattr(backend, "records_autograd", False) else None
-
-
-def _ours(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-    """Our kernels: through ``BatchNormTrain`` when autograd needs it, directly otherwise
-    (``train_forward`` without the ATen decision, once ``_aten_recorded`` said None)."""
-    if needs_function(x, weight, bias):
-        return BatchNormTrain.apply(x, weight, bias, eps)
-    return ops.forward_train(x, weight, bias, eps)
-
-
-def train_forward(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, invstd) normalised with the batch statistics, differentiable in x, weight
-    and bias through ``BatchNormTrain`` when needed (or ATen's autograd, see above)."""
-    if needs_function(x, weight, bias):
-        aten = _aten_recorded(x, weight, bias)
-        if aten is not None:
-            return aten.forward_train(x, weight, bias, eps)
-        return BatchNormTrain.apply(x, weight, bias, eps)
-    return ops.forward_train(x, weight, bias, eps)
-
-
-def train_forward_updating(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-    running_mean: Tensor, running_var: Tensor, count: int, momentum: float | None,
-    num_batches_tracked: Tensor | None = None, backup=None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``train_forward``, then the guarded running update of
-    ``stats.update_running_from_invstd`` (non-finite batch: nothing written, a warning).
-
-    Where ATen's kernels run the forward (as in ``train_forward``), ATen's kernel also
-    blends the batch into the buffers, as it does for ``torch.nn``, so the running
-    statistics are torch.nn's bit for bit; the guard then keeps a copy of the buffers and
-    puts it back if the batch's statistics are not finite: in ``backup`` (a layer's
-    ``kernels.cpu_backup.RunningBackup``) where it applies, else in a new tensor."""
-    aten = _aten_recorded(x, weight, bias)
-    if aten is not None and aten.updates_running(x, running_mean, running_var):
-        factor = stats.blend_factor(momentum, num_batches_tracked, pending=1)
-        saved = backup is not None and backup.save(
-            running_mean, running_var, num_batches_tracked
-        )
-        copy = None if saved else torch.cat((running_mean, running_var))  # one op
-        y, mean, invstd = aten.forward_train_update(
-            x, weight, bias, eps, running_mean, running_var, factor
-        )
-        # Finite buffers after the blend imply a finite batch (``commit`` then counts it
-        # in num_batches_tracked). Otherwise ask the batch: buffers that were not finite
-        # before, or a blend that overflowed, let a finite batch pass.
-        if saved and backup.commit():
-            return y, mean, invstd
-        if stats.finite_batch(mean, invstd, eps):
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-        else:
-            if saved:
-                backup.restore()
-            else:
-                running_mean.copy_(copy[: running_mean.numel()])
-                running_var.copy_(copy[running_mean.numel():])
-            # (stacklevel 3: the warning points at the caller of this function)
-            stats.warn_not_finite(mean, stats.var_from_invstd(invstd, eps), stacklevel=3)
-        return y, mean, invstd
-    if aten is not None:  # buffers ATen cannot take: its forward, our guarded update
-        y, mean, invstd = aten.forward_train(x, weight, bias, eps)
-    else:
-        y, mean, invstd = _ours(x, weight, bias, eps)
-    stats.update_running_from_invstd(
-        running_mean, running_var, mean, invstd, eps, count, momentum, num_batches_tracked
-    )
-    return y, mean, invstd
-
-
-def eval_forward(
-    x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
-) -> Tensor:
-    """y normalised with fixed statistics, through ``BatchNormEval`` when needed."""
-    if needs_function(x, mean, invstd, weight, bias):
-        return BatchNormEval.apply(x, mean, invstd, weight, bias)
-    return ops.normalize(x, mean, invstd, weight, bias)
+train_apply = eager_apply(BatchNormTrain)
+eval_apply = eager_apply(BatchNormEval)

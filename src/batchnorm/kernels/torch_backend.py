@@ -1,11 +1,8 @@
 """Pure-torch backend: always available, always correct, any device, dtype and layout.
 
-Every backend implements the functions below on tensors whose channel axis is 1,
-shape ``(N, C, *)``. Statistics (``mean``, ``invstd``, sums) are 1-d tensors of length C
-in the accumulation dtype: float64 for float64 input, float32 otherwise (half inputs are
-accumulated in float32). ``invstd = 1 / sqrt(var + eps)`` with the *biased* variance.
-Outputs keep the input's dtype and memory format. Faster backends are tested against
-this one.
+It implements every operation of ``interface.Backend`` but the two that are ATen's own
+(``forward_train_update``, ``forward_eval``), and closes every list of the dispatcher.
+Faster backends are tested against this one.
 """
 
 from __future__ import annotations
@@ -16,11 +13,27 @@ from torch import Tensor
 from . import activations
 
 name = "torch"
+OPS = frozenset((
+    "batch_stats", "normalize", "forward_train", "backward_reduce", "backward_elemt",
+    "backward", "backward_eval", "forward_train_act", "forward_eval_act", "backward_act",
+    "backward_act_input",
+))
+records_autograd = False
+blends_running = False
 
 
 def supports(x: Tensor) -> bool:
     """The pure-torch path takes everything."""
     return True
+
+
+def prefers(op: str, x: Tensor) -> bool:
+    """The last resort: never preferred, always there."""
+    return False
+
+
+def accepts_running(x: Tensor, running_mean: Tensor, running_var: Tensor) -> bool:
+    return False
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
