@@ -96,7 +96,7 @@ class BatchNormTrain(torch.autograd.Function):
     """y, mean, invstd = BN over the batch's own statistics (mean/invstd not differentiable)."""
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, kernels):
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, kernels=None):
         return (kernels or ops).forward_train(x, weight, bias, eps)
 
     @staticmethod
@@ -124,7 +124,7 @@ class BatchNormTrain(torch.autograd.Function):
         )
 
     @staticmethod
-    def vmap(info, in_dims, x, weight, bias, eps, kernels):
+    def vmap(info, in_dims, x, weight, bias, eps, kernels=None):
         b = info.batch_size
         y, mean, invstd = BatchNormTrain.apply(
             _fold(x, in_dims[0], b),
@@ -140,7 +140,7 @@ class BatchNormEval(torch.autograd.Function):
     """y = BN with fixed statistics (mean, invstd): an affine map per channel."""
 
     @staticmethod
-    def forward(x, mean, invstd, weight, bias, kernels):
+    def forward(x, mean, invstd, weight, bias, kernels=None):
         return (kernels or ops).normalize(x, mean, invstd, weight, bias)
 
     @staticmethod
@@ -169,7 +169,7 @@ class BatchNormEval(torch.autograd.Function):
         return dx, dmean, dinvstd, _cast(dw, weight, need[3]), _cast(db, weight, need[4]), None
 
     @staticmethod
-    def vmap(info, in_dims, x, mean, invstd, weight, bias, kernels):
+    def vmap(info, in_dims, x, mean, invstd, weight, bias, kernels=None):
         b = info.batch_size
         y = BatchNormEval.apply(
             _fold(x, in_dims[0], b),
