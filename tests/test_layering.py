@@ -108,12 +108,15 @@ def test_imports_point_one_way_lab_library_kernels():
             assert not above, f"{name} (library) imports {above} from the command layer"
 
 
-BACKENDS = [name for name in ("torch", "cpu", "native", "triton") if kernels.load(name)]
-
-
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", ["torch", "cpu", "native", "triton"])
 def test_every_backend_implements_the_interface(name):
+    if name == "triton" and "batchnorm.kernels.triton_backend" not in sys.modules:
+        # importing it here would build its kernels outside Triton's interpreter, which
+        # tests/test_kernels_triton.py sets up before importing it
+        pytest.skip("the Triton backend is checked once tests/test_kernels_triton.py loaded it")
     backend = kernels.load(name)
+    if backend is None:
+        pytest.skip(f"the {name} backend's dependency is not installed")
     assert backend.name == name
     assert backend.OPS <= set(interface.OPERATIONS)
     for member in ("supports", "prefers", "accepts_running", *backend.OPS):

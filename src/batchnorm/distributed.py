@@ -224,18 +224,10 @@ class SyncBatchNorm(_BatchNorm):
         >>> model = torch.nn.parallel.DistributedDataParallel(model)
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        process_group=None,
-        device=None,
-        dtype=None,
-        **kwargs,
-    ) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, process_group=None,
+                 device=None, dtype=None, **kwargs) -> None:
+        # torch.nn.SyncBatchNorm's order: process_group before device and dtype
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
                          dtype, **kwargs)
         self.process_group = process_group

@@ -39,14 +39,8 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-def normalize(
-    x: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float = 1e-5,
-) -> Tensor:
+def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None = None,
+              bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     """``(x - mean) / sqrt(var + eps) * weight + bias`` per channel, differentiable in all
     arguments; computed in the statistics' dtype and returned in ``x``'s."""
     acc = mean.dtype
@@ -126,16 +120,9 @@ def batch_norm_stateless(
 
 
 def masked_batch_norm(
-    input: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    training: bool = False,
-    momentum: float | None = 0.1,
-    eps: float = 1e-5,
-    *,
-    mask: Tensor,
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
+    momentum: float | None = 0.1, eps: float = 1e-5, *, mask: Tensor,
     num_batches_tracked: Tensor | None = None,
 ) -> Tensor:
     """``batch_norm`` with masked / weighted statistics (``batchnorm.masking``,

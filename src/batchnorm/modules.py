@@ -376,13 +376,6 @@ class _BatchNorm(Family, nn.Module):
         return backup
 
 
-class BatchNorm1d(_BatchNorm, dims="1d", example=("100", "20, 100")):
-    pass
-
-
-class BatchNorm2d(_BatchNorm, dims="2d", example=("16", "8, 16, 32, 32")):
-    pass
-
-
-class BatchNorm3d(_BatchNorm, dims="3d", example=("16", "4, 16, 8, 8, 8")):
-    pass
+class BatchNorm1d(_BatchNorm, dims="1d", example=("100", "20, 100")): ...
+class BatchNorm2d(_BatchNorm, dims="2d", example=("16", "8, 16, 32, 32")): ...
+class BatchNorm3d(_BatchNorm, dims="3d", example=("16", "4, 16, 8, 8, 8")): ...

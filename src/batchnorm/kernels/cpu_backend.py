@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .interface import ALL, Grads, Mask, Vector
+
 from . import activations, torch_backend
 from .cpu_backup import viewable
 
@@ -53,11 +55,7 @@ except (OSError, RuntimeError) as err:  # numba: "cannot cache function ..."
     raise ImportError(f"numba kernels unavailable ({err}); set NUMBA_CACHE_DIR") from err
 
 name = "cpu"
-OPS = frozenset((
-    "batch_stats", "normalize", "forward_train", "backward_reduce", "backward_elemt",
-    "backward", "backward_eval", "forward_train_act", "forward_eval_act", "backward_act",
-    "backward_act_input",
-))
+OPS = torch_backend.OPS  # every operation but ATen's own two
 records_autograd = False
 blends_running = False
 
@@ -323,10 +321,8 @@ def backward_elemt(
         return out
 
 
-def backward(
-    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
-    output_mask: tuple[bool, bool, bool] = (True, True, True),
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Vector,
+             output_mask: Mask = ALL) -> Grads:
     """Closed-form training backward: (dx, dweight, dbias), None where masked off."""
     with _sized(dy):
         layout = _layout(x)
@@ -342,25 +338,14 @@ def backward(
                 np.empty((0, 0, 0), xn.dtype) if out is None else _view(out, layout), out is not None,
                 block,
             )
-            sum_dy, sum_dy_xhat = _acc(sd, x), _acc(sdx, x)
-            dx = out
-        else:
-            sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean, invstd)
-            dx = None
-            if output_mask[0]:
-                count = x.numel() // x.shape[1]
-                dx = backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
-        return (
-            dx,
-            sum_dy_xhat if output_mask[1] else None,
-            sum_dy if output_mask[2] else None,
+            return torch_backend.masked(output_mask, out, _acc(sdx, x), _acc(sd, x))
+        return torch_backend.backward_by_parts(
+            backward_reduce, backward_elemt, dy, x, mean, invstd, weight, output_mask
         )
 
 
-def backward_eval(
-    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
-    output_mask: tuple[bool, bool, bool] = (True, True, True),
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+def backward_eval(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Vector,
+                  output_mask: Mask = ALL) -> Grads:
     """Backward of the eval forward (fixed statistics): dx = dy * weight * invstd."""
     with _sized(dy):
         layout = _layout(x)

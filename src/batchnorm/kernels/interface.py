@@ -24,8 +24,10 @@ from typing import Protocol
 
 from torch import Tensor
 
-Vector = Tensor | None
-Grads = tuple[Tensor | None, Tensor | None, Tensor | None]
+Vector = Tensor | None  # a per-channel vector that may be absent (weight, bias)
+Grads = tuple[Tensor | None, Tensor | None, Tensor | None]  # (dx, dweight, dbias)
+Mask = tuple[bool, bool, bool]  # which of (dx, dweight, dbias) to compute
+ALL = (True, True, True)
 
 #: Every operation a backend may implement (its ``OPS`` lists the ones it does).
 OPERATIONS = (
@@ -82,12 +84,11 @@ class Backend(Protocol):
         """dx from the two sums over ``count`` values per channel (maybe all ranks')."""
 
     def backward(self, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Vector,
-                 output_mask: tuple[bool, bool, bool] = (True, True, True)) -> Grads:
+                 output_mask: Mask = ALL) -> Grads:
         """Closed-form training backward: (dx, dweight, dbias), None where masked off."""
 
     def backward_eval(self, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
-                      weight: Vector,
-                      output_mask: tuple[bool, bool, bool] = (True, True, True)) -> Grads:
+                      weight: Vector, output_mask: Mask = ALL) -> Grads:
         """Backward with fixed statistics: dx = dy * weight * invstd, and the sums."""
 
     def forward_train_act(self, x: Tensor, weight: Vector, bias: Vector, eps: float,

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .interface import ALL, Grads, Mask, Vector
+
 name = "native"
 OPS = frozenset(("forward_train", "forward_train_update", "forward_eval", "backward"))
 #: Its training forward, called on tensors that require grad, is recorded by ATen's
@@ -92,14 +94,8 @@ def forward_eval(
     return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, False)
 
 
-def backward(
-    dy: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    weight: Tensor | None,
-    output_mask: tuple[bool, bool, bool] = (True, True, True),
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Vector,
+             output_mask: Mask = ALL) -> Grads:
     """ATen training backward: (dx, dweight, dbias); eps is unused by ATen in training."""
     (weight,) = _as(x.dtype, weight)
     return torch.ops.aten.native_batch_norm_backward(

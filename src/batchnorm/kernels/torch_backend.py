@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .interface import ALL, Grads, Mask, Vector
+
 from . import activations
 
 name = "torch"
@@ -121,34 +123,34 @@ def backward_elemt(
     return dx.to(x.dtype)
 
 
-def backward(
-    dy: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    weight: Tensor | None,
-    output_mask: tuple[bool, bool, bool] = (True, True, True),
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Vector,
+             output_mask: Mask = ALL) -> Grads:
     """Closed-form training backward. Returns (dx, dweight, dbias), None where masked off.
 
     dweight = sum(dy * x_hat), dbias = sum(dy) (in the accumulation dtype; the caller casts
     to the parameter dtype)."""
-    sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean, invstd)
+    return backward_by_parts(backward_reduce, backward_elemt, dy, x, mean, invstd, weight,
+                             output_mask)
+
+
+def backward_by_parts(reduce, elemt, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
+                      weight: Vector, output_mask: Mask) -> Grads:
+    """The training backward from a backend's ``backward_reduce`` and ``backward_elemt``
+    (two passes over (dy, x), then one for dx)."""
+    sum_dy, sum_dy_xhat = reduce(dy, x, mean, invstd)
     dx = None
     if output_mask[0]:
-        count = x.numel() // x.shape[1]
-        dx = backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
-    return (
-        dx,
-        sum_dy_xhat if output_mask[1] else None,
-        sum_dy if output_mask[2] else None,
-    )
+        dx = elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, x.numel() // x.shape[1])
+    return masked(output_mask, dx, sum_dy_xhat, sum_dy)
 
 
-def backward_eval(
-    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
-    output_mask: tuple[bool, bool, bool] = (True, True, True),
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+def masked(output_mask: Mask, dx: Tensor | None, dweight: Tensor, dbias: Tensor) -> Grads:
+    """(dx, dweight, dbias) with None where ``output_mask`` is False."""
+    return dx, dweight if output_mask[1] else None, dbias if output_mask[2] else None
+
+
+def backward_eval(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Vector,
+                  output_mask: Mask = ALL) -> Grads:
     """Backward of the eval forward (fixed statistics): dx = dy * weight * invstd."""
     acc = mean.dtype
     dims = reduce_dims(x)

@@ -26,13 +26,10 @@ import triton
 from torch import Tensor
 
 from . import _triton_kernels as kern
-from . import activations
+from . import activations, torch_backend
 
 name = "triton"
-OPS = frozenset((
-    "batch_stats", "normalize", "forward_train", "backward_reduce", "backward_elemt",
-    "backward", "backward_eval", "forward_train_act", "forward_eval_act", "backward_act",
-))
+OPS = torch_backend.OPS - {"backward_act_input"}
 records_autograd = False
 blends_running = False
 

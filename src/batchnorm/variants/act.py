@@ -147,13 +147,6 @@ def activation_module(act: str, alpha: float) -> torch.nn.Module:
     }[act]()
 
 
-class BatchNormAct1d(_BatchNormAct, dims="1d", example=("100", "20, 100")):
-    pass
-
-
-class BatchNormAct2d(_BatchNormAct, dims="2d", example=("16", "8, 16, 32, 32")):
-    pass
-
-
-class BatchNormAct3d(_BatchNormAct, dims="3d", example=("16", "4, 16, 8, 8, 8")):
-    pass
+class BatchNormAct1d(_BatchNormAct, dims="1d", example=("100", "20, 100")): ...
+class BatchNormAct2d(_BatchNormAct, dims="2d", example=("16", "8, 16, 32, 32")): ...
+class BatchNormAct3d(_BatchNormAct, dims="3d", example=("16", "4, 16, 8, 8, 8")): ...

@@ -119,18 +119,9 @@ class _FrozenBatchNorm(Family, nn.Module):
         return activations.apply(y, self.act, self.alpha).to(input.dtype)
 
 
-class FrozenBatchNorm1d(_FrozenBatchNorm, dims="1d", example=("100", "20, 100")):
-    pass
-
-
-class FrozenBatchNorm2d(_FrozenBatchNorm, dims="2d", example=("16", "8, 16, 32, 32")):
-    pass
-
-
-class FrozenBatchNorm3d(_FrozenBatchNorm, dims="3d", example=("16", "4, 16, 8, 8, 8")):
-    pass
-
-
+class FrozenBatchNorm1d(_FrozenBatchNorm, dims="1d", example=("100", "20, 100")): ...
+class FrozenBatchNorm2d(_FrozenBatchNorm, dims="2d", example=("16", "8, 16, 32, 32")): ...
+class FrozenBatchNorm3d(_FrozenBatchNorm, dims="3d", example=("16", "4, 16, 8, 8, 8")): ...
 def _dims_of(m: nn.Module) -> str | None:
     """The row of ``DIMS`` of a BatchNorm-like layer ("1d", "2d", "3d"), or None for
     anything else."""

@@ -117,13 +117,6 @@ def sub_batches(input: Tensor, virtual_batch_size: int) -> list[Tensor]:
     return [input[a:b] for a, b in zip(starts, ends)]
 
 
-class GhostBatchNorm1d(_GhostBatchNorm, dims="1d", example=("100", "64, 100")):
-    pass
-
-
-class GhostBatchNorm2d(_GhostBatchNorm, dims="2d", example=("16", "16, 16, 8, 8")):
-    pass
-
-
-class GhostBatchNorm3d(_GhostBatchNorm, dims="3d", example=("16", "8, 16, 4, 4, 4")):
-    pass
+class GhostBatchNorm1d(_GhostBatchNorm, dims="1d", example=("100", "64, 100")): ...
+class GhostBatchNorm2d(_GhostBatchNorm, dims="2d", example=("16", "16, 16, 8, 8")): ...
+class GhostBatchNorm3d(_GhostBatchNorm, dims="3d", example=("16", "8, 16, 4, 4, 4")): ...

@@ -84,15 +84,8 @@ class _MaskedBatchNorm(_BatchNorm):
 
 class MaskedBatchNorm1d(_MaskedBatchNorm, dims="1d", example=(
     "8", "4, 8, 10", "torch.arange(10) < torch.tensor([[10], [7], [3], [9]])",
-)):
-    pass
-
-
-class MaskedBatchNorm2d(_MaskedBatchNorm, dims="2d", example=("16", "8, 16, 5, 5", "torch.rand(8)")):
-    pass
-
-
+)): ...
+class MaskedBatchNorm2d(_MaskedBatchNorm, dims="2d", example=("16", "8, 16, 5, 5", "torch.rand(8)")): ...
 class MaskedBatchNorm3d(_MaskedBatchNorm, dims="3d", example=(
     "4", "2, 4, 3, 3, 3", "torch.tensor([True, False])",
-)):
-    pass
+)): ...

@@ -185,13 +185,6 @@ def renorm_factors(
     return r, d
 
 
-class BatchRenorm1d(_BatchRenorm, dims="1d", example=("100", "20, 100")):
-    pass
-
-
-class BatchRenorm2d(_BatchRenorm, dims="2d", example=("16", "8, 16, 32, 32")):
-    pass
-
-
-class BatchRenorm3d(_BatchRenorm, dims="3d", example=("16", "4, 16, 8, 8, 8")):
-    pass
+class BatchRenorm1d(_BatchRenorm, dims="1d", example=("100", "20, 100")): ...
+class BatchRenorm2d(_BatchRenorm, dims="2d", example=("16", "8, 16, 32, 32")): ...
+class BatchRenorm3d(_BatchRenorm, dims="3d", example=("16", "4, 16, 8, 8, 8")): ...
