@@ -7,7 +7,7 @@ import torch
 import batchnorm
 from batchnorm import kernels
 from batchnorm.autograd import BatchNormEval, BatchNormTrain
-from batchnorm.plan import train as train_forward
+from batchnorm.core.plan import train as train_forward
 
 
 def _inputs(shape, affine=True):

@@ -127,7 +127,8 @@ def test_every_backend_implements_the_interface(name):
 
 
 def test_kernels_number_activations_from_one_table():
-    from batchnorm.kernels import _cpu_act, activations
+    from batchnorm.kernels import activations
+    from batchnorm.kernels.cpu import _act as _cpu_act
 
     assert set(activations.CODES) == set(activations.ACTIVATIONS)
     assert len(set(activations.CODES.values())) == len(activations.CODES)
@@ -139,7 +140,7 @@ def _package_frames_at_first_kernel(run) -> int | None:
     starts (a numba kernel, whose call numba reports to the profiler, or ATen's batch
     norm op); None when no package frame reaches one (ATen's autograd in C++)."""
     seen = []
-    kernel_files = ("_cpu_nchw.py", "_cpu_nhwc.py", "_cpu_loops.py", "_cpu_params.py")
+    kernel_files = tuple(f"kernels/cpu/_{name}.py" for name in ("nchw", "nhwc", "loops", "params"))
     aten_ops = {"native_batch_norm", "batch_norm", "native_batch_norm_backward"}
 
     def count(frame) -> int:
@@ -170,7 +171,7 @@ def _package_frames_at_first_kernel(run) -> int | None:
     ids=["fused-cpu-kernels", "small-tensor-aten"],
 )
 def test_a_training_step_reaches_its_kernel_through_at_most_six_frames(shape, route):
-    from batchnorm import plan
+    from batchnorm.core import plan
 
     bn = batchnorm.BatchNorm2d(shape[1])
     x = torch.randn(shape, requires_grad=True)

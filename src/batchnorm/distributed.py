@@ -38,12 +38,12 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from . import modules, ops, plan, stats
-from .autograd import like_layout
+from .core import modules, ops, plan, stats
+from .core.autograd import like_layout
 from .kernels.torch_backend import acc_dtype
-from .modules import RUNNING, UPDATE, _BatchNorm
-from .stats import Moments
-from .tree import bn_args, replace_modules, transplant
+from .core.modules import RUNNING, UPDATE, _BatchNorm
+from .core.stats import Moments
+from .core.tree import bn_args, replace_modules, transplant
 
 try:
     import torch.distributed as dist

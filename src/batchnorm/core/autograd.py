@@ -31,9 +31,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-
 from . import ops
-from .kernels.torch_backend import acc_dtype, channel_view, reduce_dims
+from ..kernels.torch_backend import acc_dtype, channel_view, reduce_dims
 
 
 def like_layout(t: Tensor, x: Tensor) -> Tensor:

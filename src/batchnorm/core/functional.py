@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-
 from . import plan, stats
-from .kernels.torch_backend import acc_dtype, channel_view, reduce_dims
+from ..kernels.torch_backend import acc_dtype, channel_view, reduce_dims
 from .masking import MaskedBatchNormTrain, effective_count, mask_weights, selected_count
 
 __all__ = [

@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-
 from . import ops
-from .kernels.torch_backend import acc_dtype, channel_view, reduce_dims
+from ..kernels.torch_backend import acc_dtype, channel_view, reduce_dims
 
 
 def mask_weights(input: Tensor, mask: Tensor) -> Tensor:

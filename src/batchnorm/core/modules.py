@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from typing import NamedTuple
 
-from . import kernels, plan
+from .. import kernels
+from . import plan
 
 SINGLE_VALUE_POLICIES = ("error", "use_running", "skip_update")
 

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import kernels
-from .kernels.torch_backend import acc_dtype
+from .. import kernels
+from ..kernels.torch_backend import acc_dtype
 
 
 def _stat(x: Tensor) -> Tensor:

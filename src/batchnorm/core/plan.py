@@ -27,9 +27,10 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import kernels, ops, stats
+from .. import kernels
+from . import ops, stats
 from .autograd import BatchNormEval, BatchNormTrain, eval_apply, train_apply
-from .kernels.torch_backend import acc_dtype
+from ..kernels.torch_backend import acc_dtype
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _transforms_active = torch._C._are_functorch_transforms_active

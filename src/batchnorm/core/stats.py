@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import kernels
+from .. import kernels
 
 
 class Moments(NamedTuple):

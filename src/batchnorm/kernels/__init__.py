@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sys
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -35,9 +36,9 @@ from . import torch_backend
 
 BACKENDS = ("auto", "torch", "cpu", "native", "triton")
 _OPTIONAL = {
-    "cpu": "batchnorm.kernels.cpu_backend",
+    "cpu": "batchnorm.kernels.cpu.backend",
     "native": "batchnorm.kernels.native_backend",
-    "triton": "batchnorm.kernels.triton_backend",
+    "triton": "batchnorm.kernels.triton.backend",
 }
 _loaded: dict[str, ModuleType | None] = {"torch": torch_backend}
 _choice = os.environ.get("BATCHNORM_BACKEND", "auto")
@@ -119,11 +120,29 @@ def call(op: str, *args, **kwargs):
     return getattr(pick(op, args[0]), op)(*args, **kwargs)
 
 
+#: The backends' module paths of earlier releases (``batchnorm.kernels.cpu_backend``):
+#: loaded when first asked for, as numba and triton are heavy imports.
+_OLD_PATHS = {
+    "cpu_backend": "batchnorm.kernels.cpu.backend",
+    "cpu_backup": "batchnorm.kernels.cpu.backup",
+    "cpu_warmup": "batchnorm.kernels.cpu.warmup",
+    "triton_backend": "batchnorm.kernels.triton.backend",
+}
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name not in _OLD_PATHS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(_OLD_PATHS[name])
+    sys.modules[f"{__name__}.{name}"] = module
+    return module
+
+
 def running_backup():
     """A new ``cpu_backup.RunningBackup`` for a layer (the non-finite guard of the
     running buffers that ATen updates in place), or None where numba is missing."""
     try:
-        from .cpu_backup import RunningBackup
+        from .cpu.backup import RunningBackup
     except ImportError:
         return None
     return RunningBackup()

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import modules
-from .tree import bn_args as _bn_args
-from .tree import replace_modules, transplant
-from .variants.export import variant_to_torch
-from .variants.frozen import freeze, unfreeze
+from ..core import modules
+from ..core.tree import bn_args as _bn_args
+from ..core.tree import replace_modules, transplant
+from ..variants.export import variant_to_torch
+from ..variants.frozen import freeze, unfreeze
 
 __all__ = [
     "replace_modules", "transplant", "from_torch", "to_torch", "freeze", "unfreeze",
@@ -62,4 +62,4 @@ def to_torch(model: nn.Module) -> nn.Module:
 
 
 # Sync conversion lives with SyncBatchNorm; re-exported here with the other converters.
-from .distributed import convert_sync_batchnorm  # noqa: E402
+from ..distributed import convert_sync_batchnorm  # noqa: E402

@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import stats
+from ..core import stats
 from ..kernels import activations
 from ..kernels.torch_backend import acc_dtype
-from ..modules import RUNNING, UPDATE, _BatchNorm
+from ..core.modules import RUNNING, UPDATE, _BatchNorm
 from ._act_autograd import InputSavingBNAct, OutputSavingBNAct, effective_weight
 
 DEFAULT_ALPHA = {"leaky_relu": 0.01, "elu": 1.0}

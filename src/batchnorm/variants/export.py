@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..modules import TORCH_CLASSES
-from ..tree import bn_args, transplant
+from ..core.modules import TORCH_CLASSES
+from ..core.tree import bn_args, transplant
 from .act import _BatchNormAct, activation_module
 from .frozen import _FrozenBatchNorm
 from .ghost import _GhostBatchNorm

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from ..kernels import activations
 from ..kernels.torch_backend import acc_dtype, channel_view
-from ..modules import TORCH_CLASSES, Family, _BatchNorm, check_layout
-from ..tree import replace_modules
+from ..core.modules import TORCH_CLASSES, Family, _BatchNorm, check_layout
+from ..core.tree import replace_modules
 from ._act_autograd import OutputSavingBNAct
 from .act import DEFAULT_ALPHA, _BatchNormAct
 

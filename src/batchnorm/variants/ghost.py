@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import plan, stats
-from ..modules import RUNNING, UPDATE, _BatchNorm
+from ..core import plan, stats
+from ..core.modules import RUNNING, UPDATE, _BatchNorm
 
 _DOC = r"""Ghost Batch Normalization over a {dims} input, as described in `Train longer,
     generalize better: closing the generalization gap in large batch training of neural

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .. import plan
-from ..functional import masked_batch_norm, masked_train  # noqa: F401
-from ..masking import (  # noqa: F401  (the masked statistics, importable from here)
+from ..core import plan
+from ..core.functional import masked_batch_norm, masked_train  # noqa: F401
+from ..core.masking import (  # noqa: F401  (the masked statistics, importable from here)
     MaskedBatchNormTrain, effective_count, mask_weights, masked_moments, selected_count,
     weighted_backward,
 )
-from ..modules import RUNNING, UPDATE, _BatchNorm
+from ..core.modules import RUNNING, UPDATE, _BatchNorm
 
 _DOC = r"""Batch Normalization over a {dims} input whose statistics skip padded positions
     or weight samples: ``forward(input, mask=None)``.

@@ -15,8 +15,8 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from .. import plan, stats
-from ..modules import RECOMPUTE, RUNNING, UPDATE, _BatchNorm
+from ..core import plan, stats
+from ..core.modules import RECOMPUTE, RUNNING, UPDATE, _BatchNorm
 
 _DOC = r"""Batch Renormalization over a {dims} input, as described in `Batch
     Renormalization: Towards Reducing Minibatch Dependence in Batch-Normalized Models

@@ -19,8 +19,8 @@ import math
 
 from numba import njit
 
-from ._cpu_math import like, verf_from, vexp
-from .activations import CODES
+from ._math import like, verf_from, vexp
+from ..activations import CODES
 
 IDENTITY, RELU, LEAKY_RELU = CODES["identity"], CODES["relu"], CODES["leaky_relu"]
 SILU, GELU = CODES["silu"], CODES["gelu"]

@@ -41,16 +41,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .interface import ALL, Grads, Mask, Vector
+from ..interface import ALL, Grads, Mask, Vector
 
-from . import activations, torch_backend
-from .cpu_backup import viewable
+from .. import activations, torch_backend
+from .backup import viewable
 
 try:  # a read-only install with no writable cache directory must not break import
-    from . import _cpu_act as A
-    from . import _cpu_nchw as NCHW
-    from . import _cpu_nhwc as NHWC
-    from . import _cpu_params as P
+    from . import _act as A
+    from . import _nchw as NCHW
+    from . import _nhwc as NHWC
+    from . import _params as P
 except (OSError, RuntimeError) as err:  # numba: "cannot cache function ..."
     raise ImportError(f"numba kernels unavailable ({err}); set NUMBA_CACHE_DIR") from err
 

@@ -25,8 +25,8 @@ import torch
 import triton
 from torch import Tensor
 
-from . import _triton_kernels as kern
-from . import activations, torch_backend
+from . import _kernels as kern
+from .. import activations, torch_backend
 
 name = "triton"
 OPS = torch_backend.OPS - {"backward_act_input"}
