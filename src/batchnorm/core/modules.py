@@ -9,13 +9,13 @@ batches never reach, and fused kernels with an explicit closed-form backward.
 from __future__ import annotations
 
 import sys
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
-from typing import NamedTuple
-
 from .. import kernels
-from . import plan
+from . import functional, plan, stats
 
 SINGLE_VALUE_POLICIES = ("error", "use_running", "skip_update")
 
@@ -179,6 +179,10 @@ class _BatchNorm(Family, nn.Module):
 
     _version = 2
     _doc = _DOC
+    #: A variant's statistics rule: ``batch_statistics(input) -> (mean, biased var)`` per
+    #: channel, differentiable torch operations. None (BatchNorm): the fused kernels
+    #: compute the batch's own statistics.
+    batch_statistics = None
 
     def __init__(
         self,
@@ -353,6 +357,8 @@ class _BatchNorm(Family, nn.Module):
         if ``mode`` is ``UPDATE``. A ``RECOMPUTE`` makes the same call on copies of the
         buffers: ATen saves the buffers it is given, and checkpoint compares what was
         saved."""
+        if self.batch_statistics is not None:
+            return self._normalize_with(input, weight, bias, mode)
         if mode == UPDATE:
             buffers = self._buffers
             return plan.train(
@@ -365,6 +371,19 @@ class _BatchNorm(Family, nn.Module):
                 self.running_var.clone(), 0.0,
             )[0]
         return plan.train(input, weight, bias, self.eps)[0]
+
+    def _normalize_with(self, input: Tensor, weight: Tensor | None, bias: Tensor | None,
+                        mode: str) -> Tensor:
+        """``normalize_batch`` of a variant that states its statistics rule
+        (``batch_statistics``): normalised by differentiable torch operations, and the
+        statistics folded into the running buffers by the one guarded update."""
+        mean, var = self.batch_statistics(input)
+        if mode == UPDATE:
+            stats.update_running(
+                self.running_mean, self.running_var, mean.detach(), var.detach(),
+                input.numel() // input.shape[1], self.momentum, self.num_batches_tracked,
+            )
+        return functional.normalize(input, mean, var, weight, bias, self.eps)
 
     def _backup(self):
         """This layer's ``kernels.cpu_backup.RunningBackup`` (made on first use; None
