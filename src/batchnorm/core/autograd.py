@@ -184,8 +184,8 @@ class BatchNormEval(torch.autograd.Function):
 def eager_apply(function: type[torch.autograd.Function]):
     """``function.apply`` for eager calls outside torch.func transforms: the C entry
     itself, without the per-call ``inspect.signature`` binding torch performs for
-    ``setup_context``-style Functions (tens of microseconds, as much as a small BN). Every
-    argument is passed positionally, so that binding has nothing to do."""
+    ``setup_context``-style Functions (its cost: benchmarks/README.md). Every argument is
+    passed positionally, so that binding has nothing to do."""
     return super(torch.autograd.Function, function).apply
 
 

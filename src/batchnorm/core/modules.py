@@ -278,8 +278,8 @@ class _BatchNorm(Family, nn.Module):
 
     def _tensors(self) -> tuple[Tensor | None, ...]:
         """(weight, bias, running_mean, running_var), read from the module's dicts: each
-        ``self.weight`` goes through ``nn.Module.__getattr__`` (about a microsecond, four
-        to six times per call). Attributes that moved out of the dicts (a parametrization
+        ``self.weight`` goes through ``nn.Module.__getattr__``, four to six times per
+        call: benchmarks/README.md). Attributes that moved out of the dicts (a parametrization
         of ``weight``) are read the ordinary way."""
         params, buffers = self._parameters, self._buffers
         try:

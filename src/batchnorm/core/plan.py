@@ -53,7 +53,7 @@ def tracing(x: Tensor) -> bool:
 
 def wants_grad(*tensors: Tensor | None) -> bool:
     """Whether autograd must see the call: grad mode on and a tensor requires grad. (A
-    plain loop: this runs on every call, a generator expression costs a microsecond.)"""
+    plain loop: this runs on every call, where a generator expression costs more.)"""
     if torch.is_grad_enabled():
         for t in tensors:
             if t is not None and t.requires_grad:
@@ -80,14 +80,14 @@ def train_plan(
     backend = kernels.pick("forward_train", x)
     if backend.records_autograd:
         # Shortcut 1: ATen's autograd records ATen's kernel, as for torch.nn: the same
-        # closed form, with the derivative bookkeeping in C++ instead of our Python
-        # Function (tens of microseconds per step, more than a small BN itself).
+        # closed form, with the derivative bookkeeping in C++. Saves our Python Function's
+        # per-step cost, more than a small BN itself (benchmarks/README.md).
         blends = (
             running_mean is not None and backend.blends_running
             and backend.accepts_running(x, running_mean, running_var)
         )
         return Plan(backend.name, backend, None, blends)
-    # Shortcut 2: no gradient wanted, the kernels directly (the Function costs ~10 us).
+    # Shortcut 2: no gradient wanted: the kernels directly, saving the Function's cost.
     return Plan(backend.name, backend, train_apply if wants_grad(x, weight, bias) else None,
                 False)
 
@@ -105,8 +105,8 @@ def train(
     if plan.blends_running:
         # Shortcut 3: ATen blends the batch into the buffers inside its kernel (torch.nn's
         # running statistics bit for bit); the guard sets the buffers aside first, in the
-        # layer's RunningBackup (numpy views made once, a compiled copy and check: about a
-        # microsecond, where a torch copy and check cost about 5).
+        # layer's RunningBackup (numpy views made once, a compiled copy and check), which
+        # saves a torch copy and check per step (benchmarks/README.md).
         aside = stats.set_aside(running_mean, running_var, num_batches_tracked, backup)
         factor = stats.blend_factor(momentum, num_batches_tracked, pending=1)
         y, mean, invstd = plan.kernels.forward_train_update(
