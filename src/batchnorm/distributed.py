@@ -237,16 +237,6 @@ class SyncBatchNorm(_BatchNorm):
         """The group to pool statistics over now, or None for plain BN."""
         return _group_or_none(self.process_group) if self.training else None
 
-    def check_input(self, input: Tensor) -> None:
-        """As ``_BatchNorm.check_input``, except that an empty local batch is allowed while
-        synchronising (the other ranks provide the statistics)."""
-        malformed = (
-            input.dim() < 2 or input.shape[1] != self.num_features
-            or not input.is_floating_point()
-        )
-        if input.numel() != 0 or malformed or self._sync_group() is None:
-            super().check_input(input)
-
     def _check_num_features(self, group, device: torch.device) -> None:
         if self._checked_group != id(group):
             _check_same_channels(self.num_features, group, "SyncBatchNorm", device)

@@ -78,6 +78,10 @@ def batch_norm(
         return masked_batch_norm(input, running_mean, running_var, weight, bias, training,
                                  momentum, eps, mask=mask)
     check_float(input)
+    check_vectors(input, weight, bias, running_mean, running_var, "batch_norm")
+    check_options(eps, momentum, "batch_norm")
+    if training and input.numel() == 0:
+        return empty_output(input, weight, bias, eps)
     if training:
         _values_per_channel(input)
         if running_mean is not None and running_var is not None:
@@ -106,6 +110,10 @@ def batch_norm_stateless(
     cumulative average (momentum=None), pass ``momentum=1/num_batches_tracked``.
     """
     check_float(input)
+    check_vectors(input, weight, bias, running_mean, running_var, "batch_norm_stateless")
+    check_options(eps, momentum, "batch_norm_stateless")
+    if training and input.numel() == 0:
+        return empty_output(input, weight, bias, eps), running_mean, running_var
     if not training:
         y = plan.evaluate(input, running_mean, running_var, weight, bias, eps)
         return y, running_mean, running_var
@@ -131,6 +139,8 @@ def masked_batch_norm(
     given, counts applied updates, as ``momentum=None`` needs). With ``training=False``
     the running statistics normalise and the mask is only checked."""
     check_float(input)
+    check_vectors(input, weight, bias, running_mean, running_var, "masked batch_norm")
+    check_options(eps, momentum, "masked batch_norm")
     w = mask_weights(input, mask)
     if not training:
         check_running(running_mean, running_var, "masked batch_norm")
@@ -156,6 +166,71 @@ def masked_train(input, w, weight, bias, eps, running_mean=None, running_var=Non
             num_batches_tracked, invstd=invstd, eps=eps,
         )
     return y
+
+
+def check_options(eps: float, momentum: float | None, owner) -> None:
+    """eps >= 0 and momentum in [0, 1] or None (NaN refused). (torch.nn also refuses
+    eps = 0 in training; it stays allowed here for exactness checks in float64, as the
+    lab's C4 makes: a constant channel then gives a non-finite output, which the guard
+    keeps out of the running statistics.) ``owner``: the layer (or the function's name)
+    the error names."""
+    if not eps >= 0:
+        raise ValueError(
+            f"{_name(owner)}: eps must be >= 0 (it keeps 1 / sqrt(var + eps) finite), "
+            f"got {eps}"
+        )
+    if momentum is not None and not 0 <= momentum <= 1:
+        raise ValueError(
+            f"{_name(owner)}: momentum must be between 0 and 1 (the weight of the new "
+            f"batch) or None (the cumulative average), got {momentum}"
+        )
+
+
+def _name(owner) -> str:
+    return owner if isinstance(owner, str) else type(owner).__name__
+
+
+def check_vectors(input: Tensor, weight: Tensor | None, bias: Tensor | None,
+                  running_mean: Tensor | None, running_var: Tensor | None, owner) -> None:
+    """Every per-channel vector given is floating point, of shape (C,) for the input's C
+    channels, on the input's device: checked before any kernel reads it or any buffer is
+    written (a shorter vector would be read past its end by kernels that trust it).
+    ``owner``: the layer (or the function's name) the error names."""
+    size, device = (input.shape[1],), input.device
+    for t in (weight, bias, running_mean, running_var):
+        if t is not None and (
+            t.shape != size or t.device != device or not t.is_floating_point()
+        ):
+            _refuse_vectors(input, weight, bias, running_mean, running_var, _name(owner))
+
+
+def _refuse_vectors(input, weight, bias, running_mean, running_var, what) -> None:
+    named = {"weight": weight, "bias": bias, "running_mean": running_mean,
+             "running_var": running_var}
+    channels = input.shape[1]
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.shape != input.shape[1:2]:
+            raise ValueError(
+                f"{what}: {name} should contain {channels} elements not {t.numel()} (shape "
+                f"{tuple(t.shape)}; the input has {channels} channels on dim 1)"
+            )
+        if t.device != input.device:
+            raise ValueError(
+                f"{what}: {name} is on {t.device} but the input is on {input.device}; move "
+                "them to one device (e.g. module.to(input.device))"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{what}: {name} must be floating point, got {t.dtype}")
+
+
+def empty_output(input: Tensor, weight: Tensor | None, bias: Tensor | None,
+                 eps: float) -> Tensor:
+    """The output of a training batch with no values (N = 0): empty, connected to weight
+    and bias (their gradients are zeros); no statistics, nothing updated."""
+    zeros = input.new_zeros(input.shape[1], dtype=acc_dtype(input.dtype))
+    return normalize(input, zeros, zeros + 1, weight, bias, eps)
 
 
 def _values_per_channel(input: Tensor) -> int:

@@ -24,6 +24,7 @@ RUNNING = "running"  # normalise with the running estimates
 BATCH = "batch"  # batch statistics, no update
 UPDATE = "batch_update"  # batch statistics, folded into the running estimates
 RECOMPUTE = "recompute"  # batch statistics, an activation-checkpoint recomputation of UPDATE
+EMPTY = "empty"  # a training batch with no values: an empty output, nothing updated
 
 
 class Dims(NamedTuple):
@@ -198,6 +199,7 @@ class _BatchNorm(Family, nn.Module):
         single_value: str = "error",
     ) -> None:
         super().__init__()
+        functional.check_options(eps, momentum, type(self).__name__)
         if single_value not in SINGLE_VALUE_POLICIES:
             raise ValueError(
                 f"single_value must be one of {SINGLE_VALUE_POLICIES}, got {single_value!r}"
@@ -268,13 +270,11 @@ class _BatchNorm(Family, nn.Module):
 
     # -- checks -------------------------------------------------------------------
     def check_input(self, input: Tensor) -> None:
-        """Raise a clear error for input this layer cannot normalise (state untouched)."""
+        """Raise a clear error for input this layer cannot normalise, and for parameters,
+        buffers, eps or momentum it cannot use (state untouched)."""
         check_layout(self, input)
-        if input.numel() == 0 and self._uses_batch_stats():
-            raise ValueError(
-                f"{type(self).__name__} got an empty batch of shape {tuple(input.shape)} "
-                "in training: statistics of no values are undefined. Skip empty batches."
-            )
+        functional.check_vectors(input, *self._tensors(), self)
+        functional.check_options(self.eps, self.momentum, self)
 
     def _tensors(self) -> tuple[Tensor | None, ...]:
         """(weight, bias, running_mean, running_var), read from the module's dicts: each
@@ -301,23 +301,32 @@ class _BatchNorm(Family, nn.Module):
         """Check ``input`` (raising before any state changes) and decide what it is
         normalised with: ``RUNNING``, ``BATCH``, ``UPDATE`` or ``RECOMPUTE``.
 
-        Eval with running estimates: ``RUNNING``. Training (or no running estimates):
+        Eval with running estimates: ``RUNNING``. A training batch without values:
+        ``EMPTY`` (an empty output, the state untouched). Training (or no running estimates):
         the batch's statistics, folded into the running estimates when they are tracked
         (``UPDATE``) except in an activation-checkpoint recomputation of a forward that
         did so already (``RECOMPUTE``: statistics update once per step). ``count`` is the
         number of values per channel (default: all of them; a mask's or all ranks' for
         the variants); with ``count <= 1`` the ``single_value`` policy decides. ``size``
         describes the batch in the error (default: the input's size)."""
-        self.check_input(input)
-        return self._rule(input, count, size)
+        check_layout(self, input)  # check_input, inline: this runs on every call
+        weight, bias, running_mean, running_var = self._tensors()
+        functional.check_vectors(input, weight, bias, running_mean, running_var, self)
+        functional.check_options(self.eps, self.momentum, self)
+        return self._rule(input, count, size, running_mean, running_var)
 
-    def _rule(self, input: Tensor, count: int | None = None, size: str | None = None) -> str:
-        """``statistics`` on input already checked."""
-        if not self._uses_batch_stats():
+    def _rule(self, input: Tensor, count: int | None = None, size: str | None = None,
+              running_mean: Tensor | None = None, running_var: Tensor | None = None) -> str:
+        """``statistics`` on input already checked (the running buffers as read there)."""
+        if running_mean is None and running_var is None:
+            _, _, running_mean, running_var = self._tensors()
+        if not self.training and (running_mean is not None or running_var is not None):
             return RUNNING
         if count is None:
             count = input.numel() // input.shape[1]
-        tracks = self.track_running_stats and self.running_mean is not None
+        if count == 0 and input.numel() == 0:
+            return EMPTY
+        tracks = self.track_running_stats and running_mean is not None
         if count > 1:
             if not tracks:
                 return BATCH
@@ -357,6 +366,8 @@ class _BatchNorm(Family, nn.Module):
         if ``mode`` is ``UPDATE``. A ``RECOMPUTE`` makes the same call on copies of the
         buffers: ATen saves the buffers it is given, and checkpoint compares what was
         saved."""
+        if mode == EMPTY:
+            return functional.empty_output(input, weight, bias, self.eps)
         if self.batch_statistics is not None:
             return self._normalize_with(input, weight, bias, mode)
         if mode == UPDATE:

@@ -25,7 +25,6 @@ from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import kernels
 from . import ops, stats
@@ -34,6 +33,7 @@ from ..kernels.torch_backend import acc_dtype
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _transforms_active = torch._C._are_functorch_transforms_active
+_dispatch_modes = torch._C._len_torch_dispatch_stack  # fake tensors, make_fx, export
 
 
 class Plan(NamedTuple):
@@ -43,11 +43,27 @@ class Plan(NamedTuple):
     blends_running: bool  # the kernel blends the batch into the running buffers itself
 
 
+_plans: dict[tuple, Plan] = {}
+#: The traced plans, constants (a tracer sees no dictionary lookup).
+_TRACED = Plan("traced", None, None, False)  # no gradient: the custom ops directly
+_TRACED_TRAIN_FUNCTION = Plan("traced", None, BatchNormTrain.apply, False)
+_TRACED_EVAL_FUNCTION = Plan("traced", None, BatchNormEval.apply, False)
+
+
+def _plan(kernels: ModuleType, function: Callable | None, blends: bool) -> Plan:
+    """The Plan of these choices, made once (a plan is decided on every call)."""
+    key = (kernels, function, blends)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans[key] = Plan(kernels.name, kernels, function, blends)
+    return plan
+
+
 def tracing(x: Tensor) -> bool:
     """Whether a tracer or transform sees this call (route ``"traced"``)."""
     return (
-        torch.compiler.is_compiling() or _transforms_active()
-        or _get_current_dispatch_mode() is not None or type(x) is not Tensor
+        torch.compiler.is_compiling() or _transforms_active() or _dispatch_modes()
+        or type(x) is not Tensor
     )
 
 
@@ -75,8 +91,9 @@ def train_plan(
 ) -> Plan:
     """The plan of a training forward (``running_*``: buffers to update, if any)."""
     if tracing(x):
-        traced = wants_grad(x, weight, bias) or _transforms_active()
-        return Plan("traced", None, BatchNormTrain.apply if traced else None, False)
+        if wants_grad(x, weight, bias) or _transforms_active():
+            return _TRACED_TRAIN_FUNCTION
+        return _TRACED
     backend = kernels.pick("forward_train", x)
     if backend.records_autograd:
         # Shortcut 1: ATen's autograd records ATen's kernel, as for torch.nn: the same
@@ -86,10 +103,9 @@ def train_plan(
             running_mean is not None and backend.blends_running
             and backend.accepts_running(x, running_mean, running_var)
         )
-        return Plan(backend.name, backend, None, blends)
+        return _plan(backend, None, blends)
     # Shortcut 2: no gradient wanted: the kernels directly, saving the Function's cost.
-    return Plan(backend.name, backend, train_apply if wants_grad(x, weight, bias) else None,
-                False)
+    return _plan(backend, train_apply if wants_grad(x, weight, bias) else None, False)
 
 
 def train(
@@ -146,12 +162,11 @@ def eval_plan(
                 and not running_mean.requires_grad and not running_var.requires_grad
             ))
         ):
-            return Plan(backend.name, backend, None, False)
+            return _plan(backend, None, False)
     if tracing(x):
-        function = BatchNormEval.apply if grad or _transforms_active() else None
-        return Plan("traced", None, function, False)
+        return _TRACED_EVAL_FUNCTION if grad or _transforms_active() else _TRACED
     backend = kernels.pick("normalize", x)
-    return Plan(backend.name, backend, eval_apply if grad else None, False)
+    return _plan(backend, eval_apply if grad else None, False)
 
 
 def evaluate(

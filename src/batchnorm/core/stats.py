@@ -101,7 +101,6 @@ def set_aside(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Te
     return _Copy(running_mean, running_var)
 
 
-@torch.no_grad()
 def update_running(
     running_mean: Tensor,
     running_var: Tensor,
@@ -154,8 +153,9 @@ def update_running(
     if not inplace or torch.compiler.is_compiling():
         if var is None:
             var = var_from_invstd(invstd, eps)
-        return _update_traceable(running_mean, running_var, mean, var * correction, momentum,
-                                 num_batches_tracked, inplace)
+        with torch.no_grad():
+            return _update_traceable(running_mean, running_var, mean, var * correction,
+                                     momentum, num_batches_tracked, inplace)
     if invstd is not None and kernels.get_backend() in ("auto", "cpu"):
         # CPU buffers: the variance recovery, the check and both blends in one compiled
         # call instead of a dozen small torch operations
@@ -168,16 +168,20 @@ def update_running(
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(1)  # an integer buffer: autograd never records it
             return None
-    unbiased = (var_from_invstd(invstd, eps) if var is None else var) * correction
-    # Eager: one host read decides (a float64 sum is non-finite iff some statistic is).
-    if math.isfinite(float(mean.sum(dtype=torch.float64) + unbiased.sum(dtype=torch.float64))):
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        factor = blend_factor(momentum, num_batches_tracked)
-        running_mean.lerp_(mean.to(running_mean.dtype), factor)
-        running_var.lerp_(unbiased.to(running_var.dtype), factor)
-    else:
-        warn_not_finite(mean, unbiased, stacklevel=4)
+    with torch.no_grad():
+        unbiased = (var_from_invstd(invstd, eps) if var is None else var) * correction
+        # Eager: one host read decides (a float64 sum is non-finite iff some statistic is).
+        ok = math.isfinite(
+            float(mean.sum(dtype=torch.float64) + unbiased.sum(dtype=torch.float64))
+        )
+        if ok:
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+            factor = blend_factor(momentum, num_batches_tracked)
+            running_mean.lerp_(mean.to(running_mean.dtype), factor)
+            running_var.lerp_(unbiased.to(running_var.dtype), factor)
+    if not ok:
+        warn_not_finite(mean, unbiased, stacklevel=3)
     return None
 
 

@@ -10,7 +10,7 @@ from torch import Tensor
 from ..core import stats
 from ..kernels import activations
 from ..kernels.torch_backend import acc_dtype
-from ..core.modules import RUNNING, UPDATE, _BatchNorm
+from ..core.modules import EMPTY, RUNNING, UPDATE, _BatchNorm
 from ._act_autograd import InputSavingBNAct, OutputSavingBNAct, effective_weight
 
 DEFAULT_ALPHA = {"leaky_relu": 0.01, "elu": 1.0}
@@ -108,6 +108,8 @@ class _BatchNormAct(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         mode = self.statistics(input)
+        if mode == EMPTY:
+            return self.normalize_batch(input, self.weight, self.bias, mode)
         mean = invstd = None
         if mode == RUNNING:
             acc = acc_dtype(input.dtype)

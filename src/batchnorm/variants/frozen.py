@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..kernels import activations
 from ..kernels.torch_backend import acc_dtype, channel_view
+from ..core import functional
 from ..core.modules import TORCH_CLASSES, Family, _BatchNorm, check_layout
 from ..core.tree import replace_modules
 from ._act_autograd import OutputSavingBNAct
@@ -68,6 +69,7 @@ class _FrozenBatchNorm(Family, nn.Module):
         act: str = "identity", alpha: float | None = None,
     ) -> None:
         super().__init__()
+        functional.check_options(eps, None, type(self).__name__)
         alpha = DEFAULT_ALPHA.get(act, 0.0) if alpha is None else float(alpha)
         activations.check(act, alpha)
         factory = {"device": device, "dtype": dtype}
@@ -97,8 +99,15 @@ class _FrozenBatchNorm(Family, nn.Module):
         )
 
     def check_input(self, input: Tensor) -> None:
-        """Raise a clear error for input this layer cannot normalise."""
+        """Raise a clear error for input this layer cannot normalise, and for buffers or
+        an eps it cannot use."""
         check_layout(self, input)
+        buffers, name = self._buffers, type(self).__name__
+        functional.check_vectors(
+            input, buffers["weight"], buffers["bias"], buffers["running_mean"],
+            buffers["running_var"], name,
+        )
+        functional.check_options(self.eps, None, name)
 
     def scale_shift(self) -> tuple[Tensor, Tensor]:
         """The folded per-channel (scale, shift): y = x * scale + shift (before act)."""

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..core import plan, stats
-from ..core.modules import RUNNING, UPDATE, _BatchNorm
+from ..core.modules import EMPTY, RUNNING, UPDATE, _BatchNorm
 
 _DOC = r"""Ghost Batch Normalization over a {dims} input, as described in `Train longer,
     generalize better: closing the generalization gap in large batch training of neural
@@ -80,7 +80,7 @@ class _GhostBatchNorm(_BatchNorm):
             return plan.evaluate(
                 input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
-        chunks = sub_batches(input, self.virtual_batch_size)
+        chunks = [input] if mode == EMPTY else sub_batches(input, self.virtual_batch_size)
         if len(chunks) == 1:  # one sub-batch is plain BN: its rule, and its very numbers
             return self.normalize_batch(input, self.weight, self.bias, mode)
         outputs, parts = [], []

@@ -14,7 +14,7 @@ from ..core.masking import (  # noqa: F401  (the masked statistics, importable f
     MaskedBatchNormTrain, effective_count, mask_weights, masked_moments, selected_count,
     weighted_backward,
 )
-from ..core.modules import RUNNING, UPDATE, _BatchNorm
+from ..core.modules import EMPTY, RUNNING, UPDATE, _BatchNorm
 
 _DOC = r"""Batch Normalization over a {dims} input whose statistics skip padded positions
     or weight samples: ``forward(input, mask=None)``.
@@ -72,6 +72,8 @@ class _MaskedBatchNorm(_BatchNorm):
         count = selected_count(input, w)
         size = f"a mask that selects {count} value(s) per channel of input size {list(input.shape)}"
         mode = self.statistics(input, count, size)
+        if mode == EMPTY:
+            return self.normalize_batch(input, self.weight, self.bias, mode)
         if mode == RUNNING:
             return plan.evaluate(
                 input, self.running_mean, self.running_var, self.weight, self.bias, self.eps

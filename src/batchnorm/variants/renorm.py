@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..core import plan, stats
-from ..core.modules import RECOMPUTE, RUNNING, UPDATE, _BatchNorm
+from ..core.modules import EMPTY, RECOMPUTE, RUNNING, UPDATE, _BatchNorm
 
 _DOC = r"""Batch Renormalization over a {dims} input, as described in `Batch
     Renormalization: Towards Reducing Minibatch Dependence in Batch-Normalized Models
@@ -122,6 +122,8 @@ class _BatchRenorm(_BatchNorm):
             return plan.evaluate(
                 input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
+        if mode == EMPTY:
+            return self.normalize_batch(input, self.weight, self.bias, mode)
         with torch.no_grad():
             r, d = self._factors(input, mode)
         weight = r if self.weight is None else self.weight * r.to(self.weight.dtype)
