@@ -371,9 +371,11 @@ def test_world_of_one_is_plain_bn(tmp_path):
         dist.destroy_process_group()
 
 
-def test_empty_local_batch_without_sync_is_still_rejected():
-    with pytest.raises(ValueError, match="empty batch"):
-        SyncBatchNorm(3)(torch.randn(0, 3))
+def test_empty_batch_without_sync_is_an_empty_output_and_counts_nothing():
+    bn = SyncBatchNorm(3)
+    y = bn(torch.randn(0, 3))
+    assert y.shape == (0, 3) and int(bn.num_batches_tracked) == 0
+    assert torch.equal(bn.running_mean, torch.zeros(3))
 
 
 def test_convert_sync_batchnorm_swaps_every_kind_and_keeps_tensors():

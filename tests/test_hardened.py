@@ -1,0 +1,155 @@
+"""Issue 20's first items: every parameter and buffer is checked before any kernel runs
+(shape (C,), device, floating point) on every route and layer kind, with the state
+untouched and torch.nn's wording; eps (>= 0) and momentum are validated at construction
+and at call; an empty training batch gives an empty output with gradients and changes nothing."""
+
+import pytest
+import torch
+from torch.func import functional_call
+
+import batchnorm
+from batchnorm import kernels
+
+LAYERS = {
+    "bn": lambda: batchnorm.BatchNorm2d(3),
+    "renorm": lambda: batchnorm.BatchRenorm2d(3),
+    "ghost": lambda: batchnorm.GhostBatchNorm2d(3, virtual_batch_size=2),
+    "masked": lambda: batchnorm.MaskedBatchNorm2d(3),
+    "act": lambda: batchnorm.BatchNormAct2d(3),
+    "act-input": lambda: batchnorm.BatchNormAct2d(3, act="relu", memory_saving=False),
+    "sync": lambda: batchnorm.SyncBatchNorm(3),
+}
+#: Shapes that take each route in auto mode: ATen's kernels (small), the fused numba ones.
+SHAPES = {"native": (4, 3, 5, 5), "cpu": (4, 3, 100, 100)}
+
+
+def _snapshot(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def _unchanged(m, snap):
+    return all(torch.equal(v, snap[k]) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("name", ["weight", "bias", "running_mean", "running_var"])
+@pytest.mark.parametrize("route", SHAPES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_a_short_vector_is_refused_before_any_kernel_reads_it(kind, name, route, training):
+    m = LAYERS[kind]().train(training)
+    short = torch.ones(2) if "var" in name or name == "weight" else torch.zeros(2)
+    if name in ("weight", "bias"):
+        setattr(m, name, torch.nn.Parameter(short))
+    else:
+        setattr(m, name, short)
+    snap = _snapshot(m)
+    with pytest.raises(ValueError, match=f"{name} should contain 3 elements not 2"):
+        m(torch.randn(SHAPES[route]))
+    assert _unchanged(m, snap)
+
+
+def test_functional_call_with_a_short_buffer_is_refused_with_the_state_untouched():
+    m = batchnorm.BatchNorm2d(3)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    state["running_mean"] = torch.zeros(2)
+    with pytest.raises(ValueError, match="running_mean should contain 3 elements not 2"):
+        functional_call(m, state, (torch.randn(4, 3, 5, 5),))
+    assert torch.equal(state["running_var"], torch.ones(3))
+    assert int(state["num_batches_tracked"]) == 0
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "native", "torch"])
+def test_every_backend_is_behind_the_check(backend):
+    m = batchnorm.BatchNorm2d(3)
+    m.running_var = torch.ones(5)
+    snap = _snapshot(m)
+    with kernels.use_backend(backend), pytest.raises(ValueError, match="should contain 3"):
+        m(torch.randn(8, 3, 64, 64))
+    assert _unchanged(m, snap)
+
+
+def test_a_vector_on_another_device_or_of_an_integer_type_is_refused():
+    m = batchnorm.BatchNorm2d(3)
+    m.weight = torch.nn.Parameter(torch.ones(3, device="meta"))
+    snap = {k: v.clone() for k, v in m.state_dict().items() if k != "weight"}
+    with pytest.raises(ValueError, match="weight is on meta but the input is on cpu"):
+        m(torch.randn(4, 3, 5, 5))
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in snap.items())
+    m = batchnorm.BatchNorm2d(3)
+    m.running_mean = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(TypeError, match="running_mean must be floating point"):
+        m(torch.randn(4, 3, 5, 5))
+    assert int(m.num_batches_tracked) == 0
+
+
+def test_the_functional_forms_check_their_vectors_and_options():
+    x = torch.randn(4, 3, 5)
+    with pytest.raises(ValueError, match="running_var should contain 3 elements not 4"):
+        batchnorm.batch_norm(x, torch.zeros(3), torch.ones(4), training=True)
+    with pytest.raises(ValueError, match="weight should contain 3 elements not 2"):
+        batchnorm.batch_norm_stateless(x, torch.zeros(3), torch.ones(3), torch.ones(2))
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        batchnorm.batch_norm(x, None, None, training=True, eps=-1.0)
+    with pytest.raises(ValueError, match="momentum must be between 0 and 1"):
+        batchnorm.batch_norm(x, torch.zeros(3), torch.ones(3), training=True, momentum=-0.1)
+    rm = torch.zeros(3)
+    with pytest.raises(ValueError, match="bias should contain 3 elements not 1"):
+        batchnorm.batch_norm(x, rm, torch.ones(3), bias=torch.zeros(1), training=True,
+                             mask=torch.ones(4, 5, dtype=torch.bool))
+    assert torch.equal(rm, torch.zeros(3))
+
+
+@pytest.mark.parametrize("bad", [-1e-5, -10.0, float("nan")])
+def test_eps_must_not_be_negative_at_construction_and_at_call(bad):
+    for make in (lambda e: batchnorm.BatchNorm1d(3, eps=e),
+                 lambda e: batchnorm.FrozenBatchNorm1d(3, eps=e),
+                 lambda e: batchnorm.GhostBatchNorm1d(3, eps=e)):
+        with pytest.raises(ValueError, match="eps must be >= 0"):
+            make(bad)
+    m = batchnorm.BatchNorm1d(3)
+    m.eps = bad
+    snap = _snapshot(m)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        m(torch.randn(8, 3))
+    assert _unchanged(m, snap)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_momentum_must_be_between_0_and_1_or_none(bad):
+    with pytest.raises(ValueError, match="momentum must be between 0 and 1"):
+        batchnorm.BatchNorm1d(3, momentum=bad)
+    for good in (0.0, 1.0, None):
+        batchnorm.BatchNorm1d(3, momentum=good)(torch.randn(8, 3))
+    m = batchnorm.BatchNorm1d(3)
+    m.momentum = bad
+    snap = _snapshot(m)
+    with pytest.raises(ValueError, match="momentum must be between 0 and 1"):
+        m(torch.randn(8, 3))
+    assert _unchanged(m, snap)
+
+
+@pytest.mark.parametrize("kind", [*LAYERS, "frozen"])
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4)], ids=["N=0", "H=0"])
+def test_an_empty_training_batch_is_an_empty_output_with_gradients(kind, shape):
+    m = batchnorm.FrozenBatchNorm2d(3) if kind == "frozen" else LAYERS[kind]()
+    m(torch.randn(4, 3, 4, 4))
+    snap = _snapshot(m)
+    x = torch.randn(shape, requires_grad=True)
+    y = m(x)
+    assert y.shape == shape and y.requires_grad
+    y.sum().backward()
+    assert x.grad.shape == shape
+    if kind != "frozen":
+        torch.testing.assert_close(m.weight.grad, torch.zeros(3))
+    assert _unchanged(m, snap)
+    torch_y = torch.nn.BatchNorm2d(3)(torch.randn(shape))
+    assert torch_y.shape == y.shape  # torch.nn gives the same empty output
+
+
+def test_an_empty_batch_in_the_functional_forms_is_an_empty_output():
+    x = torch.randn(0, 3, 5)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    assert batchnorm.batch_norm(x, rm, rv, training=True).shape == (0, 3, 5)
+    y, new_rm, new_rv = batchnorm.batch_norm_stateless(x, rm, rv, training=True)
+    assert y.shape == (0, 3, 5) and torch.equal(new_rm, rm) and torch.equal(new_rv, rv)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
