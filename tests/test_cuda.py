@@ -32,6 +32,7 @@ import copy
 import importlib
 import math
 import os
+import time
 
 import numpy as np
 import pytest
@@ -108,6 +109,18 @@ def _triton_built_for_this_device():
         mp.setenv("TRITON_INTERPRET", "1")
         importlib.reload(_triton_kernels)
         importlib.reload(tb)
+
+
+@pytest.fixture(autouse=True)
+def _within_the_gpu_checks_budget():
+    """benchmarks/gpu/run.sh gives this file a time limit: the tests not yet started when
+    BATCHNORM_TEST_DEADLINE (seconds since the epoch) has passed are skipped, saying so,
+    so that pytest still ends and writes its report within the limit."""
+    deadline = os.environ.get("BATCHNORM_TEST_DEADLINE")
+    if deadline and time.time() > float(deadline):
+        pytest.skip("not run: the GPU check's time limit for the tests was reached "
+                    "(BATCHNORM_TEST_DEADLINE)")
+    yield
 
 
 @pytest.fixture(autouse=True)
