@@ -47,8 +47,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import batchnorm
-from batchnorm import layers as bn_layers
-from batchnorm import modules as bn_modules
 
 MODELS = ("resnet50", "cspdarknet53")
 IMPLS = ("torch.nn", "batchnorm")
@@ -113,13 +111,17 @@ def build(name: str, small: bool) -> tuple[nn.Module, str]:
     return SmallNet(leaky=name == "cspdarknet53"), "small stand-in (timm/torchvision missing)"
 
 
+def _ours(m: nn.Module) -> bool:
+    return type(m).__module__.split(".")[0] == "batchnorm"
+
+
 def count_bn(model: nn.Module) -> dict:
-    """How many BatchNorm layers ``model`` has, how many are batchnorm's, and the class
-    names of the rest."""
-    found = bn_layers.batchnorm_layers(model)
-    ours = [m for _, m in found if isinstance(m, bn_modules._BatchNorm)]
+    """How many BatchNorm layers ``model`` has (``batchnorm.is_batchnorm``), how many are
+    batchnorm's, and the class names of the rest."""
+    found = [m for m in model.modules() if batchnorm.is_batchnorm(m)]
+    ours = [m for m in found if _ours(m)]
     others = sorted({type(m).__module__ + "." + type(m).__qualname__
-                     for _, m in found if not isinstance(m, bn_modules._BatchNorm)})
+                     for m in found if not _ours(m)})
     return dict(bn_layers=len(found), converted=len(ours), not_converted_types=others,
                 ours_types=sorted({type(m).__name__ for m in ours}))
 

@@ -119,10 +119,21 @@ def copy_bandwidth_gbps(timer: _Timer, device: torch.device, reps: int = 20,
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+def _triton():
+    """The Triton backend module (``batchnorm.kernels.load("triton")``)."""
+    from . import kernels
+
+    tb = kernels.load("triton")
+    if tb is None:
+        raise ImportError("the Triton backend is not available: batchnorm.kernels.load("
+                          "'triton') is None (is triton installed? pip install batchnorm[gpu])")
+    return tb
+
+
 def op_pair(op: str, x: Tensor, w: Tensor, b: Tensor, dy: Tensor):
     """(ours, native) callables of ``op``, each returning the tensor the check compares
     (the output, or the input gradient)."""
-    from .kernels import triton_backend as tb
+    tb = _triton()
 
     var, mean = torch.var_mean(x.float(), dim=[0, 2, 3], correction=0)
     invstd = torch.rsqrt(var + EPS)
@@ -164,7 +175,7 @@ def _layer_pair(x: Tensor, w: Tensor, b: Tensor, dy: Tensor):
     """batchnorm.BatchNorm2d against torch.nn.BatchNorm2d, both in training mode: forward
     (with the running-statistics update), then backward to x, weight and bias, as a
     model's step runs them. Returns the input gradient."""
-    from .modules import BatchNorm2d
+    from . import BatchNorm2d
 
     layers = []
     for cls in (BatchNorm2d, torch.nn.BatchNorm2d):
@@ -223,7 +234,7 @@ def run_cases(
     Returns ``(rows, meta)``: meta holds the device, the copy bandwidth, the versions, the
     Triton tuning and ``left_out``, the cases not timed for want of time (``budget_s``
     seconds from the start). ``on_row(row, meta)`` is called after every row."""
-    from .kernels import triton_backend as tb
+    tb = _triton()
 
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
