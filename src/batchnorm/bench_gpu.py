@@ -370,8 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="batch 32, four shapes")
     parser.add_argument("--dry-run", action="store_true",
-                        help="CPU, Triton's interpreter, batch 2 at one tiny shape, 1 rep (checks the "
-                             "script, not the speed; needs TRITON_INTERPRET=1)")
+                        help="CPU, Triton's interpreter, batch 2 at one tiny shape, 1 rep "
+                             "(checks the script, not the speed; needs TRITON_INTERPRET=1)")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--budget-s", type=float, default=None,
