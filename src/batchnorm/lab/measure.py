@@ -32,6 +32,16 @@ def checkpoint_matrix(runs: Sequence[RunResult], metric: str = "test_accuracy") 
     return steps, np.asarray(rows, dtype=float)
 
 
+def early_mean(steps: np.ndarray, acc: np.ndarray, fraction: float) -> np.ndarray:
+    """Per run (row of ``acc``): the mean over the checkpoints after step 0 up to ``fraction`` of
+    the run (at least one checkpoint), i.e. the area under the early learning curve."""
+    steps = np.asarray(steps)
+    window = (steps > 0) & (steps <= fraction * steps[-1])
+    if not window.any():
+        window = steps == steps[steps > 0][0] if (steps > 0).any() else steps == steps[-1]
+    return acc[:, window].mean(axis=1)
+
+
 def steps_to(steps: np.ndarray, curve: np.ndarray, target: float) -> int | None:
     """The first checkpoint step where ``curve`` reaches ``target``, or None if it never does."""
     hits = np.flatnonzero(curve >= target)

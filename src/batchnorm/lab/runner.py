@@ -77,6 +77,7 @@ def run_lab(out: Path, profile: str = "quick", only: list[str] | None = None, da
     threads = torch.get_num_threads()
     torch.set_num_threads(LAB_THREADS)
     claims: list[ClaimResult] = []
+    image_data = None  # the conv-net arms' images, when they are not the lab's data
     try:
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.fields[info]}"))
@@ -88,6 +89,8 @@ def run_lab(out: Path, profile: str = "quick", only: list[str] | None = None, da
                 tic = time.perf_counter()
                 ctx = Context(experiment, profile, dataset, out, store, bars, seeds)
                 claim = experiment.run(ctx)
+                if ctx.loaded_images is not None:
+                    image_data = ctx.loaded_images.describe()
                 claim.seconds = time.perf_counter() - tic
                 claims.append(claim)
                 progress.advance(overall)
@@ -96,7 +99,7 @@ def run_lab(out: Path, profile: str = "quick", only: list[str] | None = None, da
         torch.set_num_threads(threads)
     written = results.write(out / "results.json", profile, dataset.describe(), claims, command, started,
                             time.perf_counter() - clock, time.process_time() - cpu, LAB_THREADS,
-                            bars.trained, bars.reused)
+                            bars.trained, bars.reused, image_data)
     path = report.write(written, out)
     console.print(summary_table(claims))
     console.print(f"Report: {path.resolve()}")
