@@ -14,7 +14,10 @@ diverged counts at chance accuracy (1 / classes).
 
 Rule history: until the eighth session the rule compared means of 2-3 seeds: within 5
 points at the smallest rate, "trains" (no seed diverged, at least twice chance) at the
-largest. Now both are per-seed differences with 95% intervals (``CONDITIONS``).
+largest. Now both are per-seed differences with 95% intervals (``CONDITIONS``). The first
+quick configuration of this rule (500 steps, 5 seeds) left the smallest rate far from
+converged (BN 7.5 points ahead after 500 steps at lr 0.03, "not supported"): the quick
+profile now trains 1000 steps (4 seeds); the rule is unchanged.
 """
 
 from __future__ import annotations
@@ -55,9 +58,9 @@ PAPER = (("MNIST-1D pilot, 6x100 ReLU, 3k steps, no BN / BN: lr 0.03", "55.6% / 
 
 @dataclass(frozen=True)
 class Config:
-    seeds: int = 5
+    seeds: int = 4
     lrs: tuple[float, ...] = (0.03, 0.3, 3.0)
-    steps: int = 500
+    steps: int = 1000
     eval_every: int = 250
     batch_size: int = 60
     widths: tuple[int, ...] = (100,) * 6
