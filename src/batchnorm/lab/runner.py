@@ -113,5 +113,6 @@ def summary_table(claims: list[ClaimResult]) -> Table:
     table.add_column("measured")
     table.add_column("verdict", no_wrap=True)
     for c in claims:
-        table.add_row(f"{c.id} {c.title}", c.summary, f"[{VERDICT_STYLE[c.verdict]}]{c.verdict}[/]")
+        kind = " (check)" if c.kind == "check" else ""
+        table.add_row(f"{c.id} {c.title}{kind}", c.summary, f"[{VERDICT_STYLE[c.verdict]}]{c.verdict}[/]")
     return table
