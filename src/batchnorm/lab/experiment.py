@@ -106,10 +106,10 @@ def interval(values: Sequence[float], log: bool = False, confidence: float = CON
     if a.size < 2:
         low = high = None
     else:
-        sem = float(stats.sem(a))
-        if sem == 0.0:
+        if a.max() == a.min():  # no spread (e.g. every seed censored at the same step)
             low = high = mean
         else:
+            sem = float(stats.sem(a))
             low, high = (float(v) for v in stats.t.interval(confidence, a.size - 1, loc=mean, scale=sem))
     if log:
         return float(np.exp(mean)), None if low is None else float(np.exp(low)), None if high is None else float(np.exp(high))

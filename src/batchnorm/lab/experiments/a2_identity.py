@@ -65,7 +65,7 @@ class Config:
 
     @classmethod
     def full(cls) -> Config:
-        return cls(seeds=3, steps=3000)
+        return cls(seeds=5, steps=3000)
 
     @classmethod
     def smoke(cls) -> Config:

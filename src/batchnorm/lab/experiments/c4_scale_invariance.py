@@ -55,7 +55,7 @@ class Config:
 
     @classmethod
     def full(cls) -> Config:
-        return cls(seeds=3)
+        return cls(seeds=5)
 
     @classmethod
     def smoke(cls) -> Config:
