@@ -128,7 +128,7 @@ def test_markdown_table_has_one_row_per_claim_with_its_conditions() -> None:
     lines = table.splitlines()
     assert "`batchnorm lab --profile full --out lab-full`" in lines[0] and "commit 0123456789" in lines[0]
     assert "Findings: 0 supported, 1 not supported, 1 inconclusive; property checks: 1 passed" in lines[0]
-    assert "5 seeds" in lines[0] or "1-5 seeds" in lines[0]
+    assert "1-5 seed(s) per experiment" in lines[0]
     assert lines[2] == "| Claim | Paper → here | Measured | Conditions | Verdict |"
     assert lines[4].startswith("| A1 Formula (check) |") and lines[4].endswith("| supported |")
     assert lines[5] == ("| C9 Renorm \\| small batches | ImageNet, groups of 4: 74.2% / 76.5% → 50.1% / 60.2% | "

@@ -101,10 +101,3 @@ def paired_times(fns: dict[str, Callable[[], object]], rounds: int, min_sample: 
         if enabled:
             gc.enable()
     return times
-
-
-def sign_test(wins: int, n: int) -> float:
-    """One-sided p-value of a sign test: the chance of ``wins`` or more heads in ``n`` fair coin flips."""
-    if not 0 <= wins <= n:
-        raise ValueError(f"expected 0 <= wins <= n, got wins={wins}, n={n}")
-    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n

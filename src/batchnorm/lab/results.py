@@ -41,10 +41,15 @@ def versions() -> dict[str, str]:
     return out
 
 
+COMMIT_ENV = "BATCHNORM_LAB_COMMIT"  # the commit of a copy of the code that has no .git (e.g. on another machine)
+
+
 def commit() -> dict[str, Any] | None:
-    """The git commit of the code that ran and whether the checkout had uncommitted changes;
-    None when the package is not in a git checkout (an installed wheel)."""
+    """The git commit of the code that ran and whether the checkout had uncommitted changes.
+    Outside a git checkout: the commit named by the ``BATCHNORM_LAB_COMMIT`` environment
+    variable (the person who copied the code says which; "dirty" is then unknown), else None."""
     here = Path(__file__).resolve().parent
+    named = os.environ.get(COMMIT_ENV)
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True, timeout=30).stdout
@@ -53,7 +58,7 @@ def commit() -> dict[str, Any] | None:
         sha = git("rev-parse", "HEAD").strip()
         dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
     except (OSError, subprocess.SubprocessError):
-        return None
+        return {"sha": named, "dirty": None, "from": COMMIT_ENV} if named else None
     return {"sha": sha, "dirty": dirty}
 
 

@@ -101,14 +101,15 @@ def run_lab(out: Path, profile: str = "quick", only: list[str] | None = None, da
                             time.perf_counter() - clock, time.process_time() - cpu, LAB_THREADS,
                             bars.trained, bars.reused, image_data)
     path = report.write(written, out)
-    console.print(summary_table(claims))
+    console.print(summary_table(claims, indicative=written["indicative"]))
     console.print(f"Report: {path.resolve()}")
     return path
 
 
-def summary_table(claims: list[ClaimResult]) -> Table:
-    """One row per claim: ID and title, what was measured, the verdict."""
-    table = Table(title="batchnorm lab", show_lines=True)
+def summary_table(claims: list[ClaimResult], indicative: bool = False) -> Table:
+    """One row per claim: ID and title, what was measured, the verdict (property checks marked)."""
+    title = "batchnorm lab" + (" (indicative: run --profile full for the README's numbers)" if indicative else "")
+    table = Table(title=title, show_lines=True)
     table.add_column("claim", max_width=28)
     table.add_column("measured")
     table.add_column("verdict", no_wrap=True)

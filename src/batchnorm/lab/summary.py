@@ -59,7 +59,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"Measured by `{results.get('command', 'batchnorm lab')}` (profile {results.get('profile', '?')}"
         f"{', indicative' if results.get('indicative') else ''}, data {data.get('name', '?')} "
         f"(sha256 {str(data.get('sha256', '?'))[:12]}), "
-        f"{'-'.join(map(str, [seeds[0], seeds[-1]] if len(seeds) > 1 else seeds))} seeds per experiment, commit {sha}, "
+        f"{'-'.join(map(str, [seeds[0], seeds[-1]] if len(seeds) > 1 else seeds))} seed(s) per experiment, commit {sha}, "
         f"{minutes:.0f} min on {results.get('machine', {}).get('cpus', '?')} CPUs). Findings: {f['supported']} supported, "
         f"{f['not supported']} not supported, {f['inconclusive']} inconclusive; property checks: {k['supported']} passed"
         f"{failed}. Each condition: estimate over "

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..experiment import ClaimResult, Condition, Context
 from . import c12_adabn
-from .c12_adabn import NETS, SHIFT_NAMES, SHIFTS
+from .c12_adabn import NETS, SHIFTS
 
 ID = "C13"
 TITLE = "TENT adapts better than test-batch statistics and AdaBN"

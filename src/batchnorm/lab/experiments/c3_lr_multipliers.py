@@ -31,7 +31,7 @@ import numpy as np
 
 from .. import plots
 from ..experiment import ClaimResult, Condition, Context
-from ..measure import checkpoint_matrix
+from ..measure import checkpoint_matrix, steps_to
 from ..train import RunResult, TrainSpec
 
 ID = "C3"
@@ -92,8 +92,8 @@ def smooth(acc: np.ndarray) -> np.ndarray:
 
 def first_reach(steps: np.ndarray, curve: np.ndarray, target: float, censored: float) -> float:
     """The first step where ``curve`` reaches ``target``, else ``censored``."""
-    hits = np.flatnonzero(curve >= target)
-    return float(steps[hits[0]]) if hits.size else censored
+    step = steps_to(steps, curve, target)
+    return censored if step is None else float(step)
 
 
 def run(ctx: Context) -> ClaimResult:
