@@ -120,7 +120,8 @@ def run(ctx: Context) -> ClaimResult:
         acc_s = smooth(acc)
         reach[k] = np.asarray([censored if rs[i].diverged_at is not None else first_reach(s, acc_s[i], target[i], censored)
                                for i in range(len(rs))])
-    measured = {f"x{k:g}": reach_base / reach[k] for k in cfg.multipliers}
+    with np.errstate(divide="ignore", invalid="ignore"):  # a target reached at step 0 (no learning): no ratio (nan)
+        measured = {f"x{k:g}": reach_base / reach[k] for k in cfg.multipliers}
 
     fig, (left, right) = plots.new(ncols=2)
     plots.mean_band(left, steps, base, f"no BN, lr {best:g} (its best)", plots.NO_BN_COLOR)
