@@ -8,6 +8,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,3 +173,30 @@ def test_readme_script_updates_only_the_marked_block(tmp_path: Path, capsys) -> 
     text = readme.read_text()
     assert text.startswith("# title\n") and text.endswith(f"{END}\nfooter\n") and "stale" not in text
     assert markdown_table(_results("full")).rstrip() in text
+
+
+def _percentile_run(p15: list[float], p50: list[float], p85: list[float]) -> RunResult:
+    probes = {"unit_percentiles": [{"p15": [a], "p50": [b], "p85": [c]} for a, b, c in zip(p15, p50, p85)]}
+    steps = list(range(0, 100 * len(p50), 100))
+    return RunResult({}, [], [], steps, [0.0] * len(steps), [0.0] * len(steps), probes)
+
+
+def test_c2_drift_is_in_widths_net_and_total() -> None:
+    from batchnorm.lab.experiments.c2_distribution import drift
+
+    # the first checkpoint (step 0) is before 10% of training and not counted
+    run = _percentile_run([9, 0, 1, 0, 2], [9, 1, 2, 1, 3], [9, 2, 3, 2, 4])  # width 2, median 1 -> 2 -> 1 -> 3
+    net, total = drift(run)
+    assert net == pytest.approx(1.0) and total == pytest.approx(2.0)  # |3 - 1| / 2; (1 + 1 + 2) / 2
+    scaled = _percentile_run(*(list(np.multiply(v, 10.0)) for v in ([9, 0, 1, 0, 2], [9, 1, 2, 1, 3], [9, 2, 3, 2, 4])))
+    assert drift(scaled) == pytest.approx((net, total))  # scale-free: a growing gamma is not drift
+
+
+def test_c3_reads_first_reach_on_a_trailing_mean() -> None:
+    from batchnorm.lab.experiments.c3_lr_multipliers import first_reach, smooth
+
+    acc = np.asarray([[0.0, 0.9, 0.0, 0.6, 0.6, 0.6]])
+    assert smooth(acc)[0].tolist() == pytest.approx([0.0, 0.45, 0.3, 0.5, 0.4, 0.6])
+    steps = np.arange(6) * 10
+    assert first_reach(steps, smooth(acc)[0], 0.5, 99.0) == 30.0  # the lone 0.9 at step 10 does not count
+    assert first_reach(steps, smooth(acc)[0], 0.7, 99.0) == 99.0  # never reached: censored

@@ -195,3 +195,19 @@ def test_bad_options_say_what_was_expected(tmp_path: Path, args: list[str], mess
     result = CliRunner().invoke(app, ["lab", "--out", str(tmp_path), *args])
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
+
+
+def test_commit_outside_a_checkout_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchnorm.lab import results
+
+    here = results.commit()
+    assert here is None or (len(here["sha"]) == 40 and isinstance(here["dirty"], bool))
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(results.subprocess, "run", no_git)
+    monkeypatch.delenv(results.COMMIT_ENV, raising=False)
+    assert results.commit() is None
+    monkeypatch.setenv(results.COMMIT_ENV, "ab" * 20)
+    assert results.commit() == {"sha": "ab" * 20, "dirty": None, "from": results.COMMIT_ENV}

@@ -159,8 +159,8 @@ def run(ctx: Context) -> ClaimResult:
         "per_seed": numbers,
         "conv_data": images,
     }
-    here = (f"MNIST-1D ({ctx.data.name} here), {cfg.steps} steps: {np.mean(m['final_bn']):.1%} / {np.mean(m['final_no_bn']):.1%}",
-            f"{ctx.data.name}, {cfg.steps} steps: {np.mean(m['final_bn']):.1%} / {np.mean(m['final_no_bn']):.1%}")
+    ours = f"{ctx.data.name}, same MLP, {cfg.steps} steps: {np.mean(m['final_bn']):.1%} / {np.mean(m['final_no_bn']):.1%}"
+    here = (f"{ours}; conv net on {images}: {np.mean(c['final_bn']):.1%} / {np.mean(c['final_no_bn']):.1%}", ours)
     return ctx.result(summary, metrics, measured, here)
 
 
