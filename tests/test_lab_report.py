@@ -211,3 +211,21 @@ def test_commit_outside_a_checkout_comes_from_the_environment(monkeypatch: pytes
     assert results.commit() is None
     monkeypatch.setenv(results.COMMIT_ENV, "ab" * 20)
     assert results.commit() == {"sha": "ab" * 20, "dirty": None, "from": results.COMMIT_ENV}
+
+
+def test_report_shows_conditions_paper_and_captions(lab: tuple[Path, str]) -> None:
+    from markupsafe import escape
+
+    out, _ = lab
+    html = (out / "index.html").read_text()
+    r = strict_json(out / "results.json")
+    assert "indicative" in html and "How a verdict is made" in html
+    assert html.count("<th>Condition</th>") == len(r["claims"])
+    for c in r["claims"]:
+        for e in c["evidence"]:
+            assert escape(e["reason"]) in html
+        for p in c["paper"]:
+            assert escape(p["paper"]) in html
+        for caption in c["captions"]:
+            assert escape(caption) in html
+    assert "none (one seed)" in html  # the smoke profile's findings have no interval
