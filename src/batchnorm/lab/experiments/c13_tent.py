@@ -8,7 +8,7 @@ statistics) 17.3, TENT 14.3.
 Here: C12's runs (same source networks, MLP and conv net, same target domains, same
 unlabeled target inputs): ``batchnorm.adapt(..., "tent")`` over the shifted training
 inputs in batches of 128 for each Adam learning rate (1e-4, 1e-3, 1e-2) and number of
-passes (1, 3) of a small grid; per seed, the setting with the best mean accuracy over the
+passes (quick: 1; full: 1 or 3) of a small grid; per seed, the setting with the best mean accuracy over the
 shifted domains on a labelled held-out split of shifted training examples (never the
 test set) is the one judged, on the shifted test set in batches of 128 (TENT normalises
 with batch statistics). TENT is compared with its own baseline, the test batches'
