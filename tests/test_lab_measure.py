@@ -7,17 +7,7 @@ import gc
 
 import pytest
 
-from batchnorm.lab.measure import paired_times, pin_allocator, sign_test
-
-
-def test_sign_test_is_the_binomial_tail():
-    assert sign_test(3, 3) == pytest.approx(1 / 8)
-    assert sign_test(2, 3) == pytest.approx(4 / 8)
-    assert sign_test(0, 5) == 1.0
-    assert sign_test(0, 0) == 1.0
-    assert sign_test(60, 60) < 1e-17
-    with pytest.raises(ValueError, match="expected 0 <= wins <= n, got wins=4, n=3"):
-        sign_test(4, 3)
+from batchnorm.lab.measure import paired_times, pin_allocator
 
 
 def test_paired_times_takes_turns_with_the_collector_paused():

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from batchnorm.lab.data import load
-from batchnorm.lab.experiment import decide
+from batchnorm.lab.experiment import Condition, evidence, interval, judge, verdict
 from batchnorm.lab.experiments import c4_scale_invariance
 from batchnorm.lab.measure import checkpoint_matrix, steps_to
-from batchnorm.lab.models import NORMS, make_norm, mlp, register_norm
+from batchnorm.lab.models import NORMS, NORMS_2D, ConvNet, convnet, make_norm, mlp, register_norm
 from batchnorm.lab.probes import PROBES
 from batchnorm.lab.train import RunResult, TrainSpec, build_model, train
-from batchnorm.modules import BatchNorm1d
+from batchnorm import BatchNorm1d, BatchNorm2d
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +130,57 @@ def test_checkpoint_matrix_pads_a_diverged_run() -> None:
     assert steps_to(steps, m[0], 0.5) == 10 and steps_to(steps, m[1], 0.5) is None
 
 
-def test_decide() -> None:
-    assert decide(True, False) == "supported"
-    assert decide(False, True) == "not supported"
-    assert decide(False, False) == "inconclusive"
+def test_interval_is_the_student_t_interval() -> None:
+    from scipy import stats
+
+    values = [0.1, 0.3, 0.2, 0.25, 0.15]
+    mean, low, high = interval(values)
+    sem = np.std(values, ddof=1) / math.sqrt(5)
+    t = stats.t.ppf(0.975, 4)  # 2.776
+    assert mean == pytest.approx(0.2) and low == pytest.approx(0.2 - t * sem) and high == pytest.approx(0.2 + t * sem)
+    # ratios: geometric mean and the exponentiated interval of the logs
+    g, gl, gh = interval([2.0, 8.0], log=True)
+    m, ml, mh = interval([math.log(2.0), math.log(8.0)])
+    assert g == pytest.approx(4.0) and gl == pytest.approx(math.exp(ml)) and gh == pytest.approx(math.exp(mh))
+    assert interval([0.5]) == (0.5, None, None)  # one seed: no interval
+    assert interval([0.25, 0.25, 0.25]) == (0.25, 0.25, 0.25)  # no spread: a zero-width interval
+    mean, low, high = interval([1.0, float("nan")])
+    assert math.isnan(mean) and low is None and high is None
+    with pytest.raises(ValueError, match="no values"):
+        interval([])
+
+
+def test_a_condition_holds_fails_or_is_undecided_by_its_interval() -> None:
+    above = Condition("k", "gap", ">", 0.0, "sign")
+    assert judge(above, 0.1, 0.05, 0.15) is True
+    assert judge(above, -0.1, -0.15, -0.05) is False
+    assert judge(above, 0.02, -0.01, 0.05) is None and judge(above, 0.02, None, None) is None
+    below = Condition("k", "ratio", "<", 10.0, "one order", log=True)
+    assert judge(below, 2.0, 1.5, 3.0) is True and judge(below, 20.0, 12.0, 30.0) is False
+    within = Condition("k", "gap", "within", 0.05, "close")
+    assert judge(within, 0.0, -0.02, 0.03) is True
+    assert judge(within, 0.1, 0.07, 0.13) is False and judge(within, -0.1, -0.13, -0.07) is False
+    assert judge(within, 0.04, 0.02, 0.06) is None
+    check = Condition("k", "error", "<", 1e-5, "rounding", check=True)
+    assert judge(check, 1e-7, None, None) is True and judge(check, 1e-3, None, None) is False
+    with pytest.raises(ValueError, match="op '>='"):
+        Condition("k", "x", ">=", 0.0, "r")
+    with pytest.raises(ValueError, match="positive threshold"):
+        Condition("k", "x", ">", 0.0, "r", log=True)
+
+
+def test_evidence_and_verdict_follow_mechanically() -> None:
+    e = evidence(Condition("gap", "BN minus no BN", ">", 0.0, "sign"), [0.1, 0.2, 0.15, 0.12, 0.18])
+    assert set(e) >= {"condition", "estimate", "low", "high", "threshold", "holds"}
+    assert e["holds"] is True and e["low"] > 0 and e["values"] == [0.1, 0.2, 0.15, 0.12, 0.18]
+    c = evidence(Condition("err", "error", "<", 1e-5, "rounding", check=True), 3e-7)
+    assert c["low"] is None and c["high"] is None and c["holds"] is True
+    held, failed, open_ = {"holds": True}, {"holds": False}, {"holds": None}
+    assert verdict([held, held]) == "supported"
+    assert verdict([held, failed, open_]) == "not supported"
+    assert verdict([held, open_]) == "inconclusive"
+    with pytest.raises(ValueError, match="at least one condition"):
+        verdict([])
 
 
 def test_scale_invariance_is_exact_without_eps() -> None:
@@ -158,3 +205,45 @@ def test_kaiming_init_is_he_normal_and_shared_across_arms() -> None:
     assert torch.equal(w, normed.blocks[0].linear.weight) and not plain.blocks[1].linear.bias.any()
     with pytest.raises(ValueError, match="unknown init 'xavier'"):
         mlp(4, (4,), 2, init="xavier")
+
+
+def test_conv_net_views_rows_as_images_and_shares_weights_across_arms() -> None:
+    plain = convnet((1, 8, 8), (4, 8), 10, seed=1)
+    normed = convnet((1, 8, 8), (4, 8), 10, norm="ours", seed=1)
+    assert isinstance(plain, ConvNet) and isinstance(normed.blocks[0].norm, BatchNorm2d)
+    assert torch.equal(plain.blocks[0].linear.weight, normed.blocks[0].linear.weight)
+    assert normed.blocks[0].linear.bias is None and plain.blocks[0].linear.bias is not None
+    x = torch.randn(6, 64)
+    logits, zs = normed.preactivations(x)
+    assert logits.shape == (6, 10) and [z.shape for z in zs] == [(6, 4, 8, 8), (6, 8, 4, 4)]
+    assert torch.allclose(normed(x), logits)
+    # the same numbers as torch.nn's conv net built by hand
+    ref = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), plain.blocks[0].linear, nn.ReLU(), plain.blocks[1].linear, nn.ReLU())
+    assert torch.allclose(plain.head(ref(x).mean(dim=(2, 3))), plain(x), atol=1e-6)
+    assert set(NORMS_2D) >= {"none", "ours", "torch", "noisy"}
+    with pytest.raises(ValueError, match="unknown norm kind 'ghost' for images"):
+        convnet((1, 8, 8), (4,), 10, norm="ghost")
+    with pytest.raises(ValueError, match="expected \\(channels, height, width\\)"):
+        convnet((64,), (4,), 10)
+
+
+def test_conv_runs_need_images_and_learn_digits() -> None:
+    digits = load("digits")
+    assert digits.image_shape == (1, 8, 8)
+    spec = TrainSpec(arch="conv", widths=(8, 16), activation="relu", init="kaiming", norm="ours", lr=0.2, steps=150,
+                     eval_every=50)
+    r = train(spec, digits)
+    assert r.test_accuracy[-1] > 0.5 > r.test_accuracy[0]
+    with pytest.raises(ValueError, match="a conv net needs images"):
+        build_model(spec, load("gaussians"))
+    with pytest.raises(ValueError, match="unknown arch 'rnn'"):
+        build_model(TrainSpec(arch="rnn"), digits)
+
+
+def test_saturating_init_saturates_sigmoids(data) -> None:
+    model = mlp(data.n_features, (100,) * 4, 10, activation="sigmoid", init="saturating", seed=0)
+    _, zs = model.preactivations(data.x_test[:500])
+    assert all((z.abs() > 4).double().mean() > 0.2 for z in zs)
+    default = mlp(data.n_features, (100,) * 4, 10, activation="sigmoid", seed=0)
+    _, zs = default.preactivations(data.x_test[:500])
+    assert all((z.abs() > 4).double().mean() < 0.01 for z in zs)

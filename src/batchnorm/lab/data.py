@@ -47,18 +47,24 @@ class Dataset:
     y_test: Tensor
     n_classes: int
     source: str  # where it came from, for the report
+    image_shape: tuple[int, ...] | None = None  # (channels, height, width) of each flat row, when the rows are images
 
     @property
     def n_features(self) -> int:
         return self.x_train.shape[1]
 
     @functools.cached_property
-    def fingerprint(self) -> str:
-        """A short hash of the contents: runs on different data never share a stored result."""
+    def checksum(self) -> str:
+        """SHA-256 of the name and the contents (features and labels as the lab uses them)."""
         h = hashlib.sha256(self.name.encode())
         for t in (self.x_train, self.y_train, self.x_test, self.y_test):
             h.update(t.numpy().tobytes())
-        return h.hexdigest()[:16]
+        return h.hexdigest()
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the contents: runs on different data never share a stored result."""
+        return self.checksum[:16]
 
     def describe(self) -> dict[str, object]:
         """Name, sizes and source, for results.json."""
@@ -69,6 +75,8 @@ class Dataset:
             "features": self.n_features,
             "classes": self.n_classes,
             "source": self.source,
+            "image_shape": list(self.image_shape) if self.image_shape else None,
+            "sha256": self.checksum,
         }
 
 
@@ -90,8 +98,9 @@ def load(name: str, data_dir: Path | None = None) -> Dataset:
 
 
 def _finish(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-            n_classes: int, source: str) -> Dataset:
-    """Flatten, standardise with the training set's mean and std, convert to tensors."""
+            n_classes: int, source: str, image_shape: tuple[int, ...] | None = None) -> Dataset:
+    """Flatten, standardise with the training set's mean and std, convert to tensors; ``image_shape``
+    (channels, height, width) when the rows are images."""
     x_train = x_train.reshape(len(x_train), -1).astype(np.float64)
     x_test = x_test.reshape(len(x_test), -1).astype(np.float64)
     mean, std = x_train.mean(), x_train.std()
@@ -104,7 +113,8 @@ def _finish(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndar
     def labels(y: np.ndarray) -> Tensor:
         return torch.from_numpy(y.astype(np.int64))
 
-    return Dataset(name, features(x_train), labels(y_train), features(x_test), labels(y_test), n_classes, source)
+    return Dataset(name, features(x_train), labels(y_train), features(x_test), labels(y_test), n_classes, source,
+                   image_shape)
 
 
 def _mnist1d() -> Dataset:
@@ -128,7 +138,7 @@ def _digits() -> Dataset:
     order = np.random.default_rng(0).permutation(len(d.target))
     train, test = order[:1297], order[1297:]
     return _finish("digits", d.data[train], d.target[train], d.data[test], d.target[test], 10,
-                   "sklearn.datasets.load_digits() (1297 train / 500 test, split with seed 0)")
+                   "sklearn.datasets.load_digits() (1297 train / 500 test, split with seed 0)", (1, 8, 8))
 
 
 def _gaussians(n_train: int = 4000, n_test: int = 1000, features: int = 40, classes: int = 10) -> Dataset:
@@ -222,7 +232,7 @@ def _idx_set(name: str, data_dir: Path) -> Dataset:
                         f"{train.shape[1]}x{train.shape[2]}: expected test images of the training images' size")
     return _finish(name, arrays["train_images"][0] / 255.0, arrays["train_labels"][0],
                    arrays["test_images"][0] / 255.0, arrays["test_labels"][0], 10,
-                   f"IDX files in {arrays['train_images'][1].parent}")
+                   f"IDX files in {arrays['train_images'][1].parent}", (1, *arrays["train_images"][0].shape[1:]))
 
 
 # --- CIFAR-10 binary version -------------------------------------------------------------
@@ -252,4 +262,4 @@ def _cifar10(data_dir: Path) -> Dataset:
 
     (xa, ya), (xb, yb) = read(_CIFAR_TRAIN), read(_CIFAR_TEST)
     source = _find(data_dir, ("cifar-10-batches-bin",), _CIFAR_TEST[0], "cifar10").parent
-    return _finish("cifar10", xa / 255.0, ya, xb / 255.0, yb, 10, f"CIFAR-10 binary batches in {source}")
+    return _finish("cifar10", xa / 255.0, ya, xb / 255.0, yb, 10, f"CIFAR-10 binary batches in {source}", (3, 32, 32))

@@ -3,44 +3,163 @@
 An experiment is a module of ``batchnorm.lab.experiments`` with
 
 - ``ID`` ("C1"), ``TITLE`` (short), ``CLAIM`` (the claim, the paper's setup and number),
-  ``EXPECTATION`` (the measurable outcome the verdict checks);
+  ``EXPECTATION`` (in words, what the conditions below test);
+- ``CONDITIONS``: its rule, a tuple of ``Condition`` written before anything runs: each an
+  estimate (the mean of paired per-seed differences, or of per-seed ratios, between arms
+  that share their seeds, initial weights and batches), a threshold and the reason for it;
+- ``PAPER``: (setting, the paper's number) pairs, which the report shows beside ours;
 - ``Config``: a dataclass with an ``int`` field ``seeds`` and the classmethods
   ``quick()``, ``full()`` and ``smoke()`` (a few steps, for tests);
 - ``run(ctx: Context) -> ClaimResult``.
 
 ``run`` reads its configuration with ``ctx.config()``, trains with ``ctx.train(spec)``
 (stored runs are reused), saves figures and tables with ``ctx.save_figure`` and
-``ctx.save_csv``, and ends with ``return ctx.result(verdict, summary, metrics)``; the
-verdict comes from ``decide`` applied to the measurement, never from a constant.
+``ctx.save_csv``, and ends with ``return ctx.result(summary, metrics, measured, here)``:
+``measured`` maps every condition's key to its per-seed values, ``here`` gives our number
+beside each of ``PAPER``'s. The verdict follows mechanically from the conditions: each one
+holds when its 95% Student-t interval over the seeds clears the threshold, fails when it
+clears it on the other side, and is undecided otherwise; the claim is supported when every
+condition holds, not supported when one fails, inconclusive otherwise. A rule changed after
+a run is a new rule: the experiment's docstring says what changed and why.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
+import numpy as np
 from matplotlib.figure import Figure
+from scipy import stats
 
 from . import plots
-from .data import Dataset
+from .data import Dataset, load
 from .store import RunStore, write_atomic
 from .train import ProgressFn, RunResult, TrainSpec, train
 
 VERDICTS = ("supported", "not supported", "inconclusive")
 PROFILES = ("quick", "full", "smoke")
+KINDS = ("finding", "check")  # a claim about what BN does, or a property of the code that cannot fail by chance
+CONFIDENCE = 0.95
+OPS = (">", "<", "within")
 
 
-def decide(supported: bool, refuted: bool) -> str:
-    """"supported" if the expectation is met, "not supported" if the measurement contradicts
-    it, "inconclusive" otherwise."""
-    if supported:
+@dataclass(frozen=True)
+class Condition:
+    """One condition of a claim's rule, written in the experiment module before it runs.
+
+    ``key`` names the measurement the experiment hands in (``Context.result(measured=...)``);
+    ``text`` says what is estimated; the condition is ``estimate op threshold`` ("within":
+    ``-threshold < estimate < threshold``); ``reason`` says why this threshold. With
+    ``log=True`` the per-seed values are ratios, averaged and bounded on the log scale
+    (a geometric mean and its interval). ``check=True``: a deterministic property check
+    (one exact value, no interval), reported apart from the findings.
+    """
+
+    key: str
+    text: str
+    op: str
+    threshold: float
+    reason: str
+    log: bool = False
+    check: bool = False
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ValueError(f"condition {self.key!r}: op {self.op!r}, expected one of {OPS}")
+        if self.log and not self.threshold > 0:
+            raise ValueError(f"condition {self.key!r}: a ratio (log=True) needs a positive threshold, got {self.threshold}")
+
+    def describe(self) -> str:
+        """The condition as one line: ``text op threshold``."""
+        if self.op == "within":
+            return f"{self.text} within +-{self.threshold:g}"
+        return f"{self.text} {self.op} {self.threshold:g}"
+
+
+def interval(values: Sequence[float], log: bool = False, confidence: float = CONFIDENCE
+             ) -> tuple[float, float | None, float | None]:
+    """Mean of ``values`` (per-seed paired differences, or ratios with ``log``) and its
+    two-sided Student-t interval (``scipy.stats.t``): mean +- t_{n-1} * s / sqrt(n).
+
+    One value, or values that are not all finite, give no interval (None, None); values that
+    are all equal give a zero-width interval. Ratios: the geometric mean and
+    exp(interval of the mean log).
+    """
+    a = np.asarray(values, dtype=float)
+    if a.size == 0:
+        raise ValueError("no values to estimate from: expected one per seed")
+    if log:
+        if np.any(a <= 0):
+            return float("nan"), None, None
+        a = np.log(a)
+    if not np.all(np.isfinite(a)):
+        return float("nan"), None, None
+    mean = float(a.mean())
+    if a.size < 2:
+        low = high = None
+    else:
+        if a.max() == a.min():  # no spread (e.g. every seed censored at the same step)
+            low = high = mean
+        else:
+            sem = float(stats.sem(a))
+            low, high = (float(v) for v in stats.t.interval(confidence, a.size - 1, loc=mean, scale=sem))
+    if log:
+        return float(np.exp(mean)), None if low is None else float(np.exp(low)), None if high is None else float(np.exp(high))
+    return mean, low, high
+
+
+def judge(condition: Condition, estimate: float, low: float | None, high: float | None) -> bool | None:
+    """True when the interval ([low, high], or the exact ``estimate`` for a check) clears the
+    threshold on the condition's side, False when it clears it on the other side, None when
+    it straddles it (or there is no interval)."""
+    if condition.check:
+        low = high = estimate
+    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+        return None
+    t = condition.threshold
+    if condition.op == ">":
+        return True if low > t else False if high < t else None
+    if condition.op == "<":
+        return True if high < t else False if low > t else None
+    return True if -t < low and high < t else False if low > t or high < -t else None
+
+
+def evidence(condition: Condition, values: Any) -> dict[str, Any]:
+    """The evidence entry of ``condition`` from its per-seed ``values`` (or one exact value for a check)."""
+    if condition.check:
+        value = float(values)
+        estimate, low, high, per_seed = value, None, None, [value]
+    else:
+        per_seed = [float(v) for v in values]
+        estimate, low, high = interval(per_seed, condition.log)
+    return {"key": condition.key, "condition": condition.describe(), "estimate": estimate, "low": low, "high": high,
+            "threshold": condition.threshold, "op": condition.op, "holds": judge(condition, estimate, low, high),
+            "reason": condition.reason, "check": condition.check, "values": per_seed,
+            "scale": "ratio" if condition.log else "difference"}
+
+
+def verdict(entries: Sequence[dict[str, Any]]) -> str:
+    """Supported when every condition holds, not supported when any fails, inconclusive otherwise."""
+    if not entries:
+        raise ValueError("a verdict needs at least one condition")
+    holds = [e["holds"] for e in entries]
+    if all(h is True for h in holds):
         return "supported"
-    return "not supported" if refuted else "inconclusive"
+    return "not supported" if any(h is False for h in holds) else "inconclusive"
+
+
+@functools.lru_cache(maxsize=1)
+def _digits() -> Dataset:
+    """scikit-learn's digits as 8x8 images, loaded once per process."""
+    return load("digits")
 
 
 @dataclass
@@ -51,10 +170,14 @@ class ClaimResult:
     title: str
     claim: str
     expectation: str
-    verdict: str  # one of VERDICTS
+    verdict: str  # one of VERDICTS, from the evidence
     summary: str  # the measured numbers in a sentence or two
     metrics: dict[str, Any]
+    evidence: list[dict[str, Any]] = field(default_factory=list)  # one entry per condition (see ``evidence``)
+    kind: str = "finding"  # "check" when every condition is a property check
+    paper: list[dict[str, str]] = field(default_factory=list)  # {"setting", "paper", "here"}
     figures: list[str] = field(default_factory=list)  # PNG files, relative to the output folder
+    captions: list[str] = field(default_factory=list)  # one per figure: what to look at
     tables: list[str] = field(default_factory=list)  # CSV files, relative to the output folder
     config: dict[str, Any] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=list)
@@ -94,8 +217,10 @@ class Context:
     progress: RunProgress = field(default_factory=Silent)
     seeds_override: int | None = None
     figures: list[str] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
     tables: list[str] = field(default_factory=list)
     _config: Any = field(default=None, init=False, repr=False)
+    loaded_images: Dataset | None = field(default=None, init=False, repr=False)  # set by ``images()``
 
     def config(self) -> Any:
         """The experiment's ``Config`` for this profile (``--seeds`` overrides its seeds)."""
@@ -110,15 +235,25 @@ class Context:
         """The seeds of this profile: 0 .. seeds-1."""
         return list(range(self.config().seeds))
 
-    def train(self, spec: TrainSpec) -> RunResult:
-        """The result of ``spec`` on the lab's data: from the store, or trained and stored."""
+    def images(self) -> Dataset:
+        """The data of the conv-net arms: the lab's data when they are images, else scikit-learn's
+        digits as 8x8 images (embedded)."""
+        if self.data.image_shape is not None:
+            return self.data
+        if self.loaded_images is None:
+            self.loaded_images = _digits()
+        return self.loaded_images
+
+    def train(self, spec: TrainSpec, data: Dataset | None = None) -> RunResult:
+        """The result of ``spec`` on ``data`` (default: the lab's data): from the store, or trained and stored."""
+        data = data or self.data
         label = spec.label()
-        key = self.store.key(spec.to_json(), self.data.fingerprint)
+        key = self.store.key(spec.to_json(), data.fingerprint)
         stored = self.store.get(label, key, RunResult.from_json)
         if stored is not None:
             self.progress.finish(label, stored=True)
             return stored
-        result = train(spec, self.data, self.progress.start(label, spec.steps))
+        result = train(spec, data, self.progress.start(label, spec.steps))
         self.store.put(label, key, result.to_json())
         self.progress.finish(label, stored=False)
         return result
@@ -127,11 +262,13 @@ class Context:
         relative = f"{folder}/{self.experiment.ID}_{name}{suffix}"
         return self.out / relative, relative
 
-    def save_figure(self, fig: Figure, name: str) -> None:
-        """Save ``fig`` as ``figures/<ID>_<name>.png`` and list it in the result."""
+    def save_figure(self, fig: Figure, name: str, caption: str) -> None:
+        """Save ``fig`` as ``figures/<ID>_<name>.png`` and list it in the result, with a
+        caption that says what to look at."""
         path, relative = self._file("figures", name, ".png")
         plots.save(fig, path)
         self.figures.append(relative)
+        self.captions.append(caption)
 
     def save_csv(self, name: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         """Save a table as ``data/<ID>_<name>.csv`` and list it in the result."""
@@ -143,10 +280,22 @@ class Context:
         write_atomic(path, buffer.getvalue())
         self.tables.append(relative)
 
-    def result(self, verdict: str, summary: str, metrics: dict[str, Any]) -> ClaimResult:
-        """The ``ClaimResult`` of this experiment, with its figures, tables and configuration."""
-        if verdict not in VERDICTS:
-            raise ValueError(f"verdict {verdict!r}: expected one of {VERDICTS}")
+    def result(self, summary: str, metrics: dict[str, Any], measured: dict[str, Any],
+               here: Sequence[str] = ()) -> ClaimResult:
+        """The ``ClaimResult`` of this experiment: its evidence from ``measured`` (every
+        condition's key -> per-seed values, or the exact value of a check), the verdict from
+        the evidence, ``here`` beside each of the module's ``PAPER`` entries."""
         e = self.experiment
-        return ClaimResult(e.ID, e.TITLE, e.CLAIM, e.EXPECTATION, verdict, summary, metrics,
-                           list(self.figures), list(self.tables), asdict(self.config()), self.seeds())
+        conditions: tuple[Condition, ...] = e.CONDITIONS
+        keys = [c.key for c in conditions]
+        if sorted(measured) != sorted(keys):
+            raise ValueError(f"{e.ID}: measured {sorted(measured)}, expected exactly the conditions' keys {sorted(keys)}")
+        paper = getattr(e, "PAPER", ())
+        if len(here) != len(paper):
+            raise ValueError(f"{e.ID}: {len(here)} 'here' values for {len(paper)} PAPER entries")
+        entries = [evidence(c, measured[c.key]) for c in conditions]
+        kind = "check" if all(c.check for c in conditions) else "finding"
+        return ClaimResult(e.ID, e.TITLE, e.CLAIM, e.EXPECTATION, verdict(entries), summary, metrics, entries, kind,
+                           [{"setting": s, "paper": p, "here": h} for (s, p), h in zip(paper, here)],
+                           list(self.figures), list(self.captions), list(self.tables), asdict(self.config()),
+                           self.seeds())

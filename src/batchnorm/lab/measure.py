@@ -32,6 +32,16 @@ def checkpoint_matrix(runs: Sequence[RunResult], metric: str = "test_accuracy") 
     return steps, np.asarray(rows, dtype=float)
 
 
+def early_mean(steps: np.ndarray, acc: np.ndarray, fraction: float) -> np.ndarray:
+    """Per run (row of ``acc``): the mean over the checkpoints after step 0 up to ``fraction`` of
+    the run (at least one checkpoint), i.e. the area under the early learning curve."""
+    steps = np.asarray(steps)
+    window = (steps > 0) & (steps <= fraction * steps[-1])
+    if not window.any():
+        window = steps == steps[steps > 0][0] if (steps > 0).any() else steps == steps[-1]
+    return acc[:, window].mean(axis=1)
+
+
 def steps_to(steps: np.ndarray, curve: np.ndarray, target: float) -> int | None:
     """The first checkpoint step where ``curve`` reaches ``target``, or None if it never does."""
     hits = np.flatnonzero(curve >= target)
@@ -91,10 +101,3 @@ def paired_times(fns: dict[str, Callable[[], object]], rounds: int, min_sample: 
         if enabled:
             gc.enable()
     return times
-
-
-def sign_test(wins: int, n: int) -> float:
-    """One-sided p-value of a sign test: the chance of ``wins`` or more heads in ``n`` fair coin flips."""
-    if not 0 <= wins <= n:
-        raise ValueError(f"expected 0 <= wins <= n, got wins={wins}, n={n}")
-    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n

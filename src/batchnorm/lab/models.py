@@ -1,4 +1,4 @@
-"""Models for the lab: plain torch.nn MLPs whose normalisation is a parameter.
+"""Models for the lab: plain torch.nn MLPs and small conv nets whose normalisation is a parameter.
 
 A norm is named by a *kind* looked up in ``NORMS``: "none", "ours" (this package's
 ``BatchNorm1d``), "torch" (``torch.nn.BatchNorm1d``), "renorm" (``BatchRenorm1d``), "ghost"
@@ -9,8 +9,13 @@ Its *placement* is "before" the activation (Linear -> norm -> activation, the pa
 choice; the Linear bias is dropped because the norm's beta replaces it) or "after" it
 (Linear -> activation -> norm). An optional dropout ends each hidden block.
 
-The Linear weights depend only on the seed and the widths, never on the norm kind or the
-placement: two arms built with the same seed start from the same weights.
+The conv net (``convnet``) is the same idea on images: blocks Conv2d 3x3 -> norm ->
+activation (the first with stride 1, the others stride 2), global average pooling, a
+Linear head; its norms come from ``NORMS_2D`` ("none", "ours" = ``batchnorm.BatchNorm2d``,
+"torch", "noisy"). It takes the flat rows of a ``Dataset`` and views them as images.
+
+The Linear (Conv2d) weights depend only on the seed and the widths, never on the norm kind
+or the placement: two arms built with the same seed start from the same weights.
 """
 
 from __future__ import annotations
@@ -22,20 +27,25 @@ from torch import Tensor, nn
 
 NormFactory = Callable[..., nn.Module]
 NORMS: dict[str, NormFactory] = {}
+NORMS_2D: dict[str, NormFactory] = {}  # the norms of the conv net, over (N, C, H, W)
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "sigmoid": nn.Sigmoid,
     "relu": nn.ReLU,
     "tanh": nn.Tanh,
 }
 PLACEMENTS = ("before", "after")
-INITS = ("torch", "kaiming")  # torch's default Linear init; He (normal, fan-in, ReLU gain, zero bias)
+# torch's default Linear init; He (normal, fan-in, ReLU gain, zero bias); "saturating":
+# N(0, (SATURATING_GAIN / sqrt(fan_in))^2), zero bias, large enough to saturate sigmoids
+INITS = ("torch", "kaiming", "saturating")
+SATURATING_GAIN = 6.0
 
 
-def register_norm(kind: str) -> Callable[[NormFactory], NormFactory]:
-    """Decorator: register ``factory(num_features, **options) -> nn.Module`` as ``kind``."""
+def register_norm(kind: str, images: bool = False) -> Callable[[NormFactory], NormFactory]:
+    """Decorator: register ``factory(num_features, **options) -> nn.Module`` as ``kind``
+    (in ``NORMS_2D`` with ``images``: a norm over (N, C, H, W))."""
 
     def add(factory: NormFactory) -> NormFactory:
-        NORMS[kind] = factory
+        (NORMS_2D if images else NORMS)[kind] = factory
         return factory
 
     return add
@@ -48,7 +58,7 @@ def _no_norm(num_features: int) -> nn.Module:
 
 @register_norm("ours")
 def _our_batchnorm(num_features: int, **options: object) -> nn.Module:
-    from batchnorm.modules import BatchNorm1d
+    from batchnorm import BatchNorm1d
 
     return BatchNorm1d(num_features, **options)
 
@@ -84,16 +94,41 @@ def _layer_norm(num_features: int, **options: object) -> nn.Module:
 
 @register_norm("noisy")
 def _noisy_batchnorm(num_features: int, **options: object) -> nn.Module:
-    from .noisy import NoisyBatchNorm1d
+    from .noisy import NoisyBatchNorm
 
-    return NoisyBatchNorm1d(num_features, **options)
+    return NoisyBatchNorm(num_features, **options)
 
 
-def make_norm(kind: str, num_features: int, **options: object) -> nn.Module:
-    """The norm layer ``kind`` for ``num_features`` channels (see ``NORMS``)."""
-    if kind not in NORMS:
-        raise ValueError(f"unknown norm kind {kind!r}: expected one of {sorted(NORMS)}")
-    return NORMS[kind](num_features, **options)
+@register_norm("none", images=True)
+def _no_norm_2d(num_features: int) -> nn.Module:
+    return nn.Identity()
+
+
+@register_norm("ours", images=True)
+def _our_batchnorm_2d(num_features: int, **options: object) -> nn.Module:
+    from batchnorm import BatchNorm2d
+
+    return BatchNorm2d(num_features, **options)
+
+
+@register_norm("torch", images=True)
+def _torch_batchnorm_2d(num_features: int, **options: object) -> nn.Module:
+    return nn.BatchNorm2d(num_features, **options)
+
+
+@register_norm("noisy", images=True)
+def _noisy_batchnorm_2d(num_features: int, **options: object) -> nn.Module:
+    from .noisy import NoisyBatchNorm
+
+    return NoisyBatchNorm(num_features, images=True, **options)
+
+
+def make_norm(kind: str, num_features: int, images: bool = False, **options: object) -> nn.Module:
+    """The norm layer ``kind`` for ``num_features`` channels (see ``NORMS``, ``NORMS_2D`` with ``images``)."""
+    table = NORMS_2D if images else NORMS
+    if kind not in table:
+        raise ValueError(f"unknown norm kind {kind!r}{' for images' if images else ''}: expected one of {sorted(table)}")
+    return table[kind](num_features, **options)
 
 
 class Block(nn.Module):
@@ -160,7 +195,8 @@ def mlp(
 
     The weights are drawn under ``seed`` (the global random state is left untouched):
     ``init="torch"`` keeps torch's default Linear initialisation, ``"kaiming"`` redraws the
-    hidden weights from N(0, 2 / fan_in) with zero biases (He et al. 2015, for ReLU). With
+    hidden weights from N(0, 2 / fan_in) with zero biases (He et al. 2015, for ReLU),
+    ``"saturating"`` from N(0, SATURATING_GAIN^2 / fan_in) with zero biases. With
     a norm placed before the activation the hidden Linear layers have no bias.
     ``dropout`` (a probability) ends every hidden block.
     """
@@ -176,10 +212,7 @@ def mlp(
         torch.manual_seed(seed)
         linears = [nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:])]
         head = nn.Linear(sizes[-1], n_classes)
-        if init == "kaiming":
-            for linear in linears:
-                nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
-                nn.init.zeros_(linear.bias)
+        _initialise(linears, init)
     blocks = []
     for linear in linears:
         width = linear.out_features
@@ -187,3 +220,75 @@ def mlp(
             linear.register_parameter("bias", None)
         blocks.append(Block(linear, make_norm(norm, width, **options), ACTIVATIONS[activation](), placement, dropout))
     return MLP(blocks, head)
+
+
+def _initialise(layers: list[nn.Module], init: str) -> None:
+    """Redraw the weights of ``layers`` (Linear or Conv2d) for ``init`` (see ``mlp``), under the current seed."""
+    for layer in layers:
+        if init == "kaiming":
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+        elif init == "saturating":
+            fan_in = layer.weight[0].numel()
+            nn.init.normal_(layer.weight, 0.0, SATURATING_GAIN / fan_in ** 0.5)
+        else:
+            continue
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
+
+
+class ConvNet(MLP):
+    """Conv ``Block``s on images, global average pooling, a Linear head; takes flat rows."""
+
+    def __init__(self, blocks: list[Block], head: nn.Linear, image_shape: tuple[int, ...]):
+        super().__init__(blocks, head)
+        self.image_shape = tuple(image_shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.preactivations(x)[0]
+
+    def preactivations(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The logits and the input of every activation (N, C, H, W), first layer first."""
+        x = x.reshape(len(x), *self.image_shape)
+        zs = []
+        for block in self.blocks:
+            z = block.preactivation(x)
+            zs.append(z)
+            x = block.finish(z)
+        return self.head(x.mean(dim=(2, 3))), zs
+
+
+def convnet(
+    image_shape: tuple[int, ...],
+    channels: tuple[int, ...],
+    n_classes: int,
+    *,
+    activation: str = "relu",
+    norm: str = "none",
+    seed: int = 0,
+    init: str = "kaiming",
+    norm_options: dict[str, object] | None = None,
+) -> ConvNet:
+    """A conv net for images of ``image_shape`` (C, H, W): one block Conv2d 3x3 (stride 1 for the
+    first block, 2 for the others) -> norm (``NORMS_2D``) -> activation per entry of
+    ``channels``, global average pooling, Linear to ``n_classes``. Weights from ``seed``
+    (``init`` as in ``mlp``); with a norm the convolutions have no bias."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}: expected one of {sorted(ACTIVATIONS)}")
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}: expected one of {INITS}")
+    if len(image_shape) != 3:
+        raise ValueError(f"image_shape {image_shape}: expected (channels, height, width)")
+    sizes = (image_shape[0], *channels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        convs = [nn.Conv2d(a, b, 3, stride=1 if i == 0 else 2, padding=1)
+                 for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))]
+        head = nn.Linear(sizes[-1], n_classes)
+        _initialise(convs, init)
+    blocks = []
+    for conv in convs:
+        if norm != "none":
+            conv.register_parameter("bias", None)
+        blocks.append(Block(conv, make_norm(norm, conv.out_channels, images=True, **(norm_options or {})),
+                            ACTIVATIONS[activation](), "before"))
+    return ConvNet(blocks, head, image_shape)

@@ -49,3 +49,15 @@ def windowed(rows: Sequence[Sequence[float]], windows: int = 100) -> tuple[np.nd
     size = max(1, a.shape[1] // windows)
     n = a.shape[1] // size
     return (np.arange(n) + 1) * size, a[:, : n * size].reshape(len(a), n, size).mean(axis=2)
+
+
+def seed_bars(ax: Axes, positions: Sequence[float], values: Sequence[Sequence[float]], width: float, color: str,
+              label: str) -> None:
+    """Bars at the mean of each group of per-seed ``values``, with every seed drawn as a dot
+    on its bar (no error bar: with one seed there is no spread to show, and with a few the
+    dots are the spread)."""
+    means = [float(np.mean(v)) for v in values]
+    ax.bar(positions, means, width, color=color, alpha=0.75, label=label)
+    for x, v in zip(positions, values):
+        v = np.asarray(v, dtype=float)
+        ax.scatter(np.full(v.shape, x), v, s=12, color="black", zorder=3, linewidths=0)

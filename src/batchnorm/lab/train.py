@@ -1,4 +1,4 @@
-"""The training engine: one run of SGD on an MLP, with metrics per step and per checkpoint.
+"""The training engine: one run of SGD on an MLP or a small conv net, with metrics per step and per checkpoint.
 
 A run is described by a ``TrainSpec`` (everything that decides its result) and gives a
 ``RunResult``: the training loss and batch accuracy at every step, the test accuracy and
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Dataset
-from .models import MLP, mlp
+from .models import MLP, NORMS_2D, convnet, mlp
 from .probes import PROBES
 
 # on_progress(step, steps, train_loss, test_accuracy or None)
@@ -49,6 +49,7 @@ class TrainSpec:
     norm_options: tuple[tuple[str, float], ...] = ()  # keyword arguments of the norm, as (name, value) pairs
     dropout: float = 0.0  # dropout probability at the end of every hidden block
     classes_per_batch: int = 0  # 0: i.i.d. batches; k: every batch drawn from k random classes
+    arch: str = "mlp"  # "mlp", or "conv": models.convnet on the data's images, ``widths`` its channels
 
     def label(self) -> str:
         """A short readable name, e.g. ``sigmoid-3x100-ours-before-lr0.5-seed0``."""
@@ -57,7 +58,8 @@ class TrainSpec:
         init = f"-{self.init}" if self.init != "torch" else ""
         extra = "".join(f"-{k}{v:g}" for k, v in self.norm_options)
         extra += (f"-drop{self.dropout:g}" if self.dropout else "") + (f"-{self.classes_per_batch}cls" if self.classes_per_batch else "")
-        return f"{self.activation}-{depth}{init}-{self.norm}{place}{extra}-lr{self.lr:g}-seed{self.seed}"
+        arch = "conv-" if self.arch == "conv" else ""
+        return f"{arch}{self.activation}-{depth}{init}-{self.norm}{place}{extra}-lr{self.lr:g}-seed{self.seed}"
 
     def to_json(self) -> dict:
         """The fields as JSON values (tuples become lists)."""
@@ -91,8 +93,23 @@ class RunResult:
         return cls(**d)
 
 
+ARCHS = ("mlp", "conv")
+EVAL_CHUNK = 2000  # test examples per forward pass in evaluation (eval mode: rows are independent)
+
+
 def build_model(spec: TrainSpec, data: Dataset) -> MLP:
     """The model of ``spec`` for ``data``'s features and classes, initialised from ``spec.seed``."""
+    if spec.arch not in ARCHS:
+        raise ValueError(f"unknown arch {spec.arch!r}: expected one of {ARCHS}")
+    if spec.arch == "conv":
+        if data.image_shape is None:
+            raise ValueError(f"a conv net needs images: data set {data.name!r} has flat rows (use digits, mnist, "
+                             "fashion-mnist or cifar10)")
+        if spec.placement != "before" or spec.dropout or spec.norm not in NORMS_2D:
+            raise ValueError(f"the conv net takes a norm of {sorted(NORMS_2D)} before the activation and no dropout, "
+                             f"got norm {spec.norm!r}, placement {spec.placement!r}, dropout {spec.dropout}")
+        return convnet(data.image_shape, spec.widths, data.n_classes, activation=spec.activation, norm=spec.norm,
+                       seed=spec.seed, init=spec.init, norm_options=dict(spec.norm_options))
     return mlp(data.n_features, spec.widths, data.n_classes, activation=spec.activation,
                norm=spec.norm, placement=spec.placement, seed=spec.seed, init=spec.init,
                norm_options=dict(spec.norm_options), dropout=spec.dropout)
@@ -110,7 +127,7 @@ def evaluate(model: MLP, data: Dataset) -> tuple[float, float]:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        logits = model(data.x_test)
+        logits = torch.cat([model(x) for x in torch.split(data.x_test, EVAL_CHUNK)])
         finite = torch.isfinite(logits).all(dim=1)
         correct = (logits.argmax(dim=1) == data.y_test) & finite
         loss = F.cross_entropy(logits, data.y_test).item()

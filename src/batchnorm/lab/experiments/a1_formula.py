@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import plots
-from ..experiment import ClaimResult, Context, decide
+from ..experiment import ClaimResult, Condition, Context
 from ..models import make_norm
 
 ID = "A1"
@@ -35,6 +35,12 @@ EXPECTATION = (
     "factor, all within 1e-5; the BN module's output equals the float64 step-by-step formula within 1e-5."
 )
 TOLERANCE = 1e-5
+CONDITIONS = (
+    Condition("max_error", "largest error of the normalised and affine moments and of the module vs the float64 formula",
+              "<", TOLERANCE, "float32 arithmetic on 60 values per channel is accurate to about 1e-6; 1e-5 leaves room "
+              "for the sums and no room for a wrong formula (biased vs unbiased variance differs by 1/60)", check=True),
+)
+PAPER = (("Algorithm 1: normalised mean / variance; output mean / std", "0 / 1; beta / gamma"),)
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,7 @@ class Config:
 
     @classmethod
     def full(cls) -> Config:
-        return cls(seeds=3)
+        return cls(seeds=5)
 
     @classmethod
     def smoke(cls) -> Config:
@@ -108,8 +114,6 @@ def run(ctx: Context) -> ClaimResult:
     per_seed = [check(cfg, *batch(ctx, cfg, seed)) for seed in ctx.seeds()]
     checks = {k: max(c[k] for c in per_seed) for k in per_seed[0]}
     var_minus_1 = checks.pop("variance_minus_1")
-    ok = all(v <= TOLERANCE for v in checks.values())
-    verdict = decide(supported=ok, refuted=not ok)
 
     x, gamma, beta = batch(ctx, cfg, ctx.seeds()[0])
     ref = formula(x, gamma, beta, cfg.eps)
@@ -127,7 +131,7 @@ def run(ctx: Context) -> ClaimResult:
     right.set(xlabel="channel", ylabel="standard deviation over the batch", title="Per-channel standard deviation")
     left.legend(fontsize="small")
     right.legend(fontsize="small")
-    ctx.save_figure(fig, "channels")
+    ctx.save_figure(fig, "channels", "Per channel, the mean and standard deviation of the input, of x_hat and of y; x_hat's should sit at 0 and 1, y's on the black marks (beta, gamma).")
     ctx.save_csv("channels_seed0", ["channel", "mean_x", "var_x", "mean_x_hat", "var_x_hat", "gamma", "beta", "mean_y", "std_y"],
                  [(c, float(ref["mean_b"][c]), float(ref["var_b"][c]), float(x_hat[:, c].mean()), float(x_hat[:, c].var(unbiased=False)),
                    float(g64[c]), float(b64[c]), float(y[:, c].mean()), float(y[:, c].std(unbiased=False)))
@@ -142,4 +146,6 @@ def run(ctx: Context) -> ClaimResult:
                f"{checks['output_std']:.1e} of |gamma|; output within {checks['module_vs_formula']:.1e} of the float64 formula.")
     metrics = {**{f"max_error_{k}": v for k, v in checks.items()},
                "max_abs_variance_minus_1": var_minus_1, "tolerance": TOLERANCE, "module": name}
-    return ctx.result(verdict, summary, metrics)
+    here = (f"within {checks['normalised_mean']:.1e} of 0, {checks['normalised_variance']:.1e} of var_B/(var_B+eps); "
+            f"within {checks['output_mean']:.1e} of beta, {checks['output_std']:.1e} of |gamma|",)
+    return ctx.result(summary, metrics, {"max_error": max(checks.values())}, here)

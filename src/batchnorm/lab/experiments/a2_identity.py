@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .. import plots
-from ..experiment import ClaimResult, Context, decide
+from ..experiment import ClaimResult, Condition, Context
 from ..models import make_norm
 
 ID = "A2"
@@ -38,6 +38,16 @@ EXPECTATION = (
     "and beta within 5% of sqrt(Var[x]) from E[x] (mean over channels)."
 )
 EXACT_TOLERANCE, LEARNED_TOLERANCE = 1e-5, 0.05
+CONDITIONS = (
+    Condition("exact", "largest |BN(x) - x| with gamma = sqrt(var_B + eps), beta = mean_B (float32)", "<", EXACT_TOLERANCE,
+              "exact in real arithmetic; float32 rounding of activations in (0, 1) is about 1e-7", check=True),
+    Condition("gamma", "learned gamma's mean relative distance from sqrt(Var[x])", "<", LEARNED_TOLERANCE,
+              "with batch statistics the best gamma is E[std_B], about 3/(4 batch) below the population value; 5% "
+              "leaves room for that and for SGD's noise, not for a gamma that does not converge", check=True),
+    Condition("beta", "learned beta's mean distance from E[x], in units of sqrt(Var[x])", "<", LEARNED_TOLERANCE,
+              "as for gamma", check=True),
+)
+PAPER = (("Sec. 3: gamma, beta after learning the identity", "sqrt(Var[x]), E[x]"),)
 
 
 @dataclass(frozen=True)
@@ -55,7 +65,7 @@ class Config:
 
     @classmethod
     def full(cls) -> Config:
-        return cls(seeds=3, steps=3000)
+        return cls(seeds=5, steps=3000)
 
     @classmethod
     def smoke(cls) -> Config:
@@ -104,8 +114,6 @@ def run(ctx: Context) -> ClaimResult:
     beta = np.asarray([bn.bias.detach().double().numpy() for bn, _ in fits])
     gamma_error = float(np.mean(np.abs(gamma - std.numpy()) / std.numpy()))
     beta_error = float(np.mean(np.abs(beta - mean.numpy()) / std.numpy()))
-    ok = exact_error <= EXACT_TOLERANCE and gamma_error <= LEARNED_TOLERANCE and beta_error <= LEARNED_TOLERANCE
-    verdict = decide(supported=ok, refuted=not ok)
 
     fig, axes = plots.new(ncols=3, width=4.6)
     axes[0].scatter(std.numpy(), gamma[0], s=12)
@@ -118,7 +126,7 @@ def run(ctx: Context) -> ClaimResult:
     for _, losses in fits:
         axes[2].plot(np.arange(1, cfg.steps + 1), losses, linewidth=0.8)
     axes[2].set(yscale="log", xlabel="SGD step", ylabel="||BN(x) - x||^2 per example", title="Reconstruction loss")
-    ctx.save_figure(fig, "identity")
+    ctx.save_figure(fig, "identity", "Learned gamma and beta (seed 0) against the training set's sqrt(Var[x]) and E[x]: points on the dashed line mean the identity was recovered; right: the reconstruction loss of every seed.")
     ctx.save_csv("learned", ["seed", "channel", "gamma", "sqrt_var_x", "beta", "mean_x"],
                  [(seed, c, gamma[i, c], float(std[c]), beta[i, c], float(mean[c]))
                   for i, seed in enumerate(ctx.seeds()) for c in range(cfg.channels)])
@@ -135,4 +143,5 @@ def run(ctx: Context) -> ClaimResult:
         "final_loss": float(np.mean([f[1][-1] for f in fits])),
         "x_variance_sum": float((std**2).sum()),
     }
-    return ctx.result(verdict, summary, metrics)
+    here = (f"gamma within {gamma_error:.1%} of sqrt(Var[x]), beta within {beta_error:.1%}; exact identity within {exact_error:.1e}",)
+    return ctx.result(summary, metrics, {"exact": exact_error, "gamma": gamma_error, "beta": beta_error}, here)

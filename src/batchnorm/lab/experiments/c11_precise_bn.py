@@ -10,7 +10,13 @@ Here: a 3x100 ReLU MLP (He initialisation) with BN before each ReLU, trained wit
 several BN momenta (weight of the new batch, torch's convention), same weights and
 batches. At every checkpoint, the test accuracy (eval mode) with the EMA statistics and,
 on a copy, after ``batchnorm.recalibrate`` over the first training examples in batches of
-the training batch size. The comparison is made at the end of training.
+the training batch size. Judged: the early-training gap the method exists for (the mean
+over the checkpoints of the first half of training, at the smallest momentum, where the
+average lags most) and, at the end, that PreciseBN is not worse at any momentum.
+
+Rule history: until the eighth session the rule judged only the end of training, and
+asked for the gain to be largest at momentum 0.01 (an argmax over noisy means of 2-3
+seeds). Now: the early gap and the final no-worse condition, per seed, with 95% intervals.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ import batchnorm
 
 from .. import plots
 from ..data import Dataset
-from ..experiment import ClaimResult, Context, decide
+from ..experiment import ClaimResult, Condition, Context
 from ..models import MLP
+from ..measure import early_mean
 from ..probes import register_with
 from ..train import RunResult, TrainSpec, evaluate
 
@@ -38,16 +45,25 @@ CLAIM = (
     "weights and is noisy at a high learning rate or a small momentum (Wu & Johnson 2021)."
 )
 EXPECTATION = (
-    "At the end of training, the test accuracy with PreciseBN statistics is at least that with "
-    "the moving average (within 0.5 point) at every momentum, and the gain is largest at the "
-    "smallest momentum (0.01). PreciseBN worse by more than 0.5 point at some momentum: not supported."
+    "Early in training (first half), at the smallest momentum, the test accuracy with PreciseBN "
+    "statistics is above that with the moving average; at the end it is at most 0.5 point below it at "
+    "every momentum; per seed."
 )
 TOLERANCE = 0.005
+EARLY = 0.5  # the early window: checkpoints after step 0 up to half of training
+CONDITIONS = (
+    Condition("early", "smallest momentum, first half of training: mean test accuracy, PreciseBN minus moving average",
+              ">", 0.0, "the moving average lags the changing weights most early and at a small momentum: a positive "
+              "gap, with an interval"),
+    Condition("final", "end of training: test accuracy, PreciseBN minus moving average, the worst momentum", ">",
+              -TOLERANCE, "'at least as good': not worse by more than half a point at any momentum"),
+)
+PAPER = (("ResNet-50 on ImageNet, small batch / high lr: PreciseBN vs EMA", "EMA unstable early; PreciseBN better or equal"),)
 
 
 @dataclass(frozen=True)
 class Config:
-    seeds: int = 2
+    seeds: int = 5
     momenta: tuple[float, ...] = (0.01, 0.1)
     steps: int = 600
     eval_every: int = 100
@@ -63,7 +79,7 @@ class Config:
 
     @classmethod
     def full(cls) -> Config:
-        return cls(seeds=3, momenta=(0.01, 0.03, 0.1, 0.3), steps=2000, eval_every=500, samples=4000)
+        return cls(seeds=5, momenta=(0.01, 0.03, 0.1, 0.3), steps=2000, eval_every=200, samples=4000)
 
     @classmethod
     def smoke(cls) -> Config:
@@ -95,18 +111,22 @@ def run(ctx: Context) -> ClaimResult:
                 for m in cfg.momenta}
     mean_gain = {m: float((precise[m][:, 1:] - ema[m][:, 1:]).mean()) for m in cfg.momenta}  # over checkpoints after 0
     smallest = min(cfg.momenta)
-    widest = max(cfg.momenta, key=lambda m: gain[m])
-    verdict = decide(supported=all(g >= -TOLERANCE for g in gain.values()) and widest == smallest,
-                     refuted=any(g < -TOLERANCE for g in gain.values()))
+    steps = np.asarray(runs[smallest][0].eval_steps)
+    early = {m: early_mean(steps, precise[m] - ema[m], EARLY) for m in cfg.momenta}
+    measured = {"early": early[smallest],
+                "final": np.min([precise[m][:, -1] - ema[m][:, -1] for m in cfg.momenta], axis=0)}
 
     fig, axes = plots.new(ncols=len(cfg.momenta), width=4.5)
     steps = runs[smallest][0].eval_steps
     for ax, m in zip(axes, cfg.momenta):
         plots.mean_band(ax, steps, ema[m], "moving average", plots.NO_BN_COLOR)
         plots.mean_band(ax, steps, precise[m], "PreciseBN", plots.BN_COLOR)
+        ax.axvspan(0, EARLY * steps[-1], color="gray", alpha=0.1, label="early window")
         ax.set(xlabel="training step", ylabel="test accuracy (eval mode)", title=f"momentum {m:g} (lr {cfg.lr:g})")
         ax.legend()
-    ctx.save_figure(fig, "precise_bn")
+    ctx.save_figure(fig, "precise_bn", "Test accuracy with the moving-average statistics (red) and with PreciseBN's "
+                    "(blue) at every checkpoint, mean and min-max band over seeds, one panel per BN momentum; look at "
+                    "the gap in the grey early window at the smallest momentum, and at the last checkpoint.")
     ctx.save_csv("accuracy", ["momentum", "seed", "step", "ema_test_accuracy", "precise_test_accuracy"],
                  [(m, r.spec["seed"], s, e, p["accuracy"]) for m, rs in runs.items() for r in rs
                   for s, e, p in zip(r.eval_steps, r.test_accuracy, r.probes[probe])])
@@ -114,7 +134,8 @@ def run(ctx: Context) -> ClaimResult:
     summary = (f"Test accuracy after {cfg.steps} steps (lr {cfg.lr:g}), moving average vs PreciseBN ({cfg.samples} samples): "
                + "; ".join(f"momentum {m:g}: {ema[m][:, -1].mean():.1%} vs {precise[m][:, -1].mean():.1%} ({gain[m]:+.1%})"
                            for m in cfg.momenta)
-               + f". Largest gain at momentum {widest:g}.")
+               + f"; first half of training, momentum {smallest:g}: {early[smallest].mean():+.1%} (mean over checkpoints and "
+               f"{len(ctx.seeds())} seeds).")
     metrics = {
         "momenta": list(cfg.momenta),
         "ema_accuracy": [float(ema[m][:, -1].mean()) for m in cfg.momenta],
@@ -122,6 +143,8 @@ def run(ctx: Context) -> ClaimResult:
         "gain": [gain[m] for m in cfg.momenta],
         "gain_std": [gain_std[m] for m in cfg.momenta],
         "mean_gain_over_checkpoints": [mean_gain[m] for m in cfg.momenta],
-        "momentum_with_largest_gain": widest,
+        "early_gain_per_seed": {str(m): v.tolist() for m, v in early.items()},
     }
-    return ctx.result(verdict, summary, metrics)
+    here = (f"MNIST-1D-size MLP, lr {cfg.lr:g}: early gap {early[smallest].mean():+.1%} (momentum {smallest:g}); final "
+            + ", ".join(f"{gain[m]:+.1%} (momentum {m:g})" for m in cfg.momenta),)
+    return ctx.result(summary, metrics, measured, here)

@@ -9,14 +9,19 @@ Here: a stack of blocks Conv2d (3x3, no bias) -> BN -> activation, as separate l
 ``batchnorm.BatchNormAct2d`` layer, for leaky ReLU (invertible: the output-saving path)
 and ReLU (not invertible: the layer keeps its input). Stored bytes: every tensor autograd
 keeps for the backward pass after a forward in training mode (``saved_tensors_hooks``),
-each storage counted once, parameters and the network's input left out. Time: the median
-of repeated forward+backward passes (one thread).
+each storage counted once, parameters and the network's input left out: a property
+of the code (deterministic), reported as a check. Time, the finding: forward+backward
+passes of the fused and the separate leaky-ReLU stacks take turns round after round
+(``measure.paired_times``); per seed, the geometric mean over the rounds of the ratio
+fused / torch.nn's separate layers; a 95% interval over the seeds.
+
+Rule history: until the eighth session the rule judged the memory alone (a property
+that cannot fail by chance) and reported the time. Now the memory is a check and the
+time cost the claim states is judged.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +31,8 @@ from torch import Tensor, nn
 import batchnorm
 
 from .. import plots
-from ..experiment import ClaimResult, Context, decide
+from ..experiment import ClaimResult, Condition, Context
+from ..measure import paired_times
 
 ID = "C14"
 TITLE = "BN fused with its activation stores about half the activations"
@@ -37,21 +43,30 @@ CLAIM = (
 )
 EXPECTATION = (
     "For leaky ReLU, the bytes autograd stores for the backward pass with BatchNormAct2d are at "
-    "most 0.55x those of separate torch.nn BatchNorm2d and LeakyReLU layers; the time ratio is "
-    "reported. Above 0.55x: not supported."
+    "most 0.55x those of separate torch.nn BatchNorm2d and LeakyReLU layers (a check), and a "
+    "forward+backward pass takes less than 1.10x as long (per seed)."
 )
 LIMIT = 0.55
+TIME_LIMIT = 1.10
+CONDITIONS = (
+    Condition("memory", "leaky ReLU: bytes stored for backward, BatchNormAct2d over torch.nn BN + activation", "<", LIMIT,
+              "the paper's 'up to 50%' with 5 points for what else autograd keeps (the convolutions' inputs)", check=True),
+    Condition("time", "leaky ReLU: forward+backward time, BatchNormAct2d over torch.nn BN + activation", "<", TIME_LIMIT,
+              "the paper pays 0.8-2% in a whole network; a stack of nothing but conv + BN + activation puts the "
+              "recomputation in a larger share of the time, so 'small' here is under 10%", log=True),
+)
+PAPER = (("In-place ABN, ResNeXt/WideResNet training: memory of the activations; compute", "up to 50% less; 0.8-2% more"),)
 VARIANTS = ("torch.nn BN + act", "batchnorm BN + act", "BatchNormAct2d")
 
 
 @dataclass(frozen=True)
 class Config:
-    seeds: int = 1
+    seeds: int = 5
     depth: int = 4  # blocks
     channels: int = 32
     batch: int = 8
     size: int = 16  # height and width
-    repeats: int = 5  # timed forward+backward passes (median)
+    repeats: int = 6  # timed rounds per seed (paired)
 
     @classmethod
     def quick(cls) -> Config:
@@ -59,7 +74,7 @@ class Config:
 
     @classmethod
     def full(cls) -> Config:
-        return cls(seeds=3, batch=16, size=32, repeats=10)
+        return cls(seeds=5, batch=16, size=32, repeats=10)
 
     @classmethod
     def smoke(cls) -> Config:
@@ -99,29 +114,20 @@ def stored_bytes(model: nn.Module, x: Tensor) -> int:
     return sum(storages.values())
 
 
-def step_seconds(models: dict[str, nn.Module], x: Tensor, repeats: int) -> dict[str, float]:
-    """Median seconds of a forward and backward pass of each model, after a warm-up pass.
-
-    The models take turns, so a change in the machine's load affects them alike.
-    """
-    def once(model: nn.Module) -> float:
-        tic = time.perf_counter()
+def step_seconds(models: dict[str, nn.Module], x: Tensor, repeats: int) -> dict[str, np.ndarray]:
+    """Seconds of a forward and backward pass of each model, ``repeats`` paired rounds
+    (``measure.paired_times``: the models take turns, so the machine's drift affects them alike)."""
+    def step(model: nn.Module) -> None:
         model(x).square().mean().backward()
-        return time.perf_counter() - tic
 
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for name, model in models.items():
-        once(model)
-    for _ in range(repeats):
-        for name, model in models.items():
-            times[name].append(once(model))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return paired_times({name: (lambda m=model: step(m)) for name, model in models.items()}, repeats, min_sample=0.01)
 
 
 def run(ctx: Context) -> ClaimResult:
     cfg = ctx.config()
     acts = ("leaky_relu", "relu")
     stored: dict[tuple[str, str], list[int]] = {}
+    per_seed_ratio: list[float] = []
     seconds: dict[tuple[str, str], list[float]] = {}
     for seed in ctx.seeds():
         x = torch.randn(cfg.batch, cfg.channels, cfg.size, cfg.size, generator=torch.Generator().manual_seed(seed))
@@ -130,14 +136,17 @@ def run(ctx: Context) -> ClaimResult:
             timed = step_seconds(models, x, cfg.repeats)
             for variant, model in models.items():
                 stored.setdefault((variant, act), []).append(stored_bytes(model, x))
-                seconds.setdefault((variant, act), []).append(timed[variant])
+                seconds.setdefault((variant, act), []).append(float(np.median(timed[variant])))
+            if act == "leaky_relu":
+                per_seed_ratio.append(float(np.exp(np.mean(np.log(timed["BatchNormAct2d"] / timed["torch.nn BN + act"])))))
     base = "torch.nn BN + act"
     mem = {k: float(np.mean(v)) for k, v in stored.items()}
     sec = {k: float(np.median(v)) for k, v in seconds.items()}
     ratio = {act: mem["BatchNormAct2d", act] / mem[base, act] for act in acts}
     time_ratio = {act: sec["BatchNormAct2d", act] / sec[base, act] for act in acts}
     ours_time_ratio = {act: sec["BatchNormAct2d", act] / sec["batchnorm BN + act", act] for act in acts}
-    verdict = decide(supported=ratio["leaky_relu"] <= LIMIT, refuted=ratio["leaky_relu"] > LIMIT)
+    measured = {"memory": max(np.asarray(stored["BatchNormAct2d", "leaky_relu"]) / np.asarray(stored[base, "leaky_relu"])),
+                "time": per_seed_ratio}
 
     activation_mib = cfg.batch * cfg.channels * cfg.size ** 2 * 4 / 2 ** 20
     fig, (left, right) = plots.new(ncols=2)
@@ -153,8 +162,10 @@ def run(ctx: Context) -> ClaimResult:
         ax.set_xticks(x_pos, ["leaky ReLU", "ReLU"])
         ax.legend(fontsize="small")
     left.set(ylabel="MiB stored for backward", title=f"{cfg.depth} blocks, input {cfg.batch}x{cfg.channels}x{cfg.size}x{cfg.size}")
-    right.set(ylabel="ms per forward+backward (median)", title="Time (one thread)")
-    ctx.save_figure(fig, "memory")
+    right.set(ylabel="ms per forward+backward (median of rounds and seeds)", title="Time (one thread)")
+    ctx.save_figure(fig, "memory", "Left: bytes autograd keeps for the backward pass; the fused layer with leaky ReLU "
+                    "should be about half of torch.nn's. Right: time per forward+backward (median; the per-seed ratios "
+                    "and their interval are in the conditions table).")
     ctx.save_csv("memory", ["variant", "activation", "seed", "stored_bytes", "seconds"],
                  [(v, a, seed, b, s) for (v, a), bs in stored.items() for seed, b, s in zip(ctx.seeds(), bs, seconds[v, a])])
 
@@ -171,5 +182,8 @@ def run(ctx: Context) -> ClaimResult:
         "stored_bytes": {f"{v} / {a}": b for (v, a), b in mem.items()},
         "seconds": {f"{v} / {a}": s for (v, a), s in sec.items()},
         "activation_tensor_bytes": int(activation_mib * 2 ** 20),
+        "time_ratio_leaky_relu_per_seed": per_seed_ratio,
     }
-    return ctx.result(verdict, summary, metrics)
+    here = (f"{cfg.depth} conv blocks: stored {ratio['leaky_relu']:.2f}x (leaky ReLU); time "
+            f"{float(np.exp(np.mean(np.log(per_seed_ratio)))):.2f}x",)
+    return ctx.result(summary, metrics, measured, here)

@@ -25,6 +25,14 @@ before, which moved the Conv1d net's pass between 7.5 and 17 ms and its ratio be
 and 1.2x depending on what ran earlier in the process. (Until the seventh session the
 fastest pass of each counted: a full lab run then read 0.91x for the MLP, where a run of C16
 alone read 1.17x.)
+
+Rule history: until the eighth session the speed-up was judged by a sign test over the
+rounds of 1-3 seeds (README 1.13x with p = 1e-6; a rerun of the same command read 0.92x
+with p = 1, so the verdict flipped between runs: rounds within one run share the run's
+phase of the machine and are not independent). Now each seed (a separate network,
+calibration and timing block) gives one geometric-mean ratio over its rounds, and the
+condition is a 95% t interval over the seeds, per network; the exactness is a property
+check, reported apart from the finding.
 """
 
 from __future__ import annotations
@@ -38,8 +46,8 @@ from torch import Tensor, nn
 import batchnorm
 
 from .. import plots
-from ..experiment import ClaimResult, Context, decide
-from ..measure import paired_times, pin_allocator, sign_test
+from ..experiment import ClaimResult, Condition, Context
+from ..measure import paired_times, pin_allocator
 from ..models import mlp
 
 ID = "C16"
@@ -51,18 +59,25 @@ CLAIM = (
 )
 EXPECTATION = (
     "For every network, the folded outputs differ from the original ones by at most 1e-5 relative "
-    "to the largest output (float32), and the folded network's forward pass is faster: it wins "
-    "significantly more paired timing rounds than it loses (sign test, p < 0.01, for each network)."
+    "to the largest output (float32, a check), and the folded network's forward pass is faster: "
+    "original over folded time above 1, per seed."
 )
 TOLERANCE = 1e-5
-P_VALUE = 0.01
 MODELS = ("MLP 3x100", "Conv1d net")
+CONDITIONS = (
+    Condition("exact", "largest |y - y_folded| / max |y| over both networks and all seeds (float32)", "<", TOLERANCE,
+              "folding is exact algebra; float32 rounding of the folded products is about 1e-7 relative", check=True),
+    Condition("mlp_speedup", "MLP 3x100: forward time, original over folded", ">", 1.0,
+              "'faster inference' predicts a ratio above 1; the interval over seeds says whether it is", log=True),
+    Condition("conv_speedup", "Conv1d net: forward time, original over folded", ">", 1.0, "as for the MLP", log=True),
+)
+PAPER = (("Folding BN into conv/linear weights (common deployment practice)", "exact; BN layers removed from inference"),)
 
 
 @dataclass(frozen=True)
 class Config:
-    seeds: int = 1
-    rounds: int = 30  # paired timing rounds per network and seed
+    seeds: int = 5
+    rounds: int = 12  # paired timing rounds per network and seed
     sample_seconds: float = 0.005  # each timed sample repeats the pass for about this long
     calibration_samples: int = 2000
     channels: int = 32  # of the convolutional network
@@ -73,7 +88,7 @@ class Config:
 
     @classmethod
     def full(cls) -> Config:
-        return cls(seeds=3, rounds=60, sample_seconds=0.01)
+        return cls(seeds=8, rounds=30, sample_seconds=0.01)
 
     @classmethod
     def smoke(cls) -> Config:
@@ -133,19 +148,15 @@ def run(ctx: Context) -> ClaimResult:
             rows.append({"model": name, "seed": seed, "bn_layers": len(report.folded) + len(report.kept),
                          "folded": len(report.folded), "max_abs_diff": diff, "max_rel_diff": diff / y.abs().max().item(),
                          "seconds_original": float(np.median(original)), "seconds_folded": float(np.median(fast)),
-                         "speedup": float(np.median(ratios)), "rounds": len(ratios),
+                         "speedup": float(np.exp(np.mean(np.log(ratios)))), "rounds": len(ratios),
                          "rounds_folded_faster": int((ratios > 1).sum()), "rounds_folded_slower": int((ratios < 1).sum())})
     worst = {name: max(r["max_rel_diff"] for r in rows if r["model"] == name) for name in MODELS}
-    speedup = {name: float(np.median([r["speedup"] for r in rows if r["model"] == name])) for name in MODELS}
-    p_faster, p_slower = {}, {}
-    for name in MODELS:
-        mine = [r for r in rows if r["model"] == name]
-        faster, slower = sum(r["rounds_folded_faster"] for r in mine), sum(r["rounds_folded_slower"] for r in mine)
-        p_faster[name], p_slower[name] = sign_test(faster, faster + slower), sign_test(slower, faster + slower)
+    per_seed = {name: [r["speedup"] for r in rows if r["model"] == name] for name in MODELS}
+    speedup = {name: float(np.exp(np.mean(np.log(v)))) for name, v in per_seed.items()}
     complete = all(r["folded"] == r["bn_layers"] for r in rows)
-    exact = all(w <= TOLERANCE for w in worst.values())
-    verdict = decide(supported=complete and exact and all(p < P_VALUE for p in p_faster.values()),
-                     refuted=not exact or any(p < P_VALUE for p in p_slower.values()))
+    # a BN layer left unfolded makes the check fail: it counts as an infinite difference
+    measured = {"exact": max(worst.values()) if complete else float("inf"),
+                "mlp_speedup": per_seed[MODELS[0]], "conv_speedup": per_seed[MODELS[1]]}
 
     fig, (left, right) = plots.new(ncols=2)
     x = np.arange(len(MODELS))
@@ -161,12 +172,15 @@ def run(ctx: Context) -> ClaimResult:
     right.legend()
     for ax in (left, right):
         ax.set_xticks(x, MODELS)
-    ctx.save_figure(fig, "folding")
+    ctx.save_figure(fig, "folding", "Left: the folded network's largest output difference (worst seed) against the "
+                    "dotted tolerance. Right: median time per forward pass, original and folded; the per-seed ratios and "
+                    "their interval are in the conditions table.")
     ctx.save_csv("folding", list(rows[0]), [list(r.values()) for r in rows])
 
-    summary = "; ".join(f"{n}: max relative output difference {worst[n]:.1e}, speed-up {speedup[n]:.2f}x "
-                        f"(sign test p = {p_faster[n]:.1g})" for n in MODELS) + (
-        "" if complete else "; some BN layers were not folded") + "."
-    metrics = {"max_rel_diff": worst, "speedup": speedup, "p_folded_faster": p_faster, "p_folded_slower": p_slower,
-               "all_bn_folded": complete, "runs": rows}
-    return ctx.result(verdict, summary, metrics)
+    summary = "; ".join(f"{n}: max relative output difference {worst[n]:.1e}, speed-up {speedup[n]:.2f}x (geometric "
+                        f"mean of {len(per_seed[n])} seeds, " + ", ".join(f"{v:.2f}" for v in per_seed[n]) + ")"
+                        for n in MODELS) + ("" if complete else "; some BN layers were not folded") + "."
+    metrics = {"max_rel_diff": worst, "speedup": speedup, "speedup_per_seed": per_seed, "all_bn_folded": complete,
+               "runs": rows}
+    here = ("; ".join(f"{n}: exact within {worst[n]:.1e}, {speedup[n]:.2f}x faster" for n in MODELS),)
+    return ctx.result(summary, metrics, measured, here)

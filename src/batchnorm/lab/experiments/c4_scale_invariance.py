@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import plots
-from ..experiment import ClaimResult, Context, decide
+from ..experiment import ClaimResult, Condition, Context
 from ..models import make_norm
 
 ID = "C4"
@@ -33,6 +33,12 @@ EXPECTATION = (
     "gradient differ from those at a = 1 by at most 1e-10 relative to their size."
 )
 TOLERANCE = 1e-10
+CONDITIONS = (
+    Condition("float64", "largest relative difference of output and a x gradient from a = 1 (float64, eps = 0)", "<",
+              TOLERANCE, "exact in real arithmetic; float64 rounding over 60-example sums is about 1e-15, so 1e-10 "
+              "only fails if the property does", check=True),
+)
+PAPER = (("BN(aWu) = BN(Wu); a dL/d(aW) = dL/dW", "exact (algebra)"),)
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,7 @@ class Config:
 
     @classmethod
     def full(cls) -> Config:
-        return cls(seeds=3)
+        return cls(seeds=5)
 
     @classmethod
     def smoke(cls) -> Config:
@@ -97,7 +103,6 @@ def run(ctx: Context) -> ClaimResult:
         practical_runs.append(errors(cfg, u, w, r, torch.float32, eps=1e-5))
     exact, practical = worst(exact_runs), worst(practical_runs)
     worst64 = max(max(e["output"], e["gradient"]) for e in exact)
-    verdict = decide(supported=worst64 <= TOLERANCE, refuted=worst64 > TOLERANCE)
 
     fig, (ax,) = plots.new()
     for rows, label, style in ((exact, "float64, eps = 0", "-"), (practical, "float32, eps = 1e-5", "--")):
@@ -109,7 +114,7 @@ def run(ctx: Context) -> ClaimResult:
            ylabel="max relative difference from a = 1 (worst seed)",
            title="BN(aWu) vs BN(Wu), and a dL/d(aW) vs dL/dW")
     ax.legend(fontsize="small")
-    ctx.save_figure(fig, "scale")
+    ctx.save_figure(fig, "scale", "Relative difference from a = 1 for each weight scale a; float64 with eps = 0 should sit far below the dotted tolerance, float32 with eps = 1e-5 shows the eps term at small a.")
     ctx.save_csv("errors", ["dtype", "eps", "scale", "output_error", "gradient_error"],
                  [(dt, eps, e["scale"], e["output"], e["gradient"])
                   for dt, eps, rows in (("float64", 0.0, exact), ("float32", 1e-5, practical)) for e in rows])
@@ -119,4 +124,5 @@ def run(ctx: Context) -> ClaimResult:
                f"(float64, eps = 0); {worst32:.1e} in float32 with eps = 1e-5, the eps term showing at small a.")
     metrics = {"max_relative_error_float64_eps0": worst64, "max_relative_error_float32_eps1e-5": worst32,
                "float64_eps0": exact, "float32_eps1e-5": practical, "tolerance": TOLERANCE}
-    return ctx.result(verdict, summary, metrics)
+    here = (f"largest relative difference {worst64:.1e} (float64, eps = 0), {worst32:.1e} (float32, eps = 1e-5)",)
+    return ctx.result(summary, metrics, {"float64": worst64}, here)

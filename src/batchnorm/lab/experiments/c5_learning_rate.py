@@ -9,8 +9,15 @@ Here: a learning-rate sweep of that MLP with and without BN (before each ReLU), 
 SGD, same initial weights and batches per seed. The weights use He initialisation, the
 standard one for ReLU networks (Bjorck et al. train He-initialised ResNets): torch's
 default Linear init shrinks the signal's variance about 6x per ReLU layer, which would
-handicap the no-BN arm at every learning rate, not only at large ones. An arm "trains"
-at a rate when no seed diverged and its mean test accuracy is at least twice chance.
+handicap the no-BN arm at every learning rate, not only at large ones. A run that
+diverged counts at chance accuracy (1 / classes).
+
+Rule history: until the eighth session the rule compared means of 2-3 seeds: within 5
+points at the smallest rate, "trains" (no seed diverged, at least twice chance) at the
+largest. Now both are per-seed differences with 95% intervals (``CONDITIONS``). The first
+quick configuration of this rule (500 steps, 5 seeds) left the smallest rate far from
+converged (BN 7.5 points ahead after 500 steps at lr 0.03, "not supported"): the quick
+profile now trains 1000 steps (4 seeds); the rule is unchanged.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .. import plots
-from ..experiment import ClaimResult, Context, decide
+from ..experiment import ClaimResult, Condition, Context
 from ..measure import mean_std
 from ..train import RunResult, TrainSpec
 
@@ -37,12 +44,22 @@ EXPECTATION = (
     "at the largest, the BN arm trains (no divergence, at least twice chance) and the no-BN arm does not."
 )
 MATCH = 0.05  # accuracy gap that still counts as "about as well"
+TRAINS = 0.20  # accuracy gap that separates "trains" from "does not"
+CONDITIONS = (
+    Condition("small", "smallest rate: final test accuracy, BN minus no BN", "within", MATCH,
+              "'about as well': the pilot's gaps at small rates were 0.5-0.8 point; 5 points is the most that still "
+              "reads as the same accuracy"),
+    Condition("large", "largest rate: final test accuracy (diverged = chance), BN minus no BN", ">", TRAINS,
+              "'only the BN network trains': 20 points (twice chance on 10 classes) separates training from not"),
+)
+PAPER = (("MNIST-1D pilot, 6x100 ReLU, 3k steps, no BN / BN: lr 0.03", "55.6% / 56.4%"),
+         ("same, lr 3.0", "diverges / 70.7%"))
 
 
 @dataclass(frozen=True)
 class Config:
-    seeds: int = 2
-    lrs: tuple[float, ...] = (0.03, 0.3, 1.0, 3.0)
+    seeds: int = 4
+    lrs: tuple[float, ...] = (0.03, 0.3, 3.0)
     steps: int = 1000
     eval_every: int = 250
     batch_size: int = 60
@@ -55,7 +72,7 @@ class Config:
 
     @classmethod
     def full(cls) -> Config:
-        return cls(seeds=3, lrs=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0), steps=3000, eval_every=500)
+        return cls(seeds=5, lrs=(0.03, 0.1, 0.3, 1.0, 3.0), steps=3000, eval_every=500)
 
     @classmethod
     def smoke(cls) -> Config:
@@ -80,24 +97,28 @@ def run(ctx: Context) -> ClaimResult:
         table[arm, lr] = {"accuracy": acc, "std": std, "diverged": diverged,
                           "trains": diverged == 0 and acc >= 2 * chance}
     small, large = min(cfg.lrs), max(cfg.lrs)
-    gap_small = table["bn", small]["accuracy"] - table["no_bn", small]["accuracy"]
-    bn_large, plain_large = table["bn", large]["trains"], table["no_bn", large]["trains"]
-    verdict = decide(supported=abs(gap_small) <= MATCH and bn_large and not plain_large,
-                     refuted=not bn_large or plain_large)
+
+    def accuracy(arm: str, lr: float) -> np.ndarray:
+        return np.asarray([chance if r.diverged_at is not None else r.final_test_accuracy for r in runs[arm, lr]])
+
+    gap = {lr: accuracy("bn", lr) - accuracy("no_bn", lr) for lr in cfg.lrs}
+    measured = {"small": gap[small], "large": gap[large]}
 
     fig, (ax,) = plots.new()
     for arm, label, color in (("bn", "BN", plots.BN_COLOR), ("no_bn", "no BN", plots.NO_BN_COLOR)):
-        accs = np.asarray([[r.final_test_accuracy for r in runs[arm, lr]] for lr in cfg.lrs])
-        ax.errorbar(cfg.lrs, accs.mean(axis=1), yerr=[accs.mean(axis=1) - accs.min(axis=1), accs.max(axis=1) - accs.mean(axis=1)],
-                    marker="o", capsize=3, color=color, label=label)
+        accs = np.asarray([accuracy(arm, lr) for lr in cfg.lrs])
+        ax.plot(cfg.lrs, accs.mean(axis=1), "o-", color=color, label=f"{label} (mean)")
+        for lr, a in zip(cfg.lrs, accs):
+            ax.scatter(np.full(a.shape, lr), a, s=10, color=color, alpha=0.6, linewidths=0)
         failed = [lr for lr in cfg.lrs if table[arm, lr]["diverged"]]
         if failed:
             ax.scatter(failed, [0.0] * len(failed), marker="x", s=80, color=color, label=f"{label}: a seed diverged")
     ax.axhline(chance, color="gray", linestyle=":", label="chance")
-    ax.set(xscale="log", xlabel="learning rate", ylabel=f"test accuracy after {cfg.steps} steps",
-           title=f"Learning-rate sweep, {len(cfg.widths)}x{cfg.widths[0]} ReLU MLP (min-max over seeds)")
+    ax.set(xscale="log", xlabel="learning rate", ylabel=f"test accuracy after {cfg.steps} steps (diverged = chance)",
+           title=f"Learning-rate sweep, {len(cfg.widths)}x{cfg.widths[0]} ReLU MLP (dots: seeds)")
     ax.legend()
-    ctx.save_figure(fig, "lr_sweep")
+    ctx.save_figure(fig, "lr_sweep", "Final test accuracy per learning rate, each seed a dot, the line through the means; "
+                    "look at the gap at the smallest rate (should be small) and at the largest (no BN at chance).")
     ctx.save_csv("lr_sweep", ["arm", "lr", "seed", "final_test_accuracy", "diverged_at"],
                  [(arm, lr, r.spec["seed"], r.final_test_accuracy, r.diverged_at)
                   for (arm, lr), rs in runs.items() for r in rs])
@@ -109,11 +130,11 @@ def run(ctx: Context) -> ClaimResult:
     summary = "No BN / BN test accuracy: " + "; ".join(
         f"lr {lr:g} {describe('no_bn', lr)} / {describe('bn', lr)}" for lr in cfg.lrs) + "."
     metrics = {
-        "gap_at_smallest_lr": gap_small,
-        "bn_trains_at_largest_lr": bn_large,
-        "no_bn_trains_at_largest_lr": plain_large,
+        "gap_per_seed": {str(lr): g.tolist() for lr, g in gap.items()},
         "largest_lr_that_trains_bn": max((lr for lr in cfg.lrs if table["bn", lr]["trains"]), default=None),
         "largest_lr_that_trains_no_bn": max((lr for lr in cfg.lrs if table["no_bn", lr]["trains"]), default=None),
         "sweep": [{"arm": arm, "lr": lr, **t} for (arm, lr), t in table.items()],
     }
-    return ctx.result(verdict, summary, metrics)
+    here = (f"lr {small:g}, {cfg.steps} steps: {describe('no_bn', small)} / {describe('bn', small)}",
+            f"lr {large:g}: {describe('no_bn', large)} / {describe('bn', large)}")
+    return ctx.result(summary, metrics, measured, here)

@@ -15,8 +15,16 @@ Here, two settings, each with and without BN (``lab.gradients.gradient_shift``):
   from the seed; BN after each but the last), regression of 1000 Gaussian points onto a
   random linear map of them (mean squared error), full-batch gradient descent.
 
-The shift of a network: the mean over layers, checkpoints and seeds of the relative
-change ||G - G'|| / ||G|| and of cos(G, G').
+The shift of a network in one seed: the mean over layers and checkpoints of the relative
+change ||G - G'|| / ||G|| (and of cos(G, G'), reported).
+
+Rule history: until the eighth session the linear network trained at lr 0.01, where its
+gradients hardly change (cosine 1.000 in both arms), and the rule compared means over
+1-3 seeds against "half of no BN's" (a full run read 0.506, on the knife edge, and its
+summary called a halving "not reduced"). Now the linear network trains at lr 0.1, where
+it still converges (loss 1.8 -> 0.01 in 100 steps) and the gradients do change (no-BN
+relative change about 0.45 at step 0), and each setting's condition is a per-seed ratio
+with a 95% interval.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import plots
-from ..experiment import ClaimResult, Context, decide
+from ..experiment import ClaimResult, Condition, Context
 from ..gradients import gradient_shift
 from ..models import MLP, make_norm
 from ..probes import register_with
@@ -44,16 +52,24 @@ CLAIM = (
     "linear network). This contradicts the original motivation of BN (Ioffe & Szegedy 2015)."
 )
 EXPECTATION = (
-    "In neither setting (MLP, 25-layer linear network) does BN reduce the shift: BN's mean "
-    "relative gradient change ||G - G'||/||G|| is not below half of the no-BN network's while "
-    "its cosine is higher. (If BN reduced it in both settings, the claim is not supported.)"
+    "In both settings (MLP, 25-layer linear network) BN's mean relative gradient change "
+    "||G - G'||/||G|| is more than half of the no-BN network's, per seed."
 )
 REDUCED = 0.5  # BN "reduces" the shift when its relative change is below this fraction of no-BN's
+CONDITIONS = (
+    Condition("mlp", "MLP: relative gradient change, BN over no BN", ">", REDUCED,
+              "'not reduced': a reduction by half or more would be a real reduction; above half, similar or larger",
+              log=True),
+    Condition("linear", "25-layer linear net: relative gradient change, BN over no BN", ">", REDUCED,
+              "as for the MLP", log=True),
+)
+PAPER = (("VGG on CIFAR-10 and a 25-layer deep linear network: ICS with BN vs without",
+          "similar or larger (cosine closer to 0)"),)
 
 
 @dataclass(frozen=True)
 class Config:
-    seeds: int = 1
+    seeds: int = 5
     # the MLP setting
     steps: int = 300
     eval_every: int = 50
@@ -66,7 +82,7 @@ class Config:
     dln_depth: int = 25
     dln_width: int = 10
     dln_points: int = 1000
-    dln_lr: float = 0.01
+    dln_lr: float = 0.1
     dln_steps: int = 100
     dln_every: int = 10
 
@@ -76,7 +92,7 @@ class Config:
 
     @classmethod
     def full(cls) -> Config:
-        return cls(seeds=3, steps=2000, eval_every=200, dln_steps=1000, dln_every=100)
+        return cls(seeds=5, steps=2000, eval_every=200, dln_steps=500, dln_every=50)
 
     @classmethod
     def smoke(cls) -> Config:
@@ -172,9 +188,9 @@ def run(ctx: Context) -> ClaimResult:
             dln[arm].append(linear_net_shift(cfg, norm, seed))
     results = {"mlp": {arm: _summary(rs) for arm, rs in mlp_runs.items()},
                "linear": {arm: _summary(rs) for arm, rs in dln.items()}}
-    reduced = {name: r["bn"]["relative_change"] < REDUCED * r["no_bn"]["relative_change"]
-               and r["bn"]["cosine"] > r["no_bn"]["cosine"] for name, r in results.items()}
-    verdict = decide(supported=not any(reduced.values()), refuted=all(reduced.values()))
+    per_seed = {name: {arm: np.asarray([_summary([rec])["relative_change"] for rec in rs]) for arm, rs in runs.items()}
+                for name, runs in (("mlp", mlp_runs), ("linear", dln))}
+    measured = {name: v["bn"] / v["no_bn"] for name, v in per_seed.items()}
 
     _figure(ctx, cfg, mlp_runs, dln)
     ctx.save_csv("shift", ["setting", "arm", "seed", "step", "layer", "l2_change", "cosine", "grad_norm"],
@@ -185,20 +201,22 @@ def run(ctx: Context) -> ClaimResult:
 
     def line(name: str, label: str) -> str:
         r = results[name]
+        ratio = float(np.exp(np.mean(np.log(measured[name]))))
         return (f"{label}: relative gradient change {r['bn']['relative_change']:.3g} with BN vs "
-                f"{r['no_bn']['relative_change']:.3g} without, cosine {r['bn']['cosine']:.3f} vs {r['no_bn']['cosine']:.3f}")
+                f"{r['no_bn']['relative_change']:.3g} without (BN/no BN {ratio:.2f}x, geometric mean over seeds), "
+                f"cosine {r['bn']['cosine']:.3f} vs {r['no_bn']['cosine']:.3f}")
 
     summary = (line("mlp", f"{len(cfg.widths)}x{cfg.widths[0]} ReLU MLP") + "; "
-               + line("linear", f"{cfg.dln_depth}-layer linear net") + ". "
-               + ("BN reduced the shift in: " + ", ".join(k for k, v in reduced.items() if v) if any(reduced.values())
-                  else "BN did not reduce the shift in either setting") + ".")
+               + line("linear", f"{cfg.dln_depth}-layer linear net (lr {cfg.dln_lr:g})") + ".")
     metrics = {
         **{f"{name}_{arm}_{k}": v for name, r in results.items() for arm, d in r.items() for k, v in d.items()},
-        "bn_reduces_shift": reduced,
+        "relative_change_per_seed": {name: {arm: v.tolist() for arm, v in d.items()} for name, d in per_seed.items()},
         "mlp_final_test_accuracy": {arm: float(np.mean([r["accuracy"] for r in rs])) for arm, rs in mlp_runs.items()},
         "linear_final_loss": {arm: float(np.mean([r["loss"][-1] for r in rs])) for arm, rs in dln.items()},
     }
-    return ctx.result(verdict, summary, metrics)
+    here = ("; ".join(f"{name}: BN/no BN relative change {float(np.exp(np.mean(np.log(measured[name])))):.2f}x, cosine "
+                      f"{results[name]['bn']['cosine']:.3f} vs {results[name]['no_bn']['cosine']:.3f}" for name in results),)
+    return ctx.result(summary, metrics, measured, here)
 
 
 def _figure(ctx: Context, cfg: Config, mlp_runs: dict, dln: dict) -> None:
@@ -216,4 +234,6 @@ def _figure(ctx: Context, cfg: Config, mlp_runs: dict, dln: dict) -> None:
         axes[2 * row + 1].set(xlabel="training step", ylabel="cos(G, G') (mean over layers)", title=f"{name}: cosine")
         for ax in axes[2 * row: 2 * row + 2]:
             ax.legend()
-    ctx.save_figure(fig, "gradient_shift")
+    ctx.save_figure(fig, "gradient_shift", "Per checkpoint, the change ||G - G'|| of a layer's gradient when the earlier "
+                    "layers take their step (left, log scale) and the cosine between G and G' (right), mean over "
+                    "layers, min-max band over seeds; the claim expects the BN curve no lower on the left.")
