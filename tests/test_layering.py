@@ -97,6 +97,26 @@ def test_the_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+#: The layers, bottom to top: a module imports only from its own layer or those below.
+LAYERS = ("batchnorm.kernels", "batchnorm.core", "batchnorm.variants", "batchnorm.distributed",
+          "batchnorm.tools")
+
+
+def _layer(name: str) -> int:
+    for rank, prefix in enumerate(LAYERS):
+        if name == prefix or name.startswith(prefix + "."):
+            return rank
+    return len(LAYERS)  # the package's __init__, the command line, the lab: the top
+
+
+def test_each_layer_imports_only_from_itself_or_below():
+    upward = [
+        (name, target) for name, edges in _import_graph().items() for target in edges
+        if _layer(target) > _layer(name)
+    ]
+    assert upward == []
+
+
 def test_imports_point_one_way_lab_library_kernels():
     graph = _import_graph()
     for name, edges in graph.items():

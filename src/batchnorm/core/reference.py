@@ -238,6 +238,18 @@ def forward_eval(
     return _affine(x_hat, gamma, beta, axis)
 
 
+def _backward_setup(dy: ArrayLike, cache: Cache):
+    """(dy checked, m, the reduced axes, a function shaping a per-channel vector to
+    broadcast against dy) for both backwards."""
+    dy = _check_dy(dy, cache)
+    ndim, axis = dy.ndim, cache.channel_axis
+
+    def per_channel(v: Array) -> Array:
+        return _per_channel(v, ndim, axis)
+
+    return dy, cache.m, _reduce_axes(ndim, axis), per_channel
+
+
 def _check_dy(dy: ArrayLike, cache: Cache) -> Array:
     dy = np.asarray(dy, dtype=np.float64)
     if dy.shape != cache.x_hat.shape:
@@ -291,12 +303,7 @@ def backward_stages(dy: ArrayLike, cache: Cache) -> Stages:
     Returns:
         :class:`Stages`, every gradient named.
     """
-    dy = _check_dy(dy, cache)
-    ndim, axis, m = dy.ndim, cache.channel_axis, cache.m
-    axes = _reduce_axes(ndim, axis)
-
-    def per_channel(v: Array) -> Array:
-        return _per_channel(v, ndim, axis)
+    dy, m, axes, per_channel = _backward_setup(dy, cache)
 
     x_hat = cache.x_hat
     invstd = cache.invstd
@@ -350,12 +357,7 @@ def backward(dy: ArrayLike, cache: Cache) -> tuple[Array, Array, Array]:
         ``(dx, dgamma, dbeta)``; with no ``gamma`` in the forward, ``dgamma`` and
         ``dbeta`` are those a scale of 1 and a shift of 0 would get.
     """
-    dy = _check_dy(dy, cache)
-    ndim, axis, m = dy.ndim, cache.channel_axis, cache.m
-    axes = _reduce_axes(ndim, axis)
-
-    def per_channel(v: Array) -> Array:
-        return _per_channel(v, ndim, axis)
+    dy, m, axes, per_channel = _backward_setup(dy, cache)
 
     x_hat = cache.x_hat
     gamma = np.ones_like(cache.invstd) if cache.gamma is None else cache.gamma

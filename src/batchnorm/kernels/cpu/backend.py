@@ -351,11 +351,10 @@ def backward_eval(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: V
         layout = _layout(x)
         if layout is None:
             return torch_backend.backward_eval(dy, x, mean, invstd, weight, output_mask)
-        dw = db = dx = None
+        sums = (None, None)
         if output_mask[1] or output_mask[2]:
-            sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean, invstd)
-            dw = sum_dy_xhat if output_mask[1] else None
-            db = sum_dy if output_mask[2] else None
+            sums = backward_reduce(dy, x, mean, invstd)
+        dx = None
         if output_mask[0]:
             # dx = ((dy - 0) - 0) * (weight * invstd) + 0: the affine kernel applied to dy
             zero = torch.zeros_like(mean)
@@ -363,7 +362,7 @@ def backward_eval(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: V
                 _like(dy, x), layout, _vec(zero, x), _vec(invstd, x), weight, None,
                 activations.CODES["identity"], 0.0,
             )
-        return dx, dw, db
+        return torch_backend.masked(output_mask, dx, sums[1], sums[0])
 
 
 def backward_act(
