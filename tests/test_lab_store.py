@@ -116,9 +116,9 @@ def test_cli_resume_and_fresh(tmp_path: Path, count_training: list[str]) -> None
     args = ["lab", "--profile", "smoke", "--only", "C1", "--data", "gaussians", "--out", str(tmp_path)]
     assert runner.invoke(app, args).exit_code == 0
     trained = len(count_training)
-    assert trained == 2  # two arms, one seed
+    assert trained == 4  # two arms of the MLP and two of the conv net, one seed
     before = run_files(tmp_path)
-    assert len(before) == 2
+    assert len(before) == 4
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert len(count_training) == trained and run_files(tmp_path) == before
@@ -148,8 +148,8 @@ def test_interrupt_keeps_finished_runs(tmp_path: Path, monkeypatch: pytest.Monke
     assert not (tmp_path / "results.json").exists()
     monkeypatch.setattr(experiment, "train", lambda spec, data, on_progress=None: calls.append(spec.label()) or real(spec, data, on_progress))
     assert runner.invoke(app, args).exit_code == 0
-    assert len(calls) == 3  # only the interrupted run was trained again
-    assert len(run_files(tmp_path)) == 2
+    assert len(calls) == 5  # the interrupted run and the two never started, not the first one
+    assert len(run_files(tmp_path)) == 4
 
 
 def test_corrupt_stored_run_is_reported_and_counts_as_missing(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from .store import RunStore
 from .train import ProgressFn
 
 LAB_THREADS = 1  # small models: one thread is fastest, and leaves the other cores free
+VERDICT_STYLE = {"supported": "green", "not supported": "red", "inconclusive": "yellow"}
 
 
 def set_threads(n: int, numba_n: int | None = None) -> tuple[int, int | None]:
