@@ -193,7 +193,7 @@ def test_cli_retrains_a_truncated_run_file(tmp_path: Path, count_training: list[
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert squash(f"warning: {files[0]}: unreadable stored run (JSONDecodeError") in squash(result.output)
-    assert len(count_training) == 3  # two runs, then the corrupt one again
+    assert len(count_training) == 5  # four runs (two arms of the MLP and of the conv net), then the corrupt one again
     retrained = json.loads(files[0].read_text())
     assert retrained == {**first, "seconds": retrained["seconds"]}  # the same run again (only its time differs)
 
@@ -235,7 +235,7 @@ def test_another_report_in_the_folder_is_kept(tmp_path: Path, count_training: li
     assert [c["id"] for c in json.loads((tmp_path / "results.json").read_text())["claims"]] == ["C4"]
     files = set(report_files(tmp_path))
     assert not any(f.startswith(("figures/C1_", "data/C1_")) for f in files) and "figures/C4_scale.png" in files
-    assert len(list((tmp_path / "runs").glob("*.json"))) == 2  # the run store keeps C1's runs
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 4  # the run store keeps C1's runs (MLP and conv net, two arms each)
 
 
 def test_out_naming_a_file_stops_before_training(tmp_path: Path, count_training: list[str]) -> None:
