@@ -1,4 +1,4 @@
-"""The numba loops' own exp and erf (kernels/_cpu_math.py) against float64 references:
+"""The numba loops' own exp and erf (kernels/cpu/_math.py) against float64 references:
 exp within 1.5 ulp down to 2^-125 and exactly 0, inf or NaN where math.exp gives those;
 erf within 6e-7 absolute (Abramowitz and Stegun 7.1.26, 1.5e-7 in exact arithmetic, plus
 float32 rounding); the derivatives of silu and gelu, as the fused backward computes them,
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from numba import njit
 
-from batchnorm.kernels import _cpu_act as A
-from batchnorm.kernels._cpu_math import verf_from, vexp
+from batchnorm.kernels.cpu import _act as A
+from batchnorm.kernels.cpu._math import verf_from, vexp
 
 ULP_1 = 2.0**-23  # float32 spacing at 1, relative
 

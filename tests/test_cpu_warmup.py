@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-pytest.importorskip("batchnorm.kernels.cpu_backend")
+pytest.importorskip("batchnorm.kernels.cpu.backend")
 
 _PROBE = """
 import json
@@ -20,9 +20,9 @@ from numba.core.registry import CPUDispatcher
 from typer.testing import CliRunner
 from batchnorm.cli import app
 result = CliRunner().invoke(app, ["warmup"])
-from batchnorm.kernels import _cpu_nchw, _cpu_nhwc, _cpu_params, cpu_backup
+from batchnorm.kernels.cpu import _nchw, _nhwc, _params, backup
 kernels = {}
-for mod in (_cpu_nchw, _cpu_nhwc, _cpu_params, cpu_backup):
+for mod in (_nchw, _nhwc, _params, backup):
     for name, obj in vars(mod).items():
         if isinstance(obj, CPUDispatcher) and obj.py_func.__module__ == mod.__name__:
             kernels[mod.__name__.rsplit(".", 1)[1] + "." + name] = {
@@ -32,11 +32,10 @@ for mod in (_cpu_nchw, _cpu_nhwc, _cpu_params, cpu_backup):
 print(json.dumps({"code": result.exit_code, "output": result.output, "kernels": kernels}))
 """
 
-#: Called from Python by cpu_backend and cpu_backup (the others run inside the parallel
-#: kernels).
-_FROM_PYTHON = ("_cpu_params.finite_batch", "_cpu_params.running_update", "_cpu_params.affine",
-                "_cpu_params.grad", "cpu_backup._save", "cpu_backup._finite",
-                "cpu_backup._restore")
+#: Called from Python by kernels/cpu/backend.py and backup.py (the others run inside the
+#: parallel kernels).
+_FROM_PYTHON = ("_params.finite_batch", "_params.running_update", "_params.affine",
+                "_params.grad", "backup._save", "backup._finite", "backup._restore")
 
 
 def test_warmup_compiles_every_kernel_for_both_dtypes():

@@ -15,7 +15,7 @@ import torch
 from batchnorm import kernels
 from batchnorm.kernels import torch_backend as T
 
-C = pytest.importorskip("batchnorm.kernels.cpu_backend")
+C = pytest.importorskip("batchnorm.kernels.cpu.backend")
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
@@ -330,8 +330,8 @@ def test_backward_from_the_input_matches_torch_backend(shape, layout, dtype, act
 def test_which_input_saving_backwards_run_the_fused_kernel(act, dtype, fused, monkeypatch):
     """silu and gelu take the fused kernel in float32 only (float64 would call libm per
     element); elu never (ATen's kernels)."""
-    from batchnorm.kernels import _cpu_act as A
-    from batchnorm.kernels import _cpu_nchw
+    from batchnorm.kernels.cpu import _act as A
+    from batchnorm.kernels.cpu import _nchw as _cpu_nchw
 
     calls = []
     real = _cpu_nchw.act_backward_fused

@@ -23,7 +23,8 @@ pytest.importorskip("triton")
 
 from batchnorm import kernels  # noqa: E402
 from batchnorm.kernels import activations, torch_backend  # noqa: E402
-from batchnorm.kernels import _triton_kernels, triton_backend as tb  # noqa: E402
+from batchnorm.kernels.triton import _kernels as _triton_kernels  # noqa: E402
+from batchnorm.kernels.triton import backend as tb  # noqa: E402
 
 if not tb.INTERPRETED:  # imported earlier for the GPU: rebuild the kernels for the interpreter
     importlib.reload(_triton_kernels)
@@ -298,12 +299,12 @@ def test_triton_missing_means_the_backend_is_absent(monkeypatch):
     """Without the optional ``triton`` package the module does not import and the
     dispatcher falls back to the pure-torch backend."""
     monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` fail
-    for mod in ("batchnorm.kernels.triton_backend", "batchnorm.kernels._triton_kernels"):
+    for mod in ("batchnorm.kernels.triton.backend", "batchnorm.kernels.triton._kernels"):
         monkeypatch.delitem(sys.modules, mod)
     monkeypatch.setattr(kernels, "_loaded", {"torch": torch_backend})
     monkeypatch.setattr(kernels, "_candidates", {})  # the dispatcher's per-op cache
     with pytest.raises(ImportError):
-        importlib.import_module("batchnorm.kernels.triton_backend")
+        importlib.import_module("batchnorm.kernels.triton.backend")
     assert kernels.load("triton") is None
     with kernels.use_backend("triton"):
         assert kernels.pick("forward_train", make((2, 3, 5))) is torch_backend
@@ -327,7 +328,7 @@ _COMPILE = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import ASTSource
-from batchnorm.kernels import _triton_kernels as k
+from batchnorm.kernels.triton import _kernels as k
 
 FLOATS = ("alpha", "eps", "inv_count")
 VARIANTS = [

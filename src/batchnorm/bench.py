@@ -88,7 +88,7 @@ def default_cases(quick: bool) -> list[Case]:
 
 def _modules(dim: int):
     """(torch.nn class, our class) for an input of ``dim`` dimensions."""
-    from . import modules
+    from .core import modules
 
     key = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}[dim]
     return getattr(torch.nn, key), getattr(modules, key)

@@ -86,7 +86,7 @@ def copy_bandwidth_gbps(flush: Tensor, reps: int = 20, nbytes: int = 1 << 30) ->
 
 def op_pair(op: str, x: Tensor, w: Tensor, b: Tensor, dy: Tensor):
     """(ours, native) callables of ``op``, each returning the tensors the check compares."""
-    from .kernels import triton_backend as tb
+    from .kernels.triton import backend as tb
 
     var, mean = torch.var_mean(x.float(), dim=[0, 2, 3], correction=0)
     invstd = torch.rsqrt(var + EPS)

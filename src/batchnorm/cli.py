@@ -33,7 +33,7 @@ def warmup_command() -> None:
 
     console = Console()
     try:
-        from batchnorm.kernels import cpu_warmup
+        from batchnorm.kernels.cpu import warmup as cpu_warmup
     except ImportError as err:  # numba missing, or no writable cache directory
         console.print(f"the CPU kernels are not available here: {err}")
         raise typer.Exit(1) from err

@@ -32,19 +32,18 @@ process group's ``timeout``), never hang forever.
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from . import ops, stats
-from .autograd import like_layout
-from .functional import eval_normalize
+from .core import modules, ops, plan, stats
+from .core.autograd import like_layout
 from .kernels.torch_backend import acc_dtype
-from .modules import _BatchNorm
-from .stats import Moments
+from .core.modules import RUNNING, UPDATE, _BatchNorm
+from .core.stats import Moments
+from .core.tree import bn_args, replace_modules, transplant
 
 try:
     import torch.distributed as dist
@@ -225,27 +224,12 @@ class SyncBatchNorm(_BatchNorm):
         >>> model = torch.nn.parallel.DistributedDataParallel(model)
     """
 
-    _expected_dims = range(2, sys.maxsize)
-    _shape_text = "(N, C, *)"
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        process_group=None,
-        device=None,
-        dtype=None,
-        *,
-        bias: bool = True,
-        single_value: str = "error",
-    ) -> None:
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype,
-            bias=bias, single_value=single_value,
-        )
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, process_group=None,
+                 device=None, dtype=None, **kwargs) -> None:
+        # torch.nn.SyncBatchNorm's order: process_group before device and dtype
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
+                         dtype, **kwargs)
         self.process_group = process_group
         self._checked_group: int | None = None  # id of the group num_features was checked on
 
@@ -293,36 +277,26 @@ class SyncBatchNorm(_BatchNorm):
     def _normalize(self, input: Tensor, total: Moments, group) -> Tensor:
         """Normalise with the pooled statistics and update the running ones."""
         count = int(total.count[0]) if total.count.numel() else 0
-        update = self._updates_running()
         if count == 0:
             raise ValueError(
                 "SyncBatchNorm got an empty batch on every rank of the process group: "
                 "statistics of no values are undefined. Skip empty steps on all ranks."
             )
-        if count == 1:
-            if self.single_value == "error":
-                raise ValueError(
-                    "Expected more than 1 value per channel when training, got 1 value per "
-                    f"channel over all ranks of the process group (local input size "
-                    f"{list(input.shape)}). Pass single_value='use_running' or 'skip_update'."
-                )
-            if self.single_value == "use_running" and self.running_mean is not None:
-                return eval_normalize(
-                    input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
-                )
-            if self.single_value == "use_running":
-                raise ValueError(
-                    "SyncBatchNorm(single_value='use_running') got a batch of one but has no "
-                    "running statistics (track_running_stats=False)"
-                )
-            update = False
+        mode = self._rule(
+            input, count, f"{count} value(s) per channel over all ranks of the process group "
+            f"(local input size {list(input.shape)})",
+        )
+        if mode == RUNNING:
+            return plan.evaluate(
+                input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
+            )
         acc = acc_dtype(input.dtype)
         var = total.var
         invstd = torch.rsqrt(var + self.eps).to(acc)
         y = SyncBatchNormFunction.apply(
             input, self.weight, self.bias, total.mean.to(acc), invstd, count, group
         )
-        if update:
+        if mode == UPDATE:
             stats.update_running(
                 self.running_mean, self.running_var, total.mean, var, count,
                 self.momentum, self.num_batches_tracked,
@@ -332,8 +306,6 @@ class SyncBatchNorm(_BatchNorm):
 
 # -- conversion ----------------------------------------------------------------------------------
 def _sync_classes() -> tuple[type[nn.Module], ...]:
-    from . import modules
-
     return (
         nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
         modules.BatchNorm1d, modules.BatchNorm2d, modules.BatchNorm3d, SyncBatchNorm,
@@ -352,15 +324,13 @@ def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
     tensors (an optimizer built before keeps working; the state_dict is unchanged), the
     train/eval flag and ``single_value`` are kept. Returns the model (the new layer when
     ``model`` itself is a BatchNorm)."""
-    from .convert import _bn_args, replace_modules, transplant
-
     classes = _sync_classes()
 
     def swap(m: nn.Module) -> nn.Module | None:
         if type(m) not in classes:
             return None
         new = SyncBatchNorm(
-            **_bn_args(m), process_group=process_group, device="meta",
+            **bn_args(m), process_group=process_group, device="meta",
             single_value=getattr(m, "single_value", "error"),
         )
         return transplant(m, new)

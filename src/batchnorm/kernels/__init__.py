@@ -1,11 +1,12 @@
-"""Compute backends behind one small interface (see ``torch_backend`` for the contract).
+"""Compute backends behind one interface (``interface.Backend``).
 
-A backend is a module with ``name``, ``supports(x) -> bool`` (it can run on ``x``), an
-optional ``prefers(op, x) -> bool`` (it is the fastest choice there, measured by
-``batchnorm bench``) and any of the kernel functions of ``torch_backend``. For each call
-the dispatcher takes the first backend, in order of preference, that implements the
-function and supports the tensor (and, in ``auto`` mode, prefers it); the pure-torch
-backend closes every list, so a call never fails for want of a kernel.
+A backend is a module with the members of ``interface.Backend``: ``name``, ``OPS`` (the
+operations it implements), ``supports(x)`` (it can run on ``x``), ``prefers(op, x)`` (it
+is the fastest choice there, measured by ``batchnorm bench``) and what it does itself
+(``records_autograd``, ``blends_running``). ``pick(op, x)`` takes the first backend, in
+order of preference, that implements ``op`` and supports ``x`` (in ``auto`` mode: prefers
+it); the pure-torch backend closes every list, so a call never fails for want of a
+kernel. ``batchnorm.plan`` calls ``pick`` once per BN call.
 
 Choosing by hand::
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sys
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -34,10 +36,9 @@ from . import torch_backend
 
 BACKENDS = ("auto", "torch", "cpu", "native", "triton")
 _OPTIONAL = {
-    "cpu": "batchnorm.kernels.cpu_backend",
+    "cpu": "batchnorm.kernels.cpu.backend",
     "native": "batchnorm.kernels.native_backend",
-    "triton": "batchnorm.kernels.triton_backend",
-    "cpu_backup": "batchnorm.kernels.cpu_backup",
+    "triton": "batchnorm.kernels.triton.backend",
 }
 _loaded: dict[str, ModuleType | None] = {"torch": torch_backend}
 _choice = os.environ.get("BATCHNORM_BACKEND", "auto")
@@ -87,31 +88,29 @@ def _preference(cuda: bool) -> tuple[str, ...]:
     return ("triton",) if cuda else ("cpu", "native")
 
 
-#: (choice, op, cuda) -> the candidate backends of ``pick`` in order, each with whether its
-#: ``prefers`` (else its ``supports``) decides. Built once per key: ``pick`` runs on every
-#: call, so it does no imports or attribute probing of its own.
-_candidates: dict[tuple[str, str, bool], tuple[tuple[ModuleType, bool], ...]] = {}
+#: (choice, op, cuda) -> the candidate backends of ``pick`` in order. Built once per key:
+#: ``pick`` runs on every call, so it does no imports of its own.
+_candidates: dict[tuple[str, str, bool], tuple[ModuleType, ...]] = {}
 
 
-def _plan(op: str, cuda: bool) -> tuple[tuple[ModuleType, bool], ...]:
+def _listed(op: str, cuda: bool) -> tuple[ModuleType, ...]:
     key = (_choice, op, cuda)
-    plan = _candidates.get(key)
-    if plan is None:
-        auto = _choice == "auto"
+    listed = _candidates.get(key)
+    if listed is None:
         backends = (load(name) for name in _preference(cuda))
-        plan = _candidates[key] = tuple(
-            (backend, auto and hasattr(backend, "prefers"))
-            for backend in backends
-            if backend is not None and hasattr(backend, op)
+        listed = _candidates[key] = tuple(
+            backend for backend in backends if backend is not None and op in backend.OPS
         )
-    return plan
+    return listed
 
 
 def pick(op: str, x: Tensor) -> ModuleType:
-    """The backend that runs kernel function ``op`` on tensor ``x``."""
-    for backend, by_preference in _plan(op, x.is_cuda):
-        # a backend prefers only tensors it supports
-        if backend.prefers(op, x) if by_preference else backend.supports(x):
+    """The backend that runs kernel function ``op`` on tensor ``x``: in ``auto`` mode the
+    first that prefers it (a backend prefers only tensors it supports), with a forced
+    backend the first that supports it, else the pure-torch one."""
+    auto = _choice == "auto"
+    for backend in _listed(op, x.is_cuda):
+        if backend.prefers(op, x) if auto else backend.supports(x):
             return backend
     return torch_backend
 
@@ -121,8 +120,29 @@ def call(op: str, *args, **kwargs):
     return getattr(pick(op, args[0]), op)(*args, **kwargs)
 
 
+#: The backends' module paths of earlier releases (``batchnorm.kernels.cpu_backend``):
+#: loaded when first asked for, as numba and triton are heavy imports.
+_OLD_PATHS = {
+    "cpu_backend": "batchnorm.kernels.cpu.backend",
+    "cpu_backup": "batchnorm.kernels.cpu.backup",
+    "cpu_warmup": "batchnorm.kernels.cpu.warmup",
+    "triton_backend": "batchnorm.kernels.triton.backend",
+}
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name not in _OLD_PATHS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(_OLD_PATHS[name])
+    sys.modules[f"{__name__}.{name}"] = module
+    return module
+
+
 def running_backup():
     """A new ``cpu_backup.RunningBackup`` for a layer (the non-finite guard of the
     running buffers that ATen updates in place), or None where numba is missing."""
-    module = load("cpu_backup")
-    return None if module is None else module.RunningBackup()
+    try:
+        from .cpu.backup import RunningBackup
+    except ImportError:
+        return None
+    return RunningBackup()

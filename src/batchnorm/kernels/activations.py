@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu", "gelu")
+#: The one numbering of the activations inside every backend's kernels (numba, Triton).
+CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4, "elu": 5}
 
 # elu saturates: below y of about -17 its float32 output is exactly -alpha, whose inverse is
 # -inf (and 0 * inf = NaN in the backward). Every backend clamps z / alpha at this floor,

@@ -13,7 +13,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .interface import ALL, Grads, Mask, Vector
+
 name = "native"
+OPS = frozenset(("forward_train", "forward_train_update", "forward_eval", "backward"))
+#: Its training forward, called on tensors that require grad, is recorded by ATen's
+#: autograd (``batchnorm.plan`` decides when): the derivative then runs in C++.
+records_autograd = True
+blends_running = True
 _DTYPES = (torch.float32, torch.float64)
 
 
@@ -24,6 +31,15 @@ def supports(x: Tensor) -> bool:
 def prefers(op: str, x: Tensor) -> bool:
     """In ``auto`` mode, take every training call the fused CPU kernels do not prefer."""
     return op in ("forward_train", "backward", "forward_eval") and supports(x)
+
+
+def accepts_running(x: Tensor, running_mean: Tensor, running_var: Tensor) -> bool:
+    """Whether ``forward_train_update`` can take these buffers: x's dtype, not inference
+    tensors (ATen writes them in place)."""
+    return (
+        running_mean.dtype == x.dtype and running_var.dtype == x.dtype
+        and not running_mean.is_inference() and not running_var.is_inference()
+    )
 
 
 def _alike(dtype: torch.dtype, *vectors: Tensor | None) -> bool:
@@ -47,27 +63,11 @@ def forward_train(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """ATen training forward: (y, mean, invstd).
 
-    Called outside autograd's view of it, this is one op of the kernel contract; called
-    on tensors that require grad (``batchnorm.autograd.train_forward`` does, in eager mode
-    where no torch.func transform is active), ATen's autograd records it: its derivative
-    (double backward included) then runs in C++, and a training step costs what
-    ``torch.nn``'s costs, where our Python ``autograd.Function`` would add tens of
-    microseconds per call."""
+    Called on tensors that require grad (``batchnorm.plan`` does so in eager mode, no
+    torch.func transform active), ATen's autograd records it: its derivative (double
+    backward included) runs in C++, as for ``torch.nn``."""
     weight, bias = _as(x.dtype, weight, bias)
     return torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
-
-
-#: ``batchnorm.autograd`` may let autograd record ``forward_train`` (see its docstring).
-records_autograd = True
-
-
-def updates_running(x: Tensor, running_mean: Tensor, running_var: Tensor) -> bool:
-    """Whether ``forward_train_update`` can take these buffers: x's dtype, not inference
-    tensors (ATen writes them in place)."""
-    return (
-        running_mean.dtype == x.dtype and running_var.dtype == x.dtype
-        and not running_mean.is_inference() and not running_var.is_inference()
-    )
 
 
 def forward_train_update(
@@ -77,8 +77,8 @@ def forward_train_update(
     """``forward_train`` that also blends the batch into the running buffers in place,
     inside ATen's kernel as for ``torch.nn`` (``running += factor * (stat - running)``
     with the unbiased variance, in ATen's accumulation type): torch.nn's running
-    statistics bit for bit. No guard: ``batchnorm.autograd.train_forward_updating`` keeps
-    a copy of the buffers and puts it back for a non-finite batch."""
+    statistics bit for bit. No guard: ``batchnorm.stats.update_running`` puts the buffers
+    back for a non-finite batch."""
     weight, bias = _as(x.dtype, weight, bias)
     return torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, factor, eps)
 
@@ -94,14 +94,8 @@ def forward_eval(
     return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, False)
 
 
-def backward(
-    dy: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    weight: Tensor | None,
-    output_mask: tuple[bool, bool, bool] = (True, True, True),
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Vector,
+             output_mask: Mask = ALL) -> Grads:
     """ATen training backward: (dx, dweight, dbias); eps is unused by ATen in training."""
     (weight,) = _as(x.dtype, weight)
     return torch.ops.aten.native_batch_norm_backward(

@@ -1,11 +1,8 @@
 """Pure-torch backend: always available, always correct, any device, dtype and layout.
 
-Every backend implements the functions below on tensors whose channel axis is 1,
-shape ``(N, C, *)``. Statistics (``mean``, ``invstd``, sums) are 1-d tensors of length C
-in the accumulation dtype: float64 for float64 input, float32 otherwise (half inputs are
-accumulated in float32). ``invstd = 1 / sqrt(var + eps)`` with the *biased* variance.
-Outputs keep the input's dtype and memory format. Faster backends are tested against
-this one.
+It implements every operation of ``interface.Backend`` but the two that are ATen's own
+(``forward_train_update``, ``forward_eval``), and closes every list of the dispatcher.
+Faster backends are tested against this one.
 """
 
 from __future__ import annotations
@@ -13,14 +10,32 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .interface import ALL, Grads, Mask, Vector
+
 from . import activations
 
 name = "torch"
+OPS = frozenset((
+    "batch_stats", "normalize", "forward_train", "backward_reduce", "backward_elemt",
+    "backward", "backward_eval", "forward_train_act", "forward_eval_act", "backward_act",
+    "backward_act_input",
+))
+records_autograd = False
+blends_running = False
 
 
 def supports(x: Tensor) -> bool:
     """The pure-torch path takes everything."""
     return True
+
+
+def prefers(op: str, x: Tensor) -> bool:
+    """The last resort: never preferred, always there."""
+    return False
+
+
+def accepts_running(x: Tensor, running_mean: Tensor, running_var: Tensor) -> bool:
+    return False
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -108,34 +123,34 @@ def backward_elemt(
     return dx.to(x.dtype)
 
 
-def backward(
-    dy: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    weight: Tensor | None,
-    output_mask: tuple[bool, bool, bool] = (True, True, True),
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Vector,
+             output_mask: Mask = ALL) -> Grads:
     """Closed-form training backward. Returns (dx, dweight, dbias), None where masked off.
 
     dweight = sum(dy * x_hat), dbias = sum(dy) (in the accumulation dtype; the caller casts
     to the parameter dtype)."""
-    sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean, invstd)
+    return backward_by_parts(backward_reduce, backward_elemt, dy, x, mean, invstd, weight,
+                             output_mask)
+
+
+def backward_by_parts(reduce, elemt, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
+                      weight: Vector, output_mask: Mask) -> Grads:
+    """The training backward from a backend's ``backward_reduce`` and ``backward_elemt``
+    (two passes over (dy, x), then one for dx)."""
+    sum_dy, sum_dy_xhat = reduce(dy, x, mean, invstd)
     dx = None
     if output_mask[0]:
-        count = x.numel() // x.shape[1]
-        dx = backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
-    return (
-        dx,
-        sum_dy_xhat if output_mask[1] else None,
-        sum_dy if output_mask[2] else None,
-    )
+        dx = elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, x.numel() // x.shape[1])
+    return masked(output_mask, dx, sum_dy_xhat, sum_dy)
 
 
-def backward_eval(
-    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
-    output_mask: tuple[bool, bool, bool] = (True, True, True),
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+def masked(output_mask: Mask, dx: Tensor | None, dweight: Tensor, dbias: Tensor) -> Grads:
+    """(dx, dweight, dbias) with None where ``output_mask`` is False."""
+    return dx, dweight if output_mask[1] else None, dbias if output_mask[2] else None
+
+
+def backward_eval(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Vector,
+                  output_mask: Mask = ALL) -> Grads:
     """Backward of the eval forward (fixed statistics): dx = dy * weight * invstd."""
     acc = mean.dtype
     dims = reduce_dims(x)

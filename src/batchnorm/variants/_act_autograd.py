@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import ops
-from ..autograd import like_layout, differentiable_backward
+from ..core import ops
+from ..core.autograd import like_layout, differentiable_backward
 from ..kernels import activations
 from ..kernels.torch_backend import channel_view, reduce_dims
 

@@ -7,12 +7,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import stats
+from ..core import stats
 from ..kernels import activations
 from ..kernels.torch_backend import acc_dtype
-from ..modules import _BatchNorm
+from ..core.modules import RUNNING, UPDATE, _BatchNorm
 from ._act_autograd import InputSavingBNAct, OutputSavingBNAct, effective_weight
-from ._common import fill_doc, statistics_mode
 
 DEFAULT_ALPHA = {"leaky_relu": 0.01, "elu": 1.0}
 
@@ -79,31 +78,17 @@ _DOC = r"""Batch Normalization followed by an activation, as one layer, over a {
 class _BatchNormAct(_BatchNorm):
     """Shared body of BatchNormAct1d/2d/3d."""
 
+    _doc = _DOC
+
     def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        act: str = "relu",
-        alpha: float | None = None,
-        memory_saving: bool = True,
-        weight_eps: float = 1e-5,
-        bias: bool = True,
-        single_value: str = "error",
+        self, *args, act: str = "relu", alpha: float | None = None,
+        memory_saving: bool = True, weight_eps: float = 1e-5, **kwargs,
     ) -> None:
         alpha = DEFAULT_ALPHA.get(act, 0.0) if alpha is None else float(alpha)
         activations.check(act, alpha)
         if not weight_eps > 0:
             raise ValueError(f"weight_eps must be > 0 (the floor on |gamma|), got {weight_eps}")
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype,
-            bias=bias, single_value=single_value,
-        )
+        super().__init__(*args, **kwargs)
         self.act, self.alpha = act, alpha
         self.memory_saving, self.weight_eps = bool(memory_saving), float(weight_eps)
 
@@ -122,9 +107,9 @@ class _BatchNormAct(_BatchNorm):
         return effective_weight(self.weight, self.weight_eps if self.saves_output() else 0.0)
 
     def forward(self, input: Tensor) -> Tensor:
-        mode = statistics_mode(self, input)
+        mode = self.statistics(input)
         mean = invstd = None
-        if mode == "running":
+        if mode == RUNNING:
             acc = acc_dtype(input.dtype)
             mean = self.running_mean.to(acc)
             invstd = torch.rsqrt(self.running_var.to(acc) + self.eps)
@@ -137,10 +122,10 @@ class _BatchNormAct(_BatchNorm):
             z, mean, invstd = InputSavingBNAct.apply(
                 input, self.weight, self.bias, mean, invstd, self.eps, self.act, self.alpha
             )
-        if mode == "batch_update":
-            stats.update_running_from_invstd(
-                self.running_mean, self.running_var, mean, invstd, self.eps,
-                input.numel() // input.shape[1], self.momentum, self.num_batches_tracked,
+        if mode == UPDATE:
+            stats.update_running(
+                self.running_mean, self.running_var, mean, None, input.numel() // input.shape[1],
+                self.momentum, self.num_batches_tracked, invstd=invstd, eps=self.eps,
             )
         return z
 
@@ -162,23 +147,6 @@ def activation_module(act: str, alpha: float) -> torch.nn.Module:
     }[act]()
 
 
-def _doc(name: str, dims: tuple[int, ...], c: str, shape: str) -> str:
-    return fill_doc(_DOC, name, dims, c, shape)
-
-
-class BatchNormAct1d(_BatchNormAct):
-    _expected_dims = (2, 3)
-    _shape_text = "(N, C) or (N, C, L)"
-    __doc__ = _doc("BatchNormAct1d", _expected_dims, "100", "20, 100")
-
-
-class BatchNormAct2d(_BatchNormAct):
-    _expected_dims = (4,)
-    _shape_text = "(N, C, H, W)"
-    __doc__ = _doc("BatchNormAct2d", _expected_dims, "16", "8, 16, 32, 32")
-
-
-class BatchNormAct3d(_BatchNormAct):
-    _expected_dims = (5,)
-    _shape_text = "(N, C, D, H, W)"
-    __doc__ = _doc("BatchNormAct3d", _expected_dims, "16", "4, 16, 8, 8, 8")
+class BatchNormAct1d(_BatchNormAct, dims="1d", example=("100", "20, 100")): ...
+class BatchNormAct2d(_BatchNormAct, dims="2d", example=("16", "8, 16, 32, 32")): ...
+class BatchNormAct3d(_BatchNormAct, dims="3d", example=("16", "4, 16, 8, 8, 8")): ...

@@ -17,31 +17,24 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..core.modules import TORCH_CLASSES
+from ..core.tree import bn_args, transplant
 from .act import _BatchNormAct, activation_module
 from .frozen import _FrozenBatchNorm
 from .ghost import _GhostBatchNorm
 from .masked import _MaskedBatchNorm
 from .renorm import _BatchRenorm
 
-_TORCH = {(2, 3): nn.BatchNorm1d, (4,): nn.BatchNorm2d, (5,): nn.BatchNorm3d}
-
 
 def _plain_torch(m: nn.Module) -> nn.Module:
     """torch.nn BN sharing ``m``'s parameter and buffer tensors and its train flag."""
-    bn = _TORCH[m._expected_dims](
-        m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, device="meta",
-        bias=m.bias is not None or not m.affine,
-    )
-    for name, param in m.named_parameters(recurse=False):
-        setattr(bn, name, param)
-    for name, buf in m.named_buffers(recurse=False):
-        bn._buffers[name] = buf
-    return bn.train(m.training)
+    return transplant(m, TORCH_CLASSES[m._dims_key](**bn_args(m), device="meta"))
 
 
 def _frozen_torch(m: _FrozenBatchNorm) -> nn.Module:
-    bn = _TORCH[m._expected_dims](m.num_features, m.eps, device=m.running_mean.device,
-                                  dtype=m.running_mean.dtype)
+    bn = TORCH_CLASSES[m._dims_key](
+        m.num_features, m.eps, device=m.running_mean.device, dtype=m.running_mean.dtype
+    )
     bn.load_state_dict(m.state_dict())
     bn.weight.requires_grad_(False)
     bn.bias.requires_grad_(False)

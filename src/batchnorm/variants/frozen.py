@@ -14,10 +14,10 @@ from torch import Tensor, nn
 
 from ..kernels import activations
 from ..kernels.torch_backend import acc_dtype, channel_view
-from ..modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, check_layout
+from ..core.modules import TORCH_CLASSES, Family, _BatchNorm, check_layout
+from ..core.tree import replace_modules
 from ._act_autograd import OutputSavingBNAct
-from ._common import fill_doc
-from .act import DEFAULT_ALPHA, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, _BatchNormAct
+from .act import DEFAULT_ALPHA, _BatchNormAct
 
 _DOC = r"""Batch Normalization with fixed statistics and affine parameters over a {dims}
     input (detectron2's and torchvision's FrozenBatchNorm2d, in 1d/2d/3d):
@@ -52,16 +52,16 @@ _DOC = r"""Batch Normalization with fixed statistics and affine parameters over 
     Example::
 
         >>> import torch, batchnorm
-        >>> frozen = batchnorm.{name}.from_batchnorm(batchnorm.BatchNorm{d}({example_c}))
+        >>> frozen = batchnorm.{name}.from_batchnorm(batchnorm.{plain}({example_c}))
         >>> y = frozen(torch.randn({example_shape}))
     """
 
 
-class _FrozenBatchNorm(nn.Module):
+class _FrozenBatchNorm(Family, nn.Module):
     """Shared body of FrozenBatchNorm1d/2d/3d."""
 
-    _expected_dims: tuple[int, ...] = ()
-    _shape_text = ""
+    _doc = _DOC
+
 
     def __init__(
         self, num_features: int, eps: float = 1e-5, device=None, dtype=None, *,
@@ -119,39 +119,15 @@ class _FrozenBatchNorm(nn.Module):
         return activations.apply(y, self.act, self.alpha).to(input.dtype)
 
 
-def _doc(name: str, d: str, dims: tuple[int, ...], c: str, shape: str) -> str:
-    return fill_doc(_DOC, name, dims, c, shape, d=d)
-
-
-class FrozenBatchNorm1d(_FrozenBatchNorm):
-    _expected_dims = (2, 3)
-    _shape_text = "(N, C) or (N, C, L)"
-    __doc__ = _doc("FrozenBatchNorm1d", "1d", _expected_dims, "100", "20, 100")
-
-
-class FrozenBatchNorm2d(_FrozenBatchNorm):
-    _expected_dims = (4,)
-    _shape_text = "(N, C, H, W)"
-    __doc__ = _doc("FrozenBatchNorm2d", "2d", _expected_dims, "16", "8, 16, 32, 32")
-
-
-class FrozenBatchNorm3d(_FrozenBatchNorm):
-    _expected_dims = (5,)
-    _shape_text = "(N, C, D, H, W)"
-    __doc__ = _doc("FrozenBatchNorm3d", "3d", _expected_dims, "16", "4, 16, 8, 8, 8")
-
-
-_FROZEN = {(2, 3): FrozenBatchNorm1d, (4,): FrozenBatchNorm2d, (5,): FrozenBatchNorm3d}
-_TORCH_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
-_PLAIN = {(2, 3): BatchNorm1d, (4,): BatchNorm2d, (5,): BatchNorm3d}
-_ACT = {(2, 3): BatchNormAct1d, (4,): BatchNormAct2d, (5,): BatchNormAct3d}
-
-
-def _dims_of(m: nn.Module) -> tuple[int, ...] | None:
-    """The input ranks of a BatchNorm-like layer, or None for anything else."""
+class FrozenBatchNorm1d(_FrozenBatchNorm, dims="1d", example=("100", "20, 100")): ...
+class FrozenBatchNorm2d(_FrozenBatchNorm, dims="2d", example=("16", "8, 16, 32, 32")): ...
+class FrozenBatchNorm3d(_FrozenBatchNorm, dims="3d", example=("16", "4, 16, 8, 8, 8")): ...
+def _dims_of(m: nn.Module) -> str | None:
+    """The row of ``DIMS`` of a BatchNorm-like layer ("1d", "2d", "3d"), or None for
+    anything else."""
     if isinstance(m, _BatchNorm):
-        return m._expected_dims
-    for cls, dims in _TORCH_DIMS.items():
+        return m._dims_key if m._dims_key != "nd" else None
+    for dims, cls in TORCH_CLASSES.items():
         if isinstance(m, cls):
             return dims
     return None
@@ -166,7 +142,7 @@ def _freeze_one(m: nn.Module, cls: type[_FrozenBatchNorm] | None = None) -> _Fro
         )
     act = (m.act, m.alpha) if isinstance(m, _BatchNormAct) else ("identity", None)
     ref = m.running_mean
-    frozen = (cls or _FROZEN[dims])(
+    frozen = (cls or _FrozenBatchNorm.sized(dims))(
         m.num_features, m.eps, device=ref.device, dtype=ref.dtype, act=act[0], alpha=act[1]
     )
     with torch.no_grad():
@@ -192,8 +168,6 @@ def freeze(model: nn.Module) -> nn.Module:
     The frozen layers hold *copies* as buffers: an optimizer built before ``freeze``
     still holds the old parameters; build it after. Returns the model (the frozen layer
     when ``model`` itself is a BatchNorm)."""
-    from ..convert import replace_modules  # convert imports this module at its end
-
     def swap(m: nn.Module) -> nn.Module | None:
         if _dims_of(m) is None or getattr(m, "running_mean", None) is None:
             return None
@@ -208,17 +182,17 @@ def unfreeze(model: nn.Module) -> nn.Module:
     with the same statistics, ``weight`` and ``bias`` as new Parameters, momentum 0.1 and
     the frozen layer's train flag. (A frozen BatchRenorm/Ghost/Masked layer comes back as
     plain BatchNorm: freezing kept only what eval mode uses.)"""
-    from ..convert import replace_modules
-
     def swap(m: nn.Module) -> nn.Module | None:
         if not isinstance(m, _FrozenBatchNorm):
             return None
         ref = m.running_mean
         kw = dict(device=ref.device, dtype=ref.dtype)
         if m.act == "identity":
-            bn = _PLAIN[m._expected_dims](m.num_features, m.eps, **kw)
+            bn = _BatchNorm.sized(m._dims_key)(m.num_features, m.eps, **kw)
         else:
-            bn = _ACT[m._expected_dims](m.num_features, m.eps, act=m.act, alpha=m.alpha, **kw)
+            bn = _BatchNormAct.sized(m._dims_key)(
+                m.num_features, m.eps, act=m.act, alpha=m.alpha, **kw
+            )
         bn.load_state_dict(m.state_dict())
         return bn.train(m.training)
 

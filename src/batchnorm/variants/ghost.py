@@ -12,11 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import stats
-from ..autograd import train_forward
-from ..functional import eval_normalize
-from ..modules import _BatchNorm
-from ._common import fill_doc, statistics_mode
+from ..core import plan, stats
+from ..core.modules import RUNNING, UPDATE, _BatchNorm
 
 _DOC = r"""Ghost Batch Normalization over a {dims} input, as described in `Train longer,
     generalize better: closing the generalization gap in large batch training of neural
@@ -66,50 +63,33 @@ _DOC = r"""Ghost Batch Normalization over a {dims} input, as described in `Train
 class _GhostBatchNorm(_BatchNorm):
     """Shared body of GhostBatchNorm1d/2d/3d."""
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        virtual_batch_size: int = 32,
-        bias: bool = True,
-        single_value: str = "error",
-    ) -> None:
+    _doc = _DOC
+
+    def __init__(self, *args, virtual_batch_size: int = 32, **kwargs) -> None:
         if int(virtual_batch_size) != virtual_batch_size or virtual_batch_size < 1:
             raise ValueError(f"virtual_batch_size must be an integer >= 1, got {virtual_batch_size}")
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype,
-            bias=bias, single_value=single_value,
-        )
+        super().__init__(*args, **kwargs)
         self.virtual_batch_size = int(virtual_batch_size)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
     def forward(self, input: Tensor) -> Tensor:
-        mode = statistics_mode(self, input)
-        if mode == "running":
-            return eval_normalize(
+        mode = self.statistics(input)
+        if mode == RUNNING:
+            return plan.evaluate(
                 input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
         chunks = sub_batches(input, self.virtual_batch_size)
         if len(chunks) == 1:  # one sub-batch is plain BN: its rule, and its very numbers
-            return self.normalise_batch(
-                input, self.weight, self.bias, input.numel() // input.shape[1],
-                mode == "batch_update",
-            )
+            return self.normalize_batch(input, self.weight, self.bias, mode)
         outputs, parts = [], []
         for chunk in chunks:
-            y, mean, invstd = train_forward(chunk, self.weight, self.bias, self.eps)
+            y, mean, invstd = plan.train(chunk, self.weight, self.bias, self.eps)
             outputs.append(y)
             count = torch.full_like(mean, chunk.numel() // chunk.shape[1])
             parts.append(stats.Moments(count, mean, stats.var_from_invstd(invstd, self.eps) * count))
-        if mode == "batch_update":
+        if mode == UPDATE:
             total = stats.merge_all(parts)
             stats.update_running(
                 self.running_mean, self.running_var, total.mean, total.var,
@@ -137,23 +117,6 @@ def sub_batches(input: Tensor, virtual_batch_size: int) -> list[Tensor]:
     return [input[a:b] for a, b in zip(starts, ends)]
 
 
-def _doc(name: str, dims: tuple[int, ...], c: str, shape: str) -> str:
-    return fill_doc(_DOC, name, dims, c, shape)
-
-
-class GhostBatchNorm1d(_GhostBatchNorm):
-    _expected_dims = (2, 3)
-    _shape_text = "(N, C) or (N, C, L)"
-    __doc__ = _doc("GhostBatchNorm1d", _expected_dims, "100", "64, 100")
-
-
-class GhostBatchNorm2d(_GhostBatchNorm):
-    _expected_dims = (4,)
-    _shape_text = "(N, C, H, W)"
-    __doc__ = _doc("GhostBatchNorm2d", _expected_dims, "16", "16, 16, 8, 8")
-
-
-class GhostBatchNorm3d(_GhostBatchNorm):
-    _expected_dims = (5,)
-    _shape_text = "(N, C, D, H, W)"
-    __doc__ = _doc("GhostBatchNorm3d", _expected_dims, "16", "8, 16, 4, 4, 4")
+class GhostBatchNorm1d(_GhostBatchNorm, dims="1d", example=("100", "64, 100")): ...
+class GhostBatchNorm2d(_GhostBatchNorm, dims="2d", example=("16", "16, 16, 8, 8")): ...
+class GhostBatchNorm3d(_GhostBatchNorm, dims="3d", example=("16", "8, 16, 4, 4, 4")): ...

@@ -15,10 +15,8 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from .. import stats
-from ..functional import eval_normalize
-from ..modules import _BatchNorm
-from ._common import fill_doc, statistics_mode
+from ..core import plan, stats
+from ..core.modules import RECOMPUTE, RUNNING, UPDATE, _BatchNorm
 
 _DOC = r"""Batch Renormalization over a {dims} input, as described in `Batch
     Renormalization: Towards Reducing Minibatch Dependence in Batch-Normalized Models
@@ -81,37 +79,24 @@ _DOC = r"""Batch Renormalization over a {dims} input, as described in `Batch
 class _BatchRenorm(_BatchNorm):
     """Shared body of BatchRenorm1d/2d/3d."""
 
+    _doc = _DOC
+
     def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        r_max: float = 3.0,
-        d_max: float = 5.0,
-        warmup_steps: int = 5000,
-        bias: bool = True,
-        single_value: str = "error",
+        self, *args, r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 5000,
+        **kwargs,
     ) -> None:
         if not r_max >= 1:
             raise ValueError(f"r_max must be >= 1 (r is clipped to [1/r_max, r_max]), got {r_max}")
         if not d_max >= 0:
             raise ValueError(f"d_max must be >= 0 (d is clipped to [-d_max, d_max]), got {d_max}")
-        if not track_running_stats:
+        if int(warmup_steps) != warmup_steps or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps}")
+        super().__init__(*args, **kwargs)
+        if not self.track_running_stats:
             raise ValueError(
                 "BatchRenorm needs running statistics (its correction is defined against "
                 "them): track_running_stats must be True"
             )
-        if int(warmup_steps) != warmup_steps or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps}")
-        super().__init__(
-            num_features, eps, momentum, affine, True, device, dtype,
-            bias=bias, single_value=single_value,
-        )
         self.r_max = float(r_max)
         self.d_max = float(d_max)
         self.warmup_steps = int(warmup_steps)
@@ -132,23 +117,21 @@ class _BatchRenorm(_BatchNorm):
         return 1.0 + (self.r_max - 1.0) * t, self.d_max * t
 
     def forward(self, input: Tensor) -> Tensor:
-        mode = statistics_mode(self, input)
-        if mode == "running":
-            return eval_normalize(
+        mode = self.statistics(input)
+        if mode == RUNNING:
+            return plan.evaluate(
                 input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
         with torch.no_grad():
-            r, d = self._factors(input, mode == "batch_update")
+            r, d = self._factors(input, mode)
         weight = r if self.weight is None else self.weight * r.to(self.weight.dtype)
         bias = d if self.weight is None else self.weight * d.to(self.weight.dtype)
         if self.bias is not None:
             bias = self.bias + bias
         # r and d were taken from the running buffers above, before this updates them
-        return self.normalise_batch(
-            input, weight, bias, input.numel() // input.shape[1], mode == "batch_update"
-        )
+        return self.normalize_batch(input, weight, bias, mode)
 
-    def _factors(self, input: Tensor, update: bool) -> tuple[Tensor, Tensor]:
+    def _factors(self, input: Tensor, mode: str) -> tuple[Tensor, Tensor]:
         """(r, d) against the running statistics before this batch's update.
 
         An activation-checkpoint recomputation runs after the original forward has updated
@@ -158,14 +141,14 @@ class _BatchRenorm(_BatchNorm):
         forwards are kept, so a layer applied to several inputs before one backward
         (shared weights) finds each of its inputs."""
         key = _key(input)
-        if key is not None and self._recomputing() and key in self._recent:
+        if key is not None and mode == RECOMPUTE and key in self._recent:
             return self._recent[key]
         batch = stats.moments(input)
         r, d = renorm_factors(
             batch.mean, batch.var, self.running_mean, self.running_var, self.eps,
             *self.limits(),
         )
-        if update and key is not None:
+        if mode == UPDATE and key is not None:
             self._recent[key] = (r, d)
             self._recent.move_to_end(key)
             while len(self._recent) > RECENT:
@@ -202,23 +185,6 @@ def renorm_factors(
     return r, d
 
 
-def _doc(name: str, dims: tuple[int, ...], c: str, shape: str) -> str:
-    return fill_doc(_DOC, name, dims, c, shape)
-
-
-class BatchRenorm1d(_BatchRenorm):
-    _expected_dims = (2, 3)
-    _shape_text = "(N, C) or (N, C, L)"
-    __doc__ = _doc("BatchRenorm1d", _expected_dims, "100", "20, 100")
-
-
-class BatchRenorm2d(_BatchRenorm):
-    _expected_dims = (4,)
-    _shape_text = "(N, C, H, W)"
-    __doc__ = _doc("BatchRenorm2d", _expected_dims, "16", "8, 16, 32, 32")
-
-
-class BatchRenorm3d(_BatchRenorm):
-    _expected_dims = (5,)
-    _shape_text = "(N, C, D, H, W)"
-    __doc__ = _doc("BatchRenorm3d", _expected_dims, "16", "4, 16, 8, 8, 8")
+class BatchRenorm1d(_BatchRenorm, dims="1d", example=("100", "20, 100")): ...
+class BatchRenorm2d(_BatchRenorm, dims="2d", example=("16", "8, 16, 32, 32")): ...
+class BatchRenorm3d(_BatchRenorm, dims="3d", example=("16", "4, 16, 8, 8, 8")): ...

@@ -1,12 +1,11 @@
 """A layer's running buffers set aside before ATen updates them in place, and put back if
-the update was not finite: the non-finite guard of the ATen path at about a microsecond
-per training step.
+the update was not finite: the non-finite guard of the ATen path (what it saves over a
+torch copy and check: benchmarks/README.md).
 
 ATen's training kernel blends the batch into ``running_mean``/``running_var`` itself (so
 the buffers are torch.nn's bit for bit). A non-finite batch must leave them untouched, so
-the layer keeps their values before the call and restores them afterwards if needed. With
-torch ops that is a ``torch.cat`` and a finiteness check on the batch statistics, about
-5 us per step, a tenth of a small BN step. Here numpy views of the buffers are made once
+the layer keeps their values before the call and restores them afterwards if needed
+(``batchnorm.core.stats.set_aside``; a ``torch.cat`` copy where this cannot). Here numpy views of the buffers are made once
 per layer and kept (re-made when a buffer is replaced or moves, e.g. ``.to()`` or
 ``share_memory_()``), the copy and the check (which also counts the batch in
 ``num_batches_tracked``) are one compiled call each, and the check reads the updated
@@ -74,8 +73,8 @@ class RunningBackup:
     buffers are finite and the counter went up by one), ``restore()`` if it said False.
 
     ``counter`` is ``num_batches_tracked`` (or None): counted here, through its numpy view
-    (a torch ``add_`` costs another 1.5 us; its version counter, which nothing saves for
-    backward, is left as it is). One per layer (``batchnorm.BatchNorm*d`` keep one); it
+    (cheaper than a torch ``add_``; its version counter, which nothing saves for backward,
+    is left as it is). One per layer (``batchnorm.BatchNorm*d`` keep one); it
     holds views of the last buffers it saved, so copies of a layer (``copy.deepcopy``,
     pickling) start with a fresh one.
     """

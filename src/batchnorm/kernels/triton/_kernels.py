@@ -24,7 +24,8 @@ Statistics are float32 and robust to a large mean: each tile contributes its cou
 mean and its centred sum of squares M2 = sum((x - mean_tile)^2), and tiles are combined
 with Chan et al.'s exact pairwise formula (no E[x^2] - E[x]^2 cancellation).
 
-Activation codes (``ACT``): 0 identity, 1 relu, 2 leaky_relu, 3 elu, 4 silu, 5 gelu (erf).
+Activation codes (``ACT``): ``activations.CODES``, 0 identity, 1 relu, 2 leaky_relu,
+3 silu, 4 gelu (erf), 5 elu.
 """
 
 from __future__ import annotations
@@ -47,11 +48,11 @@ def _act(y, alpha, ACT: tl.constexpr):
     elif ACT == 2:
         z = tl.where(y >= 0, y, y * alpha)
     elif ACT == 3:
-        z = tl.where(y > 0, y, alpha * (tl.exp(tl.minimum(y, 0.0)) - 1.0))
-    elif ACT == 4:
         z = y * tl.sigmoid(y)
-    elif ACT == 5:
+    elif ACT == 4:
         z = 0.5 * y * (1.0 + tl.erf(y * _SQRT1_2))
+    elif ACT == 5:
+        z = tl.where(y > 0, y, alpha * (tl.exp(tl.minimum(y, 0.0)) - 1.0))
     return z
 
 
@@ -61,7 +62,7 @@ def _act_inverse(z, alpha, ACT: tl.constexpr):
     y = z
     if ACT == 2:
         y = tl.where(z >= 0, z, z / alpha)
-    elif ACT == 3:
+    elif ACT == 5:
         # clamp at activations.ELU_FLOOR = -1 + 2^-23 (saturated elu: see activations.py)
         y = tl.where(z > 0, z, tl.log(1.0 + tl.maximum(tl.minimum(z, 0.0) / alpha, -1.0 + 1.1920928955078125e-07)))
     return y
@@ -73,7 +74,7 @@ def _act_grad_from_output(z, alpha, ACT: tl.constexpr):
     g = tl.full(z.shape, 1.0, tl.float32)
     if ACT == 2:
         g = tl.where(z >= 0, 1.0, alpha + 0.0 * z)
-    elif ACT == 3:
+    elif ACT == 5:
         g = tl.where(z > 0, 1.0, z + alpha)
     return g
 

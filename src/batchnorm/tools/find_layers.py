@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from . import modules, stats
-from .stats import Moments
+from ..core import modules, stats
+from ..core.stats import Moments
 
 
 def is_batchnorm(m: nn.Module) -> bool:

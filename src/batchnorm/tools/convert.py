@@ -7,13 +7,13 @@ swap keeps working and the state_dict is unchanged) and the train/eval flag.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import nn
 
-from . import modules
-from .variants.export import variant_to_torch
-from .variants.frozen import freeze, unfreeze
+from ..core import modules
+from ..core.tree import bn_args as _bn_args
+from ..core.tree import replace_modules, transplant
+from ..variants.export import variant_to_torch
+from ..variants.frozen import freeze, unfreeze
 
 __all__ = [
     "replace_modules", "transplant", "from_torch", "to_torch", "freeze", "unfreeze",
@@ -26,36 +26,6 @@ _TORCH_TO_OURS: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm3d: modules.BatchNorm3d,
 }
 _OURS_TO_TORCH = {ours: theirs for theirs, ours in _TORCH_TO_OURS.items()}
-
-
-def replace_modules(model: nn.Module, swap: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
-    """Return ``model`` with every submodule ``m`` for which ``swap(m)`` is not None
-    replaced by that result (the model itself too). Children are swapped in place."""
-    new = swap(model)
-    if new is not None:
-        return new
-    for name, child in model.named_children():
-        replaced = replace_modules(child, swap)
-        if replaced is not child:
-            setattr(model, name, replaced)
-    return model
-
-
-def transplant(old: nn.Module, new: nn.Module) -> nn.Module:
-    """Move ``old``'s parameters and buffers (the same tensors) and train flag onto ``new``."""
-    for name, param in old.named_parameters(recurse=False):
-        setattr(new, name, param)
-    for name, buf in old.named_buffers(recurse=False):
-        new._buffers[name] = buf
-    return new.train(old.training)
-
-
-def _bn_args(m: nn.Module) -> dict:
-    return dict(
-        num_features=m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
-        track_running_stats=m.track_running_stats, bias=getattr(m, "bias", None) is not None
-        or not m.affine,
-    )
 
 
 def _swap_with(table: dict[type[nn.Module], type[nn.Module]]):
@@ -92,4 +62,4 @@ def to_torch(model: nn.Module) -> nn.Module:
 
 
 # Sync conversion lives with SyncBatchNorm; re-exported here with the other converters.
-from .distributed import convert_sync_batchnorm  # noqa: E402
+from ..distributed import convert_sync_batchnorm  # noqa: E402

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.autograd import Variable
 
-from . import modules, stats
-from .layers import InputMoments, batchnorm_layers, empty_moments, tracks_running_stats
-from .modules import in_backward
+from ..core import modules, stats
+from .find_layers import InputMoments, batchnorm_layers, empty_moments, tracks_running_stats
+from ..core.modules import in_backward
 
 
 class GuardHandle:
@@ -152,7 +152,7 @@ def accumulate(model: nn.Module) -> Iterator[None]:
     for name, m in layers:
         total = recorder.moments.get(name)
         if _synchronised(m):
-            from .distributed import all_reduce_moments
+            from ..distributed import all_reduce_moments
 
             total = all_reduce_moments(total or empty_moments(m), m.process_group)
         if total is None or float(total.count[0]) == 0:

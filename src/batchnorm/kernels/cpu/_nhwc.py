@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from . import _cpu_act as A
+from . import _act as A
 
 
 @njit(error_model="numpy", cache=True, inline="always")

@@ -20,9 +20,9 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from . import _cpu_act as A
-from . import _cpu_loops as L
-from . import _cpu_params as P
+from . import _act as A
+from . import _loops as L
+from . import _params as P
 
 #: Channel blocks of the unfused element kernels: a few per thread, for balance.
 BLOCK_TASKS = 8

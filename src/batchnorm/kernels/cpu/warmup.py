@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from . import cpu_backend as cpu
-from . import cpu_backup
+from . import backend as cpu
+from . import backup as cpu_backup
 
 #: (label, shape) of the inputs: many channels -> fused kernels; few channels with long
 #: rows -> channels cut into parts (``cpu_backend._parts``); 2-d -> channels-last rows.

@@ -33,8 +33,8 @@ from typing import NamedTuple
 import torch
 from torch import fx, nn
 
-from .layers import is_batchnorm
-from .variants import FROZEN
+from .find_layers import is_batchnorm
+from ..variants import FROZEN
 
 FOLDABLE = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d,

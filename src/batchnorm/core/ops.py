@@ -7,8 +7,8 @@ Every op dispatches at run time to the fastest backend that applies (see
 ``batchnorm.kernels``).
 
 The public names (``forward_train``, ``backward``, ...) call the kernels directly in eager
-mode: the custom-op dispatcher costs tens of microseconds per call and its first call
-imports ``torch._dynamo`` (seconds). While ``torch.compile`` traces, or under any dispatch
+mode (the custom-op dispatcher's cost per call, and its first call's import of
+``torch._dynamo``: benchmarks/README.md). While ``torch.compile`` traces, or under any dispatch
 mode (fake tensors, ``make_fx``), they go through the registered custom op instead, so the
 graph records an opaque node."""
 
@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import kernels
-from .kernels.torch_backend import acc_dtype
+from .. import kernels
+from ..kernels.torch_backend import acc_dtype
 
 
 def _stat(x: Tensor) -> Tensor:

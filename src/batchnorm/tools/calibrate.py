@@ -23,17 +23,16 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-
 from . import _data
-from .layers import InputMoments, batchnorm_layers, empty_moments, tracks_running_stats
-from .stats import Moments
+from .find_layers import InputMoments, batchnorm_layers, empty_moments, tracks_running_stats
+from ..core.stats import Moments
 
 
 def _all_reduce(parts: list[Moments]) -> list[Moments]:
     """Pool every layer's moments across ranks when torch.distributed is running."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return parts
-    from .distributed import all_reduce_moments
+    from ..distributed import all_reduce_moments
 
     return [all_reduce_moments(p) for p in parts]
 

@@ -25,16 +25,18 @@ import torch
 import triton
 from torch import Tensor
 
-from . import _triton_kernels as kern
-from . import activations
+from . import _kernels as kern
+from .. import activations, torch_backend
 
 name = "triton"
+OPS = torch_backend.OPS - {"backward_act_input"}
+records_autograd = False
+blends_running = False
 
 # The kernels were built for Triton's CPU interpreter (decided when triton.jit ran).
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_ACT_CODE = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "silu": 4, "gelu": 5}
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,7 @@ def _normalize(
     kern.normalize_kernel[grid](
         x, y, mean.contiguous(), invstd.contiguous(), _vec(weight, mean), _vec(bias, mean),
         rows, cols, g.C, float(alpha),
-        HAS_W=weight is not None, HAS_B=bias is not None, ACT=_ACT_CODE[act], **meta,
+        HAS_W=weight is not None, HAS_B=bias is not None, ACT=activations.CODES[act], **meta,
     )
     return y
 
@@ -225,7 +227,7 @@ def _grad_sums(
         g_in, v, _vec(center, part_g), part_g, part_gu,
         geom.N, geom.C, geom.S, plan.programs, plan.tiles_per_prog, plan.n_tiles,
         plan.n_col_tiles, float(alpha),
-        FROM_OUTPUT=from_output, HAS_CENTER=center is not None, ACT=_ACT_CODE[act],
+        FROM_OUTPUT=from_output, HAS_CENTER=center is not None, ACT=activations.CODES[act],
         CL=geom.cl, BLOCK_R=plan.block_r, BLOCK_K=plan.block_k, num_warps=t.num_warps,
     )
     sum_dy, sum_dy_xhat = (torch.empty(geom.C, **f32) for _ in range(2))
@@ -253,7 +255,7 @@ def _grad_elemt(
         sum_dy.contiguous(), sum_dy_xhat.contiguous(), rows, cols, geom.C,
         1.0 / float(count), float(alpha),
         TRAINING=sums is not None, FROM_OUTPUT=from_output, HAS_W=weight is not None,
-        HAS_CENTER=center is not None, ACT=_ACT_CODE[act], **meta,
+        HAS_CENTER=center is not None, ACT=activations.CODES[act], **meta,
     )
     return dx
 
@@ -269,6 +271,15 @@ def supports(x: Tensor) -> bool:
         on_device and x.dtype in _DTYPES and x.dim() >= 2 and x.numel() > 0
         and _channels_last(x) is not None
     )
+
+
+def prefers(op: str, x: Tensor) -> bool:
+    """``auto`` takes these kernels wherever they run."""
+    return supports(x)
+
+
+def accepts_running(x: Tensor, running_mean: Tensor, running_var: Tensor) -> bool:
+    return False
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-
 from . import _data
 from .calibrate import recalibrate
-from .layers import batchnorm_layers
+from .find_layers import batchnorm_layers
 
 METHODS = ("adabn", "tent")
 

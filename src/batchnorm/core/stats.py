@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import kernels
+from .. import kernels
 
 
 class Moments(NamedTuple):
@@ -72,43 +72,113 @@ def var_from_invstd(invstd: Tensor, eps: float) -> Tensor:
     return invstd.to(torch.float64, copy=True).pow_(-2).sub_(eps).clamp(min=0).to(invstd.dtype)
 
 
+class _Copy:
+    """The running buffers' values kept aside in one tensor (``torch.cat``: one op), for
+    buffers a layer's ``RunningBackup`` cannot view; the same ``commit``/``restore`` as it."""
+
+    __slots__ = ("buffers", "saved")
+
+    def __init__(self, running_mean: Tensor, running_var: Tensor) -> None:
+        self.buffers = running_mean, running_var
+        self.saved = torch.cat((running_mean, running_var))
+
+    def commit(self) -> bool:
+        return False  # no fast verdict: the batch statistics decide
+
+    def restore(self) -> None:
+        running_mean, running_var = self.buffers
+        running_mean.copy_(self.saved[: running_mean.numel()])
+        running_var.copy_(self.saved[running_mean.numel():])
+
+
+def set_aside(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None,
+              backup=None):
+    """Keep the running buffers' values before a kernel blends the batch into them
+    (``update_running(..., aside=)`` then keeps the blend or puts them back): in the
+    layer's ``kernels.cpu_backup.RunningBackup`` where it can view them, else a copy."""
+    if backup is not None and backup.save(running_mean, running_var, num_batches_tracked):
+        return backup
+    return _Copy(running_mean, running_var)
+
+
 @torch.no_grad()
 def update_running(
     running_mean: Tensor,
     running_var: Tensor,
     mean: Tensor,
-    var: Tensor,
+    var: Tensor | None,
     count: float,
     momentum: float | None,
     num_batches_tracked: Tensor | None = None,
-    warn: bool = True,
-) -> None:
-    """Fold one batch's statistics into the running buffers, in place.
+    *,
+    invstd: Tensor | None = None,
+    eps: float = 0.0,
+    aside=None,
+    inplace: bool = True,
+) -> tuple[Tensor, Tensor] | None:
+    """Fold one batch's statistics into the running buffers: the one guarded update of
+    every module, variant, SyncBatchNorm and functional form.
 
     PyTorch's convention: ``momentum`` weights the NEW batch,
     ``running = (1 - momentum) * running + momentum * stat``; ``momentum=None`` is the
     cumulative average (factor ``1 / num_batches_tracked`` after the increment). The
-    stored variance is the unbiased one, ``var * count / (count - 1)``.
+    stored variance is the unbiased one, ``var * count / (count - 1)``. The batch comes
+    as its biased ``var``, or as ``invstd = 1/sqrt(var + eps)`` (what the kernels return;
+    ``var=None``).
 
     Guard: if any batch statistic is non-finite (NaN/Inf input, fp16 overflow) nothing is
     updated, ``num_batches_tracked`` included, and a warning names the channels. In eager
-    mode one host read decides; under ``torch.compile`` the update uses ``torch.where``
-    (no host read, no warning) instead.
+    mode one host read decides; while torch.compile traces, ``torch.where`` keeps the old
+    values (no host read, no warning).
+
+    ``aside`` (from ``set_aside``): the kernel has blended the batch into the buffers
+    already (ATen's, for torch.nn's numbers bit for bit); the blend is kept if finite
+    (and counted), else the buffers are put back. ``inplace=False``: nothing is written;
+    returns the new ``(running_mean, running_var)`` (for ``batch_norm_stateless``, under
+    torch.func transforms: no host read, no warning, ``num_batches_tracked`` unused).
     """
-    unbiased = var * (count / (count - 1)) if count > 1 else var
-    if torch.compiler.is_compiling():
-        _update_traceable(running_mean, running_var, mean, unbiased, momentum, num_batches_tracked)
-        return
+    if aside is not None:
+        # Finite buffers after the blend imply a finite batch (``commit`` then counts it).
+        # Otherwise ask the batch: buffers that were not finite before, or a blend that
+        # overflowed, let a finite batch pass.
+        if aside.commit():
+            return None
+        if finite_batch(mean, invstd, eps):
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+        else:
+            aside.restore()
+            warn_not_finite(mean, var_from_invstd(invstd, eps), stacklevel=4)
+        return None
+    correction = count / (count - 1) if count > 1 else 1.0
+    if not inplace or torch.compiler.is_compiling():
+        if var is None:
+            var = var_from_invstd(invstd, eps)
+        return _update_traceable(running_mean, running_var, mean, var * correction, momentum,
+                                 num_batches_tracked, inplace)
+    if invstd is not None and kernels.get_backend() in ("auto", "cpu"):
+        # CPU buffers: the variance recovery, the check and both blends in one compiled
+        # call instead of a dozen small torch operations
+        cpu = kernels.load("cpu")
+        applied = None if cpu is None else cpu.update_running(
+            running_mean, running_var, mean, invstd, eps, correction,
+            blend_factor(momentum, num_batches_tracked, pending=1),
+        )
+        if applied:
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)  # an integer buffer: autograd never records it
+            return None
+    unbiased = (var_from_invstd(invstd, eps) if var is None else var) * correction
     # Eager: one host read decides (a float64 sum is non-finite iff some statistic is).
-    ok = math.isfinite(float(mean.sum(dtype=torch.float64) + unbiased.sum(dtype=torch.float64)))
-    if ok:
+    if math.isfinite(float(mean.sum(dtype=torch.float64) + unbiased.sum(dtype=torch.float64))):
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         factor = blend_factor(momentum, num_batches_tracked)
         running_mean.lerp_(mean.to(running_mean.dtype), factor)
         running_var.lerp_(unbiased.to(running_var.dtype), factor)
-    elif warn:
+    else:
         warn_not_finite(mean, unbiased, stacklevel=4)
+    return None
 
 
 def warn_not_finite(mean: Tensor, var: Tensor, stacklevel: int = 3) -> None:
@@ -122,35 +192,6 @@ def warn_not_finite(mean: Tensor, var: Tensor, stacklevel: int = 3) -> None:
         RuntimeWarning,
         stacklevel=stacklevel,
     )
-
-
-def update_running_from_invstd(
-    running_mean: Tensor,
-    running_var: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    eps: float,
-    count: float,
-    momentum: float | None,
-    num_batches_tracked: Tensor | None = None,
-) -> None:
-    """``update_running`` given the batch's ``invstd = 1/sqrt(var + eps)`` (what the
-    kernels return) instead of its variance. On CPU buffers the CPU kernels do the whole
-    update (variance recovery, finiteness check, both blends) in one compiled call instead
-    of a dozen small torch operations; a non-finite batch, other devices and dtypes, and
-    tracing take ``update_running`` itself."""
-    cpu = None
-    if not torch.compiler.is_compiling() and kernels.get_backend() in ("auto", "cpu"):
-        cpu = kernels.load("cpu")
-    if cpu is not None:
-        correction = count / (count - 1) if count > 1 else 1.0
-        factor = blend_factor(momentum, num_batches_tracked, pending=1)
-        if cpu.update_running(running_mean, running_var, mean, invstd, eps, correction, factor):
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)  # an integer buffer: autograd never records it
-            return
-    update_running(running_mean, running_var, mean, var_from_invstd(invstd, eps), count,
-                   momentum, num_batches_tracked, warn=True)
 
 
 def finite_batch(mean: Tensor, invstd: Tensor, eps: float) -> bool:
@@ -185,11 +226,12 @@ def _update_traceable(
     unbiased: Tensor,
     momentum: float | None,
     num_batches_tracked: Tensor | None,
-) -> None:
-    """The same update without host reads (for torch.compile): torch.where keeps the old
-    values when a statistic is not finite."""
+    inplace: bool,
+) -> tuple[Tensor, Tensor] | None:
+    """The update without host reads (torch.compile, torch.func): ``torch.where`` keeps
+    the old values when a statistic is not finite."""
     ok = (torch.isfinite(mean) & torch.isfinite(unbiased)).all()
-    if num_batches_tracked is not None:
+    if num_batches_tracked is not None and inplace:
         num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
     if momentum is None:
         if num_batches_tracked is None:
@@ -198,5 +240,10 @@ def _update_traceable(
     else:
         factor = torch.tensor(momentum, dtype=running_mean.dtype, device=running_mean.device)
     factor = torch.where(ok, factor, torch.zeros_like(factor))
-    running_mean.lerp_(torch.where(ok, mean.to(running_mean.dtype), running_mean), factor)
-    running_var.lerp_(torch.where(ok, unbiased.to(running_var.dtype), running_var), factor)
+    new_mean = torch.where(ok, mean.to(running_mean.dtype), running_mean)
+    new_var = torch.where(ok, unbiased.to(running_var.dtype), running_var)
+    if not inplace:
+        return running_mean.lerp(new_mean, factor), running_var.lerp(new_var, factor)
+    running_mean.lerp_(new_mean, factor)
+    running_var.lerp_(new_var, factor)
+    return None

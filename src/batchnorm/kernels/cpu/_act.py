@@ -1,7 +1,8 @@
 """Scalar activations for the numba kernels (compiled inline into their element loops).
 
-``act``: the piecewise linear activations 0 identity, 1 relu, 2 leaky_relu, computed in
-the forward loops. ``smooth_grad``: the derivatives of 3 silu and 4 gelu (exact,
+``act``: the piecewise linear activations identity, relu, leaky_relu (codes of
+``activations.CODES``), computed in the forward loops. ``smooth_grad``: the derivatives of
+silu and gelu (exact,
 erf-based), for the fused input-saving backward only; their exp and erf come from
 ``_cpu_math`` (vectorisable in float32). Their forward stays BN's kernel followed by
 ATen's in-place activation: measured faster than a fused loop with these exp/erf, and it
@@ -18,11 +19,11 @@ import math
 
 from numba import njit
 
-from ._cpu_math import like, verf_from, vexp
+from ._math import like, verf_from, vexp
+from ..activations import CODES
 
-IDENTITY, RELU, LEAKY_RELU, SILU, GELU = 0, 1, 2, 3, 4
-CODES = {"identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU, "silu": SILU,
-         "gelu": GELU}
+IDENTITY, RELU, LEAKY_RELU = CODES["identity"], CODES["relu"], CODES["leaky_relu"]
+SILU, GELU = CODES["silu"], CODES["gelu"]
 #: 1/sqrt(2) and 1/sqrt(2 pi), of GELU's normal cdf and pdf.
 SQRT1_2 = 1.0 / math.sqrt(2.0)
 INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)

@@ -8,14 +8,48 @@ batches never reach, and fused kernels with an explicit closed-form backward.
 
 from __future__ import annotations
 
+import sys
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
-from . import kernels
-from .autograd import train_forward, train_forward_updating
-from .functional import eval_normalize
+from .. import kernels
+from . import functional, plan, stats
 
 SINGLE_VALUE_POLICIES = ("error", "use_running", "skip_update")
+
+#: What the statistics rule decides for a call (``_BatchNorm.statistics``).
+RUNNING = "running"  # normalise with the running estimates
+BATCH = "batch"  # batch statistics, no update
+UPDATE = "batch_update"  # batch statistics, folded into the running estimates
+RECOMPUTE = "recompute"  # batch statistics, an activation-checkpoint recomputation of UPDATE
+
+
+class Dims(NamedTuple):
+    """What a 1d/2d/3d class takes: input ranks, and the words of its docstring."""
+
+    expected: tuple[int, ...] | range
+    shape: str  # the input shape, e.g. "(N, C, H, W)"
+    rank: str  # e.g. "4D"
+    reduced: str  # the axes the statistics reduce over
+
+
+#: The one table of the 1d/2d/3d family: every BN class names its row (``dims="2d"``).
+DIMS = {
+    "1d": Dims((2, 3), "(N, C) or (N, C, L)", "2D or 3D", "N, and L if present"),
+    "2d": Dims((4,), "(N, C, H, W)", "4D", "N, H and W"),
+    "3d": Dims((5,), "(N, C, D, H, W)", "5D", "N, D, H and W"),
+    "nd": Dims(range(2, sys.maxsize), "(N, C, *)", "(N, C, *)", "every axis but C"),
+}
+#: torch.nn's class for each row of ``DIMS``.
+TORCH_CLASSES = {"1d": nn.BatchNorm1d, "2d": nn.BatchNorm2d, "3d": nn.BatchNorm3d}
+
+MOMENTUM_DOC = (
+    "``momentum`` is PyTorch's convention: the weight of the NEW batch, "
+    "``running = (1 - momentum) * running + momentum * batch_statistic`` (Keras/Flax's "
+    "0.99 decay is momentum 0.01 here; ``None`` is the cumulative average)."
+)
 
 
 def in_backward() -> bool:
@@ -26,11 +60,11 @@ def in_backward() -> bool:
 
 def check_layout(layer: nn.Module, input: Tensor) -> None:
     """The rank, channel-count and dtype checks of every BN-like layer: ``layer`` has
-    ``_expected_dims``, ``_shape_text`` and ``num_features``. (Runs on every call: the
+    ``_dims`` (a row of ``DIMS``) and ``num_features``. (Runs on every call: the
     messages are built only when raised.)"""
-    if input.dim() not in layer._expected_dims:
+    if input.dim() not in layer._dims.expected:
         raise ValueError(
-            f"{type(layer).__name__} expects {layer._shape_text} input, got a "
+            f"{type(layer).__name__} expects {layer._dims.shape} input, got a "
             f"{input.dim()}-D tensor of shape {tuple(input.shape)}"
         )
     if input.shape[1] != layer.num_features:
@@ -46,7 +80,7 @@ def check_layout(layer: nn.Module, input: Tensor) -> None:
         )
 
 
-_DOC = r"""Applies Batch Normalization over a {dims} input, as described in `Batch
+_DOC = r"""Applies Batch Normalization over a {rank} input, as described in `Batch
     Normalization: Accelerating Deep Network Training by Reducing Internal Covariate
     Shift <https://arxiv.org/abs/1502.03167>`__ (Ioffe & Szegedy, 2015).
 
@@ -103,12 +137,52 @@ _DOC = r"""Applies Batch Normalization over a {dims} input, as described in `Bat
     """
 
 
-class _BatchNorm(nn.Module):
-    """Parameters, buffers, checks and the statistics rule shared by BatchNorm1d/2d/3d."""
+class Family:
+    """A 1d/2d/3d class names its row of ``DIMS`` and the example of its docstring in its
+    class statement (``class BatchNorm2d(_BatchNorm, dims="2d", example=("16", "8, 16,
+    32, 32"))``); its docstring is its family's template (``_doc``) filled from them."""
+
+    _dims = DIMS["nd"]
+    _expected_dims: tuple[int, ...] | range = _dims.expected
+    _doc = ""
+
+    _dims_key = "nd"
+    _sizes: dict[str, type] = {}
+
+    @classmethod
+    def sized(cls, dims: str) -> type:
+        """The member of this family for row ``dims`` of ``DIMS`` (e.g. "2d")."""
+        return cls._sizes[dims]
+
+    def __init_subclass__(cls, dims: str | None = None, example: tuple = (), **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if dims is None:  # a family's base: its 1d/2d/3d members register here
+            cls._sizes = {}
+        else:
+            cls._sizes[dims] = cls
+            cls._dims_key, cls._dims = dims, DIMS[dims]
+            row = cls._dims
+            cls._expected_dims = row.expected
+            c, shape, *mask = example
+            cls.__doc__ = cls._doc.format(
+                rank=row.rank, dims=row.shape, shape=row.shape, reduced=row.reduced,
+                name=cls.__name__, example_c=c, example_shape=shape,
+                example_mask=mask[0] if mask else "", momentum=MOMENTUM_DOC,
+                plain=cls.__name__.replace("Masked", "").replace("Frozen", ""),
+            )
+
+
+class _BatchNorm(Family, nn.Module):
+    """Parameters, buffers, checks and the statistics rule shared by BatchNorm1d/2d/3d,
+    every variant and SyncBatchNorm: the one constructor (a variant adds keyword-only
+    options), and the one rule (``statistics``) that decides what a call normalises with."""
 
     _version = 2
-    _expected_dims: tuple[int, ...] = ()
-    _shape_text = ""
+    _doc = _DOC
+    #: A variant's statistics rule: ``batch_statistics(input) -> (mean, biased var)`` per
+    #: channel, differentiable torch operations. None (BatchNorm): the fused kernels
+    #: compute the batch's own statistics.
+    batch_statistics = None
 
     def __init__(
         self,
@@ -204,8 +278,8 @@ class _BatchNorm(nn.Module):
 
     def _tensors(self) -> tuple[Tensor | None, ...]:
         """(weight, bias, running_mean, running_var), read from the module's dicts: each
-        ``self.weight`` goes through ``nn.Module.__getattr__`` (about a microsecond, four
-        to six times per call). Attributes that moved out of the dicts (a parametrization
+        ``self.weight`` goes through ``nn.Module.__getattr__``, four to six times per
+        call: benchmarks/README.md). Attributes that moved out of the dicts (a parametrization
         of ``weight``) are read the ordinary way."""
         params, buffers = self._parameters, self._buffers
         try:
@@ -216,67 +290,100 @@ class _BatchNorm(nn.Module):
     def _uses_batch_stats(self) -> bool:
         return self.training or (self.running_mean is None and self.running_var is None)
 
-    def _tracks(self) -> bool:
-        return self.training and self.track_running_stats and self.running_mean is not None
-
-    def _updates_running(self) -> bool:
-        # Not while autograd runs a backward: a forward then is an activation-checkpoint
-        # recomputation of a batch already counted (statistics update once per step).
-        return self._tracks() and not in_backward()
-
     def _recomputing(self) -> bool:
         """An activation-checkpoint recomputation of a forward that updated the buffers."""
-        return self._tracks() and in_backward()
+        return self.training and self.track_running_stats and self.running_mean is not None \
+            and in_backward()
 
-    # -- forward --------------------------------------------------------------------
-    def forward(self, input: Tensor) -> Tensor:
+    # -- the statistics rule ----------------------------------------------------------
+    def statistics(self, input: Tensor, count: int | None = None,
+                   size: str | None = None) -> str:
+        """Check ``input`` (raising before any state changes) and decide what it is
+        normalised with: ``RUNNING``, ``BATCH``, ``UPDATE`` or ``RECOMPUTE``.
+
+        Eval with running estimates: ``RUNNING``. Training (or no running estimates):
+        the batch's statistics, folded into the running estimates when they are tracked
+        (``UPDATE``) except in an activation-checkpoint recomputation of a forward that
+        did so already (``RECOMPUTE``: statistics update once per step). ``count`` is the
+        number of values per channel (default: all of them; a mask's or all ranks' for
+        the variants); with ``count <= 1`` the ``single_value`` policy decides. ``size``
+        describes the batch in the error (default: the input's size)."""
         self.check_input(input)
-        weight, bias, running_mean, running_var = self._tensors()
-        training = self.training
-        if not training and (running_mean is not None or running_var is not None):
-            return eval_normalize(input, running_mean, running_var, weight, bias, self.eps)
-        count = input.numel() // input.shape[1]
-        update = (
-            training and self.track_running_stats and running_mean is not None
-            and not in_backward()
-        )
-        if count <= 1:
-            if self.single_value == "error":
-                raise ValueError(
-                    f"Expected more than 1 value per channel when training, got input size "
-                    f"{list(input.shape)}. Pass single_value='use_running' or "
-                    "'skip_update' to handle a batch of one."
-                )
-            if self.single_value == "use_running" and running_mean is not None:
-                return eval_normalize(input, running_mean, running_var, weight, bias, self.eps)
-            if self.single_value == "use_running":
+        return self._rule(input, count, size)
+
+    def _rule(self, input: Tensor, count: int | None = None, size: str | None = None) -> str:
+        """``statistics`` on input already checked."""
+        if not self._uses_batch_stats():
+            return RUNNING
+        if count is None:
+            count = input.numel() // input.shape[1]
+        tracks = self.track_running_stats and self.running_mean is not None
+        if count > 1:
+            if not tracks:
+                return BATCH
+            return RECOMPUTE if in_backward() else UPDATE
+        size = size or f"input size {list(input.shape)}"
+        if self.single_value == "error":
+            raise ValueError(
+                f"{type(self).__name__}: expected more than 1 value per channel when "
+                f"training, got {size}. Pass "
+                "single_value='use_running' or 'skip_update' to handle a batch of one."
+            )
+        if self.single_value == "use_running":
+            if self.running_mean is None:
                 raise ValueError(
                     f"{type(self).__name__}(single_value='use_running') got a batch of one "
                     "but has no running statistics (track_running_stats=False)"
                 )
-            update = False
-        return self.normalise_batch(input, weight, bias, count, update)
+            return RUNNING
+        if count == 0:
+            raise ValueError(
+                f"{type(self).__name__}: statistics of no values are undefined, got {size}"
+            )
+        return BATCH
 
-    def normalise_batch(
-        self, input: Tensor, weight: Tensor | None, bias: Tensor | None, count: int,
-        update: bool,
+    # -- forward --------------------------------------------------------------------
+    def forward(self, input: Tensor) -> Tensor:
+        mode = self.statistics(input)
+        weight, bias, running_mean, running_var = self._tensors()
+        if mode == RUNNING:
+            return plan.evaluate(input, running_mean, running_var, weight, bias, self.eps)
+        return self.normalize_batch(input, weight, bias, mode)
+
+    def normalize_batch(
+        self, input: Tensor, weight: Tensor | None, bias: Tensor | None, mode: str
     ) -> Tensor:
-        """Normalise with the batch's statistics (``count`` values per channel), and fold
-        them into the running buffers if ``update``. An activation-checkpoint
-        recomputation of an updating forward makes the same call on copies of the buffers:
-        ATen saves the buffers it is given, and checkpoint compares what was saved."""
-        if update:
-            _, _, running_mean, running_var = self._tensors()
-            return train_forward_updating(
-                input, weight, bias, self.eps, running_mean, running_var, count,
-                self.momentum, self._buffers.get("num_batches_tracked"), self._backup(),
+        """Normalise with the batch's statistics, and fold them into the running buffers
+        if ``mode`` is ``UPDATE``. A ``RECOMPUTE`` makes the same call on copies of the
+        buffers: ATen saves the buffers it is given, and checkpoint compares what was
+        saved."""
+        if self.batch_statistics is not None:
+            return self._normalize_with(input, weight, bias, mode)
+        if mode == UPDATE:
+            buffers = self._buffers
+            return plan.train(
+                input, weight, bias, self.eps, buffers["running_mean"], buffers["running_var"],
+                self.momentum, buffers.get("num_batches_tracked"), self._backup(),
             )[0]
-        if count > 1 and self._recomputing():
-            return train_forward_updating(
+        if mode == RECOMPUTE:
+            return plan.train(
                 input, weight, bias, self.eps, self.running_mean.clone(),
-                self.running_var.clone(), count, 0.0,
+                self.running_var.clone(), 0.0,
             )[0]
-        return train_forward(input, weight, bias, self.eps)[0]
+        return plan.train(input, weight, bias, self.eps)[0]
+
+    def _normalize_with(self, input: Tensor, weight: Tensor | None, bias: Tensor | None,
+                        mode: str) -> Tensor:
+        """``normalize_batch`` of a variant that states its statistics rule
+        (``batch_statistics``): normalised by differentiable torch operations, and the
+        statistics folded into the running buffers by the one guarded update."""
+        mean, var = self.batch_statistics(input)
+        if mode == UPDATE:
+            stats.update_running(
+                self.running_mean, self.running_var, mean.detach(), var.detach(),
+                input.numel() // input.shape[1], self.momentum, self.num_batches_tracked,
+            )
+        return functional.normalize(input, mean, var, weight, bias, self.eps)
 
     def _backup(self):
         """This layer's ``kernels.cpu_backup.RunningBackup`` (made on first use; None
@@ -289,23 +396,6 @@ class _BatchNorm(nn.Module):
         return backup
 
 
-class BatchNorm1d(_BatchNorm):
-    _expected_dims = (2, 3)
-    _shape_text = "(N, C) or (N, C, L)"
-    __doc__ = _DOC.format(dims="2D or 3D", reduced="over N, and L if present",
-                          shape=_shape_text, name="BatchNorm1d", example_c="100",
-                          example_shape="20, 100")
-
-
-class BatchNorm2d(_BatchNorm):
-    _expected_dims = (4,)
-    _shape_text = "(N, C, H, W)"
-    __doc__ = _DOC.format(dims="4D", reduced="over N, H and W", shape=_shape_text,
-                          name="BatchNorm2d", example_c="16", example_shape="8, 16, 32, 32")
-
-
-class BatchNorm3d(_BatchNorm):
-    _expected_dims = (5,)
-    _shape_text = "(N, C, D, H, W)"
-    __doc__ = _DOC.format(dims="5D", reduced="over N, D, H and W", shape=_shape_text,
-                          name="BatchNorm3d", example_c="16", example_shape="4, 16, 8, 8, 8")
+class BatchNorm1d(_BatchNorm, dims="1d", example=("100", "20, 100")): ...
+class BatchNorm2d(_BatchNorm, dims="2d", example=("16", "8, 16, 32, 32")): ...
+class BatchNorm3d(_BatchNorm, dims="3d", example=("16", "4, 16, 8, 8, 8")): ...

@@ -31,10 +31,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import _data, stats
-from .layers import InputMoments, batchnorm_layers, tracks_running_stats
-from .modules import in_backward
-from .stats import Moments
+from ..core import stats
+from . import _data
+from .find_layers import InputMoments, batchnorm_layers, tracks_running_stats
+from ..core.modules import in_backward
+from ..core.stats import Moments
+
 
 class BNMisuseWarning(UserWarning):
     """A likely misuse of a batch-norm layer (see ``batchnorm.diagnostics``)."""

@@ -36,27 +36,28 @@ with IEEE semantics (``error_model="numpy"``): 1/sqrt(0) is +inf, never an excep
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from typing import TypeVar
-
 import numba
 import numpy as np
 import torch
 from torch import Tensor
 
-from . import activations, torch_backend
-from .cpu_backup import viewable
+from ..interface import ALL, Grads, Mask, Vector
+
+from .. import activations, torch_backend
+from .backup import viewable
 
 try:  # a read-only install with no writable cache directory must not break import
-    from . import _cpu_act as A
-    from . import _cpu_nchw as NCHW
-    from . import _cpu_nhwc as NHWC
-    from . import _cpu_params as P
+    from . import _act as A
+    from . import _nchw as NCHW
+    from . import _nhwc as NHWC
+    from . import _params as P
 except (OSError, RuntimeError) as err:  # numba: "cannot cache function ..."
     raise ImportError(f"numba kernels unavailable ({err}); set NUMBA_CACHE_DIR") from err
 
 name = "cpu"
+OPS = torch_backend.OPS  # every operation but ATen's own two
+records_autograd = False
+blends_running = False
 
 #: Elements per task below which splitting a channel over more threads does not pay.
 MIN_TASK = 16384
@@ -161,24 +162,27 @@ def _block(x: Tensor, layout: str, parts: int, arrays: int) -> int:
     return max(1, min(FUSE_BYTES // per_channel, most))
 
 
-F = TypeVar("F", bound=Callable)
+def accepts_running(x: Tensor, running_mean: Tensor, running_var: Tensor) -> bool:
+    return False
 
 
-def _sized(fn: F) -> F:
-    """Run ``fn`` on one numba thread when its first tensor argument is small."""
+class _sized:
+    """``with _sized(x):`` runs the block's kernels on one numba thread when ``x`` is
+    small (a context, not a decorator: no extra frame between a caller and a kernel)."""
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    __slots__ = ("threads",)
+
+    def __init__(self, x: Tensor) -> None:
         threads = numba.get_num_threads()
-        if threads == 1 or args[0].numel() >= PARALLEL_MIN:
-            return fn(*args, **kwargs)
-        numba.set_num_threads(1)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            numba.set_num_threads(threads)
+        self.threads = threads if threads > 1 and x.numel() < PARALLEL_MIN else 0
 
-    return wrapper  # type: ignore[return-value]
+    def __enter__(self) -> None:
+        if self.threads:
+            numba.set_num_threads(1)
+
+    def __exit__(self, *exc) -> None:
+        if self.threads:
+            numba.set_num_threads(self.threads)
 
 
 #: Activations computed inside the numba element loops: the piecewise linear ones.
@@ -195,15 +199,15 @@ def _fused_backward(act: str, x: Tensor) -> bool:
     return act in ("relu", "leaky_relu") or (act in SMOOTH and x.dtype == torch.float32)
 
 
-@_sized
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance (float64 shifted sums, one pass)."""
-    layout = _layout(x)
-    if layout is None:
-        return torch_backend.batch_stats(x)
-    kernels = NCHW if layout == "nchw" else NHWC
-    mean, var = kernels.stats(_view(x, layout), _parts(x, layout))
-    return _acc(mean, x), _acc(var, x)
+    with _sized(x):
+        layout = _layout(x)
+        if layout is None:
+            return torch_backend.batch_stats(x)
+        kernels = NCHW if layout == "nchw" else NHWC
+        mean, var = kernels.stats(_view(x, layout), _parts(x, layout))
+        return _acc(mean, x), _acc(var, x)
 
 
 def _affine(
@@ -218,7 +222,6 @@ def _affine(
     return out
 
 
-@_sized
 def normalize(
     x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
 ) -> Tensor:
@@ -226,24 +229,23 @@ def normalize(
     return forward_eval_act(x, mean, invstd, weight, bias, "identity", 0.0)
 
 
-@_sized
 def forward_eval_act(
     x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None,
     act: str, alpha: float,
 ) -> Tensor:
     """Eval forward of BN (given statistics) followed by an activation, one pass."""
-    layout = _layout(x)
-    if layout is None:
-        return torch_backend.forward_eval_act(x, mean, invstd, weight, bias, act, alpha)
-    activations.check(act, alpha)
-    if act not in LINEAR:
-        return activations.apply_(normalize(x, mean, invstd, weight, bias), act, alpha)
-    return _affine(
-        x, layout, _vec(mean, x), _vec(invstd, x), weight, bias, A.CODES[act], alpha
-    )
+    with _sized(x):
+        layout = _layout(x)
+        if layout is None:
+            return torch_backend.forward_eval_act(x, mean, invstd, weight, bias, act, alpha)
+        activations.check(act, alpha)
+        if act not in LINEAR:
+            return activations.apply_(normalize(x, mean, invstd, weight, bias), act, alpha)
+        return _affine(
+            x, layout, _vec(mean, x), _vec(invstd, x), weight, bias, activations.CODES[act], alpha
+        )
 
 
-@_sized
 def forward_train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -252,169 +254,155 @@ def forward_train(
     return forward_train_act(x, weight, bias, eps, "identity", 0.0)
 
 
-@_sized
 def forward_train_act(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: str, alpha: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training forward of BN followed by an activation. Returns (z, mean, invstd)."""
-    layout = _layout(x)
-    if layout is None:
-        return torch_backend.forward_train_act(x, weight, bias, eps, act, alpha)
-    activations.check(act, alpha)
-    if act not in LINEAR:
-        y, mean, invstd = forward_train(x, weight, bias, eps)
-        return activations.apply_(y, act, alpha), mean, invstd
-    code = A.CODES[act]
-    parts = _parts(x, layout)
-    block = _block(x, layout, parts, 2)
-    if block:
-        out = torch.empty_like(x)
-        mean, var = NCHW.forward_fused(
-            _view(x, layout), _vec(weight, x), _vec(bias, x), eps, _view(out, layout),
-            code, alpha, block,
-        )
-        return out, _acc(mean, x), _acc(P.invstd(var, eps), x)
-    kernels = NCHW if layout == "nchw" else NHWC
-    mean, var = kernels.stats(_view(x, layout), parts)
-    invstd = P.invstd(var, eps)
-    out = _affine(x, layout, mean, invstd, weight, bias, code, alpha)
-    return out, _acc(mean, x), _acc(invstd, x)
+    with _sized(x):
+        layout = _layout(x)
+        if layout is None:
+            return torch_backend.forward_train_act(x, weight, bias, eps, act, alpha)
+        activations.check(act, alpha)
+        if act not in LINEAR:
+            y, mean, invstd = forward_train(x, weight, bias, eps)
+            return activations.apply_(y, act, alpha), mean, invstd
+        code = activations.CODES[act]
+        parts = _parts(x, layout)
+        block = _block(x, layout, parts, 2)
+        if block:
+            out = torch.empty_like(x)
+            mean, var = NCHW.forward_fused(
+                _view(x, layout), _vec(weight, x), _vec(bias, x), eps, _view(out, layout),
+                code, alpha, block,
+            )
+            return out, _acc(mean, x), _acc(P.invstd(var, eps), x)
+        kernels = NCHW if layout == "nchw" else NHWC
+        mean, var = kernels.stats(_view(x, layout), parts)
+        invstd = P.invstd(var, eps)
+        out = _affine(x, layout, mean, invstd, weight, bias, code, alpha)
+        return out, _acc(mean, x), _acc(invstd, x)
 
 
-@_sized
 def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
     """sum(dy) and sum(dy * x_hat) per channel, one pass over (dy, x)."""
-    layout = _layout(x)
-    if layout is None:
-        return torch_backend.backward_reduce(dy, x, mean, invstd)
-    kernels = NCHW if layout == "nchw" else NHWC
-    sd, sdx = kernels.reduce(
-        _view(_like(dy, x), layout), _view(x, layout), _vec(mean, x), _parts(x, layout)
-    )
-    return _acc(sd, x), _acc(sdx * _vec(invstd, x), x)
+    with _sized(dy):
+        layout = _layout(x)
+        if layout is None:
+            return torch_backend.backward_reduce(dy, x, mean, invstd)
+        kernels = NCHW if layout == "nchw" else NHWC
+        sd, sdx = kernels.reduce(
+            _view(_like(dy, x), layout), _view(x, layout), _vec(mean, x), _parts(x, layout)
+        )
+        return _acc(sd, x), _acc(sdx * _vec(invstd, x), x)
 
 
-@_sized
 def backward_elemt(
     dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
     sum_dy: Tensor, sum_dy_xhat: Tensor, count: float,
 ) -> Tensor:
     """dx = weight * invstd * (dy - sum_dy / m - x_hat * sum_dy_xhat / m), one pass."""
-    layout = _layout(x)
-    if layout is None:
-        return torch_backend.backward_elemt(
-            dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count
-        )
-    xn = _view(x, layout)
-    ga, hi, lo, gb, gc = P.grad(
-        _vec(mean, x), _vec(invstd, x), _vec(weight, x), _vec(sum_dy, x),
-        _vec(sum_dy_xhat, x), float(count), xn,
-    )
-    out = torch.empty_like(x)
-    kernels = NCHW if layout == "nchw" else NHWC
-    kernels.grad_x(
-        _view(_like(dy, x), layout), xn, _view(out, layout), ga, hi, lo, gb, gc,
-        _parts(x, layout),
-    )
-    return out
-
-
-@_sized
-def backward(
-    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
-    output_mask: tuple[bool, bool, bool] = (True, True, True),
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Closed-form training backward: (dx, dweight, dbias), None where masked off."""
-    layout = _layout(x)
-    if layout is None:
-        return torch_backend.backward(dy, x, mean, invstd, weight, output_mask)
-    parts = _parts(x, layout)
-    block = _block(x, layout, parts, 3)
-    if block:
+    with _sized(dy):
+        layout = _layout(x)
+        if layout is None:
+            return torch_backend.backward_elemt(
+                dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count
+            )
         xn = _view(x, layout)
-        out = torch.empty_like(x) if output_mask[0] else None
-        sd, sdx = NCHW.backward_fused(
-            _view(_like(dy, x), layout), xn, _vec(mean, x), _vec(invstd, x), _vec(weight, x),
-            np.empty((0, 0, 0), xn.dtype) if out is None else _view(out, layout), out is not None,
-            block,
+        ga, hi, lo, gb, gc = P.grad(
+            _vec(mean, x), _vec(invstd, x), _vec(weight, x), _vec(sum_dy, x),
+            _vec(sum_dy_xhat, x), float(count), xn,
         )
-        sum_dy, sum_dy_xhat = _acc(sd, x), _acc(sdx, x)
-        dx = out
-    else:
-        sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean, invstd)
-        dx = None
-        if output_mask[0]:
-            count = x.numel() // x.shape[1]
-            dx = backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
-    return (
-        dx,
-        sum_dy_xhat if output_mask[1] else None,
-        sum_dy if output_mask[2] else None,
-    )
+        out = torch.empty_like(x)
+        kernels = NCHW if layout == "nchw" else NHWC
+        kernels.grad_x(
+            _view(_like(dy, x), layout), xn, _view(out, layout), ga, hi, lo, gb, gc,
+            _parts(x, layout),
+        )
+        return out
 
 
-@_sized
-def backward_eval(
-    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
-    output_mask: tuple[bool, bool, bool] = (True, True, True),
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Vector,
+             output_mask: Mask = ALL) -> Grads:
+    """Closed-form training backward: (dx, dweight, dbias), None where masked off."""
+    with _sized(dy):
+        layout = _layout(x)
+        if layout is None:
+            return torch_backend.backward(dy, x, mean, invstd, weight, output_mask)
+        parts = _parts(x, layout)
+        block = _block(x, layout, parts, 3)
+        if block:
+            xn = _view(x, layout)
+            out = torch.empty_like(x) if output_mask[0] else None
+            sd, sdx = NCHW.backward_fused(
+                _view(_like(dy, x), layout), xn, _vec(mean, x), _vec(invstd, x), _vec(weight, x),
+                np.empty((0, 0, 0), xn.dtype) if out is None else _view(out, layout), out is not None,
+                block,
+            )
+            return torch_backend.masked(output_mask, out, _acc(sdx, x), _acc(sd, x))
+        return torch_backend.backward_by_parts(
+            backward_reduce, backward_elemt, dy, x, mean, invstd, weight, output_mask
+        )
+
+
+def backward_eval(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Vector,
+                  output_mask: Mask = ALL) -> Grads:
     """Backward of the eval forward (fixed statistics): dx = dy * weight * invstd."""
-    layout = _layout(x)
-    if layout is None:
-        return torch_backend.backward_eval(dy, x, mean, invstd, weight, output_mask)
-    dw = db = dx = None
-    if output_mask[1] or output_mask[2]:
-        sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean, invstd)
-        dw = sum_dy_xhat if output_mask[1] else None
-        db = sum_dy if output_mask[2] else None
-    if output_mask[0]:
-        # dx = ((dy - 0) - 0) * (weight * invstd) + 0: the affine kernel applied to dy
-        zero = torch.zeros_like(mean)
-        dx = _affine(
-            _like(dy, x), layout, _vec(zero, x), _vec(invstd, x), weight, None,
-            A.IDENTITY, 0.0,
-        )
-    return dx, dw, db
+    with _sized(dy):
+        layout = _layout(x)
+        if layout is None:
+            return torch_backend.backward_eval(dy, x, mean, invstd, weight, output_mask)
+        dw = db = dx = None
+        if output_mask[1] or output_mask[2]:
+            sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean, invstd)
+            dw = sum_dy_xhat if output_mask[1] else None
+            db = sum_dy if output_mask[2] else None
+        if output_mask[0]:
+            # dx = ((dy - 0) - 0) * (weight * invstd) + 0: the affine kernel applied to dy
+            zero = torch.zeros_like(mean)
+            dx = _affine(
+                _like(dy, x), layout, _vec(zero, x), _vec(invstd, x), weight, None,
+                activations.CODES["identity"], 0.0,
+            )
+        return dx, dw, db
 
 
-@_sized
 def backward_act(
     dz: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
     bias: Tensor | None, act: str, alpha: float, training: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of BN + invertible activation from its output z alone: one pass for the
     sums, one for dx (see ``torch_backend.backward_act``)."""
-    layout = _layout(z)
-    if layout is None:
-        return torch_backend.backward_act(
-            dz, z, mean, invstd, weight, bias, act, alpha, training
-        )
-    activations.check(act, alpha)
-    if not activations.is_invertible(act, alpha):
-        raise ValueError(f"activation {act!r} (alpha={alpha}) is not invertible")
-    if act != "leaky_relu":
-        return _backward_act_via_bn(dz, z, mean, invstd, weight, bias, act, alpha, training)
-    code = A.CODES[act]
-    c = z.shape[1]
-    shift = np.zeros(c) if bias is None else _vec(bias, z).astype(np.float64)
-    w = np.ones(c) if weight is None else _vec(weight, z).astype(np.float64)
-    rscale = 1.0 / w
-    zn, dzn = _view(z, layout), _view(_like(dz, z), layout)
-    kernels = NCHW if layout == "nchw" else NHWC
-    parts = _parts(z, layout)
-    sd, sdx = kernels.act_reduce(dzn, zn, shift, rscale, parts, code, alpha)
-    k = w * _vec(invstd, z)
-    if training:
-        m = z.numel() // c
-        gb, gc = -k * sdx / m, -k * sd / m
-    else:
-        gb, gc = np.zeros(c), np.zeros(c)
-    out = torch.empty_like(z)
-    kernels.act_grad_x(dzn, zn, _view(out, layout), k, gb, gc, shift, rscale, parts, code, alpha)
-    return out, _acc(sdx, z), _acc(sd, z)
+    with _sized(dz):
+        layout = _layout(z)
+        if layout is None:
+            return torch_backend.backward_act(
+                dz, z, mean, invstd, weight, bias, act, alpha, training
+            )
+        activations.check(act, alpha)
+        if not activations.is_invertible(act, alpha):
+            raise ValueError(f"activation {act!r} (alpha={alpha}) is not invertible")
+        if act != "leaky_relu":
+            return _backward_act_via_bn(dz, z, mean, invstd, weight, bias, act, alpha, training)
+        code = activations.CODES[act]
+        c = z.shape[1]
+        shift = np.zeros(c) if bias is None else _vec(bias, z).astype(np.float64)
+        w = np.ones(c) if weight is None else _vec(weight, z).astype(np.float64)
+        rscale = 1.0 / w
+        zn, dzn = _view(z, layout), _view(_like(dz, z), layout)
+        kernels = NCHW if layout == "nchw" else NHWC
+        parts = _parts(z, layout)
+        sd, sdx = kernels.act_reduce(dzn, zn, shift, rscale, parts, code, alpha)
+        k = w * _vec(invstd, z)
+        if training:
+            m = z.numel() // c
+            gb, gc = -k * sdx / m, -k * sd / m
+        else:
+            gb, gc = np.zeros(c), np.zeros(c)
+        out = torch.empty_like(z)
+        kernels.act_grad_x(dzn, zn, _view(out, layout), k, gb, gc, shift, rscale, parts, code, alpha)
+        return out, _acc(sdx, z), _acc(sd, z)
 
 
-@_sized
 def backward_act_input(
     dz: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
     bias: Tensor | None, act: str, alpha: float, training: bool,
@@ -424,27 +412,28 @@ def backward_act_input(
     the plain backward (relu's slope decided on x, silu's and gelu's derivative at y
     recomputed from x); otherwise y, then dy by ATen's activation backward, then BN's
     backward."""
-    layout = _layout(x)
-    if layout is None:
-        return torch_backend.backward_act_input(
-            dz, x, mean, invstd, weight, bias, act, alpha, training
+    with _sized(dz):
+        layout = _layout(x)
+        if layout is None:
+            return torch_backend.backward_act_input(
+                dz, x, mean, invstd, weight, bias, act, alpha, training
+            )
+        activations.check(act, alpha)
+        # dz, x and dx stay in cache between the two passes; silu and gelu add a scratch dy
+        block = _block(x, layout, _parts(x, layout), 4 if act in SMOOTH else 3)
+        if not block or not _fused_backward(act, x):
+            y = normalize(x, mean, invstd, weight, bias)
+            dy = activations.backward(_like(dz, x), y, act, alpha)
+            grads = (backward if training else backward_eval)(dy, x, mean, invstd, weight)
+            return grads[0], grads[1], grads[2]
+        out = torch.empty_like(x)
+        low = _ACC[x.dtype](alpha if act == "leaky_relu" else 0.0)  # the slope below 0
+        sd, sdx = NCHW.act_backward_fused(
+            _view(_like(dz, x), layout), _view(x, layout), _vec(mean, x), _vec(invstd, x),
+            _vec(weight, x), _vec(bias, x), _view(out, layout), activations.CODES[act], low, training,
+            block,
         )
-    activations.check(act, alpha)
-    # dz, x and dx stay in cache between the two passes; silu and gelu add a scratch dy
-    block = _block(x, layout, _parts(x, layout), 4 if act in SMOOTH else 3)
-    if not block or not _fused_backward(act, x):
-        y = normalize(x, mean, invstd, weight, bias)
-        dy = activations.backward(_like(dz, x), y, act, alpha)
-        grads = (backward if training else backward_eval)(dy, x, mean, invstd, weight)
-        return grads[0], grads[1], grads[2]
-    out = torch.empty_like(x)
-    low = _ACC[x.dtype](alpha if act == "leaky_relu" else 0.0)  # the slope below 0
-    sd, sdx = NCHW.act_backward_fused(
-        _view(_like(dz, x), layout), _view(x, layout), _vec(mean, x), _vec(invstd, x),
-        _vec(weight, x), _vec(bias, x), _view(out, layout), A.CODES[act], low, training,
-        block,
-    )
-    return out, _acc(sdx, x), _acc(sd, x)
+        return out, _acc(sdx, x), _acc(sd, x)
 
 
 def _backward_act_via_bn(

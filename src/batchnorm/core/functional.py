@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from . import plan, stats
+from ..kernels.torch_backend import acc_dtype, channel_view, reduce_dims
+from .masking import MaskedBatchNormTrain, effective_count, mask_weights, selected_count
 
-from . import kernels, stats
-from .autograd import (
-    eval_forward, needs_function, train_forward, train_forward_updating, transformed,
-)
-from .kernels.torch_backend import acc_dtype, channel_view, reduce_dims
-
-__all__ = ["batch_stats", "normalize", "batch_norm", "batch_norm_stateless"]
+__all__ = [
+    "batch_stats", "normalize", "batch_norm", "batch_norm_stateless", "masked_batch_norm",
+]
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -34,19 +33,13 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
 
     Accumulated in float32 for half inputs (float64 for float64), centred (two-pass), so
     a float32 channel with mean 1e4 and std 1 keeps full precision."""
-    _check_float(x)
+    check_float(x)
     var, mean = torch.var_mean(x.to(acc_dtype(x.dtype)), dim=reduce_dims(x), correction=0)
     return mean, var
 
 
-def normalize(
-    x: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float = 1e-5,
-) -> Tensor:
+def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None = None,
+              bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     """``(x - mean) / sqrt(var + eps) * weight + bias`` per channel, differentiable in all
     arguments; computed in the statistics' dtype and returned in ``x``'s."""
     acc = mean.dtype
@@ -79,27 +72,19 @@ def batch_norm(
 
     ``mask`` (keyword): statistics from the selected / weighted positions only, shape
     ``(N,)`` or the input's shape without the channel axis, bool or float weights; see
-    ``batchnorm.variants.masked.masked_batch_norm`` and ``batchnorm.MaskedBatchNorm1d``.
+    ``masked_batch_norm`` and ``batchnorm.MaskedBatchNorm1d``.
     """
     if mask is not None:
-        from .variants.masked import masked_batch_norm  # the variant builds on this module
-
         return masked_batch_norm(input, running_mean, running_var, weight, bias, training,
                                  momentum, eps, mask=mask)
-    _check_float(input)
+    check_float(input)
     if training:
-        count = _values_per_channel(input)
+        _values_per_channel(input)
         if running_mean is not None and running_var is not None:
-            return train_forward_updating(
-                input, weight, bias, eps, running_mean, running_var, count, momentum
-            )[0]
-        return train_forward(input, weight, bias, eps)[0]
-    if running_mean is None or running_var is None:
-        raise ValueError(
-            "batch_norm with training=False needs running_mean and running_var; got None. "
-            "Pass training=True to normalise with the batch statistics."
-        )
-    return eval_normalize(input, running_mean, running_var, weight, bias, eps)
+            return plan.train(input, weight, bias, eps, running_mean, running_var, momentum)[0]
+        return plan.train(input, weight, bias, eps)[0]
+    check_running(running_mean, running_var, "batch_norm")
+    return plan.evaluate(input, running_mean, running_var, weight, bias, eps)
 
 
 def batch_norm_stateless(
@@ -120,51 +105,57 @@ def batch_norm_stateless(
     ones (no warning: values are not inspected, which transforms forbid). For PyTorch's
     cumulative average (momentum=None), pass ``momentum=1/num_batches_tracked``.
     """
-    _check_float(input)
+    check_float(input)
     if not training:
-        return eval_normalize(input, running_mean, running_var, weight, bias, eps), running_mean, running_var
+        y = plan.evaluate(input, running_mean, running_var, weight, bias, eps)
+        return y, running_mean, running_var
     count = _values_per_channel(input)
-    y, mean, invstd = train_forward(input, weight, bias, eps)
-    var = stats.var_from_invstd(invstd, eps) * (count / (count - 1))
-    ok = (torch.isfinite(mean) & torch.isfinite(var)).all()
-    factor = torch.where(ok, momentum, 0.0).to(running_mean.dtype)
-    new_mean = running_mean + factor * (torch.where(ok, mean, 0.0).to(running_mean.dtype) - running_mean)
-    new_var = running_var + factor * (torch.where(ok, var, 0.0).to(running_var.dtype) - running_var)
+    y, mean, invstd = plan.train(input, weight, bias, eps)
+    new_mean, new_var = stats.update_running(
+        running_mean, running_var, mean, None, count, momentum, invstd=invstd, eps=eps,
+        inplace=False,
+    )
     return y, new_mean, new_var
 
 
-def eval_normalize(
-    input: Tensor, running_mean: Tensor, running_var: Tensor,
-    weight: Tensor | None, bias: Tensor | None, eps: float,
+def masked_batch_norm(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
+    momentum: float | None = 0.1, eps: float = 1e-5, *, mask: Tensor,
+    num_batches_tracked: Tensor | None = None,
 ) -> Tensor:
-    """Normalise with fixed statistics through the fused eval kernel.
+    """``batch_norm`` with masked / weighted statistics (``batchnorm.masking``,
+    ``MaskedBatchNorm1d``). In training the statistics come from the positions the mask
+    selects (weights), and the running buffers, when given, are updated with them
+    (``momentum`` weights the NEW batch; unbiased by n_eff; ``num_batches_tracked``, when
+    given, counts applied updates, as ``momentum=None`` needs). With ``training=False``
+    the running statistics normalise and the mask is only checked."""
+    check_float(input)
+    w = mask_weights(input, mask)
+    if not training:
+        check_running(running_mean, running_var, "masked batch_norm")
+        return plan.evaluate(input, running_mean, running_var, weight, bias, eps)
+    count = selected_count(input, w)
+    if count <= 1:
+        raise ValueError(
+            f"the mask selects {count} value(s) per channel of the input of shape "
+            f"{tuple(input.shape)}; training statistics need more than 1"
+        )
+    return masked_train(input, w, weight, bias, eps, running_mean, running_var, momentum,
+                        num_batches_tracked)
 
-    A backend with ``forward_eval`` (ATen's own eval kernel, ``native``: the same numbers
-    as ``torch.nn``, one pass) takes the running variance as it is, where no gradient is
-    needed or where ATen's autograd may record the call (eager, no torch.func transform,
-    running statistics that do not require grad): its backward is the same affine map, in
-    C++ rather than in ``BatchNormEval``'s Python. Otherwise ``invstd`` is formed here and
-    the ``normalize`` kernel runs."""
-    if not torch.compiler.is_compiling():
-        backend = kernels.pick("forward_eval", input)
-        if hasattr(backend, "forward_eval") and (
-            not needs_function(input, running_mean, running_var, weight, bias)
-            or _recordable(backend, input, running_mean, running_var, weight, bias)
-        ):
-            return backend.forward_eval(input, running_mean, running_var, weight, bias, eps)
-    acc = acc_dtype(input.dtype)
-    invstd = torch.rsqrt(running_var.to(acc) + eps)
-    return eval_forward(input, running_mean.to(acc), invstd, weight, bias)
 
-
-def _recordable(backend, input: Tensor, running_mean: Tensor, running_var: Tensor,
-                weight: Tensor | None, bias: Tensor | None) -> bool:
-    """Whether ATen's autograd may record ``backend.forward_eval`` on these tensors."""
-    return (
-        getattr(backend, "records_autograd", False)
-        and not running_mean.requires_grad and not running_var.requires_grad
-        and not transformed(input, running_mean, running_var, weight, bias)
-    )
+def masked_train(input, w, weight, bias, eps, running_mean=None, running_var=None,
+                 momentum=0.1, num_batches_tracked=None) -> Tensor:
+    """Normalise with the statistics of the weights ``w`` (``masking.mask_weights``) and
+    fold them into the running buffers, when given."""
+    y, mean, invstd = MaskedBatchNormTrain.apply(input, w, weight, bias, eps)
+    if running_mean is not None and running_var is not None:
+        stats.update_running(
+            running_mean, running_var, mean, None, effective_count(input, w), momentum,
+            num_batches_tracked, invstd=invstd, eps=eps,
+        )
+    return y
 
 
 def _values_per_channel(input: Tensor) -> int:
@@ -178,7 +169,7 @@ def _values_per_channel(input: Tensor) -> int:
     return count
 
 
-def _check_float(input: Tensor) -> None:
+def check_float(input: Tensor) -> None:
     if not input.is_floating_point():
         raise TypeError(
             "batch norm expects a floating-point input (float16, bfloat16, float32 or "
@@ -188,4 +179,13 @@ def _check_float(input: Tensor) -> None:
         raise ValueError(
             f"batch norm expects input of shape (N, C, *) with at least 2 dimensions, got "
             f"shape {tuple(input.shape)}"
+        )
+
+
+def check_running(running_mean: Tensor | None, running_var: Tensor | None, what: str) -> None:
+    """Normalising with fixed statistics needs both running buffers."""
+    if running_mean is None or running_var is None:
+        raise ValueError(
+            f"{what} with training=False needs running_mean and running_var; got None. "
+            "Pass training=True to normalise with the batch statistics."
         )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from numba import njit
 
-from . import _cpu_act as A
+from . import _act as A
 
 #: Reductions may split a sum over vector lanes (``reassoc``) and fuse a multiply into the
 #: following add (``contract``, one rounding instead of two); neither changes NaN/inf.

@@ -1,0 +1,41 @@
+"""Walking a model's module tree: swap submodules, move a layer's tensors onto another.
+
+The pieces every whole-model tool builds on (``convert``, ``freeze``, sync conversion).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+
+def replace_modules(model: nn.Module, swap: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    """Return ``model`` with every submodule ``m`` for which ``swap(m)`` is not None
+    replaced by that result (the model itself too). Children are swapped in place."""
+    new = swap(model)
+    if new is not None:
+        return new
+    for name, child in model.named_children():
+        replaced = replace_modules(child, swap)
+        if replaced is not child:
+            setattr(model, name, replaced)
+    return model
+
+
+def transplant(old: nn.Module, new: nn.Module) -> nn.Module:
+    """Move ``old``'s parameters and buffers (the same tensors) and train flag onto ``new``."""
+    for name, param in old.named_parameters(recurse=False):
+        setattr(new, name, param)
+    for name, buf in old.named_buffers(recurse=False):
+        new._buffers[name] = buf
+    return new.train(old.training)
+
+
+def bn_args(m: nn.Module) -> dict:
+    """The constructor arguments of a BatchNorm layer like ``m`` (torch.nn's or ours)."""
+    return dict(
+        num_features=m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
+        track_running_stats=m.track_running_stats, bias=getattr(m, "bias", None) is not None
+        or not m.affine,
+    )

@@ -1,0 +1,2 @@
+"""The Triton kernels for CUDA: ``backend`` (the backend) and ``_kernels`` (the jitted
+kernels)."""
