@@ -6,8 +6,15 @@ Run on a machine with a CUDA GPU and ``triton`` (``pip install batchnorm[gpu]``)
 
     python -m batchnorm.bench_gpu --out benchmarks/results/gpu.json
 
-``run_cuda_cases`` returns the rows (the columns of ``batchnorm bench``) for a caller that
-wants them; ``markdown`` formats them as the table of benchmarks/README.md.
+``--dry-run`` runs the same code on CPU at one tiny shape, in Triton's interpreter
+(``TRITON_INTERPRET=1`` must be set before Python starts): it checks the benchmark, not
+the speed (its times are meaningless). ``--budget-s`` stops timing new cases once that
+many seconds have passed (the cases left out are listed); the JSON file is rewritten
+after every case, so a run killed from outside keeps what it measured.
+
+``run_cases`` returns the rows (the columns of ``batchnorm bench``) for a caller that
+wants them; ``markdown`` formats them as the table of benchmarks/README.md and
+``summary`` reads them against issue 19's targets.
 
 Method: each timed call is preceded by a write of 256 MiB, so the L2 cache holds none of
 its data; the time is the median over ``reps`` calls of CUDA events recorded around the
@@ -20,11 +27,13 @@ of a large device-to-device copy (read + write) measured in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +47,9 @@ RESNET50_SHAPES = [
     (512, 7, 7), (2048, 7, 7),
 ]
 QUICK_SHAPES = [(64, 112, 112), (256, 56, 56), (512, 28, 28), (2048, 7, 7)]
+# --dry-run: a channel count and a spatial size that cross the interpreter's blocks (8
+# channels wide in channels last, 16 positions in NCHW).
+DRY_RUN_SHAPES = [(9, 4, 5)]
 # Agreement of ours with native, relative to 1 + the largest |native| value (two roundings
 # of the output dtype; the float32 reductions differ in order).
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -52,41 +64,77 @@ class _Op:
 
 
 OPS = [
+    _Op("train fwd+bwd", 8),         # stats: read x; normalise: read x, write y;
+                                     # backward sums: read dy, x; dx: read dy, x, write dx
+    _Op("layer fwd+bwd", 8),         # the same through the modules (autograd, running stats)
     _Op("train fwd", 3),             # stats: read x; normalise: read x, write y
-    _Op("train fwd+bwd", 8),         # + backward sums: read dy, x; dx: read dy, x, write dx
     _Op("eval fwd", 2),              # read x, write y
     _Op("train fwd+relu", 3),        # as train fwd, activation fused
     _Op("train fwd+bwd leaky_relu", 8),  # backward from the output z: read dz, z (twice), write dx
 ]
+OP_NAMES = [op.name for op in OPS]
+PRIMARY_OPS = ("train fwd+bwd", "layer fwd+bwd")  # issue 19's targets
 
 
-def _time_ms(fn: Callable[[], object], reps: int, flush: Tensor) -> float:
-    """Median milliseconds of ``fn`` over ``reps`` calls, each with a cold L2 cache."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(reps)]
-    for start, end in events:
-        flush.zero_()
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events)
+class _Timer:
+    """Median milliseconds of a callable: CUDA events with a cold L2 cache on CUDA, wall
+    clock on CPU (the dry run)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        # a write of 256 MiB before each timed call evicts the L2 cache (60 MB on an H200)
+        self.flush = torch.empty(256 << 20 if self.cuda else 1, dtype=torch.uint8, device=device)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def ms(self, fn: Callable[[], object], reps: int, warmup: int) -> float:
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        if not self.cuda:
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start) * 1e3)
+            return statistics.median(times)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(reps)]
+        for start, end in events:
+            self.flush.zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
-def copy_bandwidth_gbps(flush: Tensor, reps: int = 20, nbytes: int = 1 << 30) -> float:
+def copy_bandwidth_gbps(timer: _Timer, device: torch.device, reps: int = 20,
+                        nbytes: int = 1 << 30) -> float:
     """GB/s of a device-to-device copy of ``nbytes`` (counting read + write)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src), reps, flush)
+    ms = timer.ms(lambda: dst.copy_(src), reps, warmup=3)
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+def _triton():
+    """The Triton backend module (``batchnorm.kernels.load("triton")``)."""
+    from . import kernels
+
+    tb = kernels.load("triton")
+    if tb is None:
+        raise ImportError("the Triton backend is not available: batchnorm.kernels.load("
+                          "'triton') is None (is triton installed? pip install batchnorm[gpu])")
+    return tb
+
+
 def op_pair(op: str, x: Tensor, w: Tensor, b: Tensor, dy: Tensor):
-    """(ours, native) callables of ``op``, each returning the tensors the check compares."""
-    from .kernels.triton import backend as tb
+    """(ours, native) callables of ``op``, each returning the tensor the check compares
+    (the output, or the input gradient)."""
+    tb = _triton()
 
     var, mean = torch.var_mean(x.float(), dim=[0, 2, 3], correction=0)
     invstd = torch.rsqrt(var + EPS)
@@ -110,6 +158,8 @@ def op_pair(op: str, x: Tensor, w: Tensor, b: Tensor, dy: Tensor):
             y = F.batch_norm(xg, None, None, wg, bg, True, 0.1, EPS)
             return torch.autograd.grad(y, (xg, wg, bg), dy)[0]
         return ours, native
+    if op == "layer fwd+bwd":
+        return _layer_pair(x, w, b, dy)
     if op == "train fwd+bwd leaky_relu":
         def ours_act():
             z, m, i = tb.forward_train_act(x, w, b, EPS, "leaky_relu", 0.01)
@@ -119,51 +169,174 @@ def op_pair(op: str, x: Tensor, w: Tensor, b: Tensor, dy: Tensor):
             z = F.leaky_relu(F.batch_norm(xg, None, None, wg, bg, True, 0.1, EPS), 0.01)
             return torch.autograd.grad(z, (xg, wg, bg), dy)[0]
         return ours_act, native_act
-    raise ValueError(f"unknown op {op!r}: expected one of {[o.name for o in OPS]}")
+    raise ValueError(f"unknown op {op!r}: expected one of {OP_NAMES}")
 
 
-def run_cuda_cases(
+def _layer_pair(x: Tensor, w: Tensor, b: Tensor, dy: Tensor):
+    """batchnorm.BatchNorm2d against torch.nn.BatchNorm2d, both in training mode: forward
+    (with the running-statistics update), then backward to x, weight and bias, as a
+    model's step runs them. Returns the input gradient."""
+    from . import BatchNorm2d
+
+    layers = []
+    for cls in (BatchNorm2d, torch.nn.BatchNorm2d):
+        layer = cls(x.shape[1], eps=EPS, device=x.device)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+        layers.append(layer)
+    xg = x.detach().requires_grad_()
+
+    def step(layer):
+        def run():
+            layer.weight.grad = layer.bias.grad = xg.grad = None
+            layer(xg).backward(dy)
+            return xg.grad
+        return run
+
+    return step(layers[0]), step(layers[1])
+
+
+@contextlib.contextmanager
+def _triton_on(device: torch.device):
+    """On CPU (the dry run, interpreted Triton) force the Triton backend for the layers;
+    on CUDA leave the default (what users get: Triton)."""
+    from . import kernels
+
+    if device.type == "cuda":
+        yield
+    else:
+        with kernels.use_backend("triton"):
+            yield
+
+
+def _cases(batches, shapes, layouts, dtypes, ops):
+    """(batch, shape, layout, dtype, ops) to time: first every case with the ops the
+    targets are about (forward + backward), then every case with the others, so that a
+    run cut short by its budget has the targets' data complete first."""
+    primary = [op for op in ops if op.name in PRIMARY_OPS]
+    groups = [g for g in (primary, [op for op in ops if op not in primary]) if g]
+    for group in groups:
+        for n in batches:
+            for c, h, w_ in shapes:
+                for layout in layouts:
+                    for dtype in dtypes:
+                        yield n, (c, h, w_), layout, dtype, group
+
+
+def run_cases(
     batches: tuple[int, ...] = (32, 128),
     shapes: list[tuple[int, int, int]] = RESNET50_SHAPES,
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16),
     layouts: tuple[str, ...] = ("nchw", "channels_last"),
     ops: list[_Op] = OPS,
     reps: int = 30,
-) -> list[dict]:
-    """Time every (batch, shape, layout, dtype, op); one row each (see the module doc)."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("run_cuda_cases needs a CUDA device; torch.cuda.is_available() is False")
+    warmup: int = 3,
+    device: str = "cuda",
+    budget_s: float | None = None,
+    on_row: Callable[[dict, dict], None] | None = None,
+) -> tuple[list[dict], dict]:
+    """Time every (batch, shape, layout, dtype, op); one row each (see the module doc).
+
+    Returns ``(rows, meta)``: meta holds the device, the copy bandwidth, the versions, the
+    Triton tuning and ``left_out``, the cases not timed for want of time (``budget_s``
+    seconds from the start). ``on_row(row, meta)`` is called after every row."""
+    tb = _triton()
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run_cases(device='cuda') needs a CUDA device; "
+                           "torch.cuda.is_available() is False (use device='cpu' with "
+                           "TRITON_INTERPRET=1 for a dry run)")
+    if dev.type == "cpu" and not tb.INTERPRETED:
+        raise RuntimeError("run_cases(device='cpu') runs the Triton kernels in the "
+                           "interpreter: set TRITON_INTERPRET=1 before starting Python")
+    import triton
+
+    start = time.monotonic()
     torch.manual_seed(0)
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    bound = copy_bandwidth_gbps(flush)
-    device = torch.cuda.get_device_name()
-    rows = []
-    for n in batches:
-        for c, h, w_ in shapes:
-            for layout in layouts:
-                fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-                for dtype in dtypes:
-                    x = torch.randn(n, c, h, w_, device="cuda").to(dtype, memory_format=fmt)
-                    dy = torch.randn_like(x)
-                    weight = torch.rand(c, device="cuda") + 0.5
-                    bias = torch.randn(c, device="cuda")
-                    for op in ops:
-                        ours, native = op_pair(op.name, x, weight, bias, dy)
-                        want = native().float()
-                        err = (ours().float() - want).abs().max().item()
-                        scale = 1.0 + want.abs().max().item()
-                        ours_ms = _time_ms(ours, reps, flush)
-                        native_ms = _time_ms(native, reps, flush)
-                        gbps = op.bytes_per_element * x.numel() * x.element_size() / ours_ms / 1e6
-                        rows.append(dict(
-                            device=device, shape=f"{n}x{c}x{h}x{w_}", layout=layout,
-                            dtype=str(dtype).removeprefix("torch."), op=op.name,
-                            native_ms=native_ms, ours_ms=ours_ms, speedup=native_ms / ours_ms,
-                            gbps=gbps, pct_of_bound=100 * gbps / bound, copy_gbps=bound,
-                            max_abs_diff=err, agrees=err <= TOL[dtype] * scale,
-                        ))
-                    del x, dy
-    return rows
+    timer = _Timer(dev)
+    meta = dict(
+        device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreted)",
+        torch=torch.__version__, triton=triton.__version__, tuning=asdict(tb._tuning(dev)),
+        copy_gbps=copy_bandwidth_gbps(timer, dev, nbytes=(1 << 30) if timer.cuda else 1 << 20),
+        reps=reps, left_out=[],
+    )
+    bound = meta["copy_gbps"]
+    rows: list[dict] = []
+    for n, (c, h, w_), layout, dtype, case_ops in _cases(batches, shapes, layouts, dtypes, ops):
+        name = (f"{n}x{c}x{h}x{w_} {layout} {str(dtype).removeprefix('torch.')}: "
+                + ", ".join(op.name for op in case_ops))
+        if budget_s is not None and time.monotonic() - start > budget_s:
+            meta["left_out"].append(name)
+            continue
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        x = torch.randn(n, c, h, w_, device=dev).to(dtype, memory_format=fmt)
+        dy = torch.randn_like(x)
+        weight = torch.rand(c, device=dev) + 0.5
+        bias = torch.randn(c, device=dev)
+        for op in case_ops:
+            with _triton_on(dev):
+                ours, native = op_pair(op.name, x, weight, bias, dy)
+                want = native().float()
+                err = (ours().float() - want).abs().max().item()
+                scale = 1.0 + want.abs().max().item()
+                ours_ms = timer.ms(ours, reps, warmup)
+                native_ms = timer.ms(native, reps, warmup)
+            gbps = op.bytes_per_element * x.numel() * x.element_size() / ours_ms / 1e6
+            row = dict(
+                device=meta["device"], shape=f"{n}x{c}x{h}x{w_}", layout=layout,
+                dtype=str(dtype).removeprefix("torch."), op=op.name,
+                native_ms=native_ms, ours_ms=ours_ms, speedup=native_ms / ours_ms,
+                gbps=gbps, pct_of_bound=100 * gbps / bound, copy_gbps=bound,
+                max_abs_diff=err, agrees=err <= TOL[dtype] * scale,
+            )
+            rows.append(row)
+            if on_row is not None:
+                on_row(row, meta)
+        del x, dy
+    meta["seconds"] = time.monotonic() - start
+    return rows, meta
+
+
+def summary(rows: list[dict], meta: dict) -> dict:
+    """The rows against issue 19's targets: for every (shape, layout, dtype), our training
+    forward + backward at least as fast as native (``speedup >= 1``, kernels and layers),
+    the median of its GB/s at least 80% of the copy bandwidth, and every pair agreeing."""
+
+    def of(op):
+        return [r for r in rows if r["op"] == op]
+
+    def median(values):
+        return statistics.median(values) if values else None
+
+    out = dict(device=meta.get("device"), copy_gbps=meta.get("copy_gbps"),
+               rows=len(rows), left_out=len(meta.get("left_out", [])),
+               disagreeing=[f"{r['shape']} {r['layout']} {r['dtype']} {r['op']}"
+                            for r in rows if not r["agrees"]])
+    for op in OP_NAMES:
+        sel = of(op)
+        if not sel:
+            continue
+        out[op] = dict(
+            cases=len(sel),
+            median_speedup=median([r["speedup"] for r in sel]),
+            min_speedup=min(r["speedup"] for r in sel),
+            slower_than_native=[f"{r['shape']} {r['layout']} {r['dtype']} "
+                                f"({r['speedup']:.2f}x)" for r in sel if r["speedup"] < 1.0],
+            median_pct_of_bound=median([r["pct_of_bound"] for r in sel]),
+        )
+    fb = out.get("train fwd+bwd")
+    layer = out.get("layer fwd+bwd")
+    out["targets"] = dict(
+        fwd_bwd_never_slower=None if fb is None else not fb["slower_than_native"],
+        layer_fwd_bwd_never_slower=None if layer is None else not layer["slower_than_native"],
+        fwd_bwd_median_at_least_80pct_of_copy=(
+            None if fb is None else fb["median_pct_of_bound"] >= 80.0),
+        all_agree=not out["disagreeing"],
+        complete=not meta.get("left_out"),
+    )
+    return out
 
 
 def markdown(rows: list[dict]) -> str:
@@ -183,21 +356,54 @@ def markdown(rows: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def _write(path: str, rows: list[dict], meta: dict, complete: bool) -> None:
+    """Write the JSON result (atomically: a run killed mid-write keeps the last one)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(dict(meta, complete=complete, summary=summary(rows, meta), rows=rows), f,
+                  indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="batch 32, four shapes")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU, Triton's interpreter, batch 2 at one tiny shape, 1 rep (checks the "
+                             "script, not the speed; needs TRITON_INTERPRET=1)")
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--batches", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="time no new case after this many seconds")
     parser.add_argument("--out", help="also write the rows as JSON to this path")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    kwargs = dict(reps=args.reps, batches=tuple(args.batches), budget_s=args.budget_s)
     if args.quick:
-        rows = run_cuda_cases(batches=(32,), shapes=QUICK_SHAPES, reps=args.reps)
-    else:
-        rows = run_cuda_cases(reps=args.reps)
+        kwargs.update(batches=(32,), shapes=QUICK_SHAPES)
+    if args.dry_run:
+        kwargs.update(device="cpu", batches=(2,), shapes=DRY_RUN_SHAPES, reps=1, warmup=1)
+
+    def on_row(row, meta):
+        print(f"{row['shape']} {row['layout']} {row['dtype']} {row['op']}: ours "
+              f"{row['ours_ms']:.3f} ms, native {row['native_ms']:.3f} ms, "
+              f"{row['speedup']:.2f}x, {row['pct_of_bound']:.0f}% of copy, "
+              f"agrees={row['agrees']}", flush=True)
+        if args.out:
+            _write(args.out, rows_so_far, meta, complete=False)
+
+    rows_so_far: list[dict] = []
+
+    def collect(row, meta):
+        rows_so_far.append(row)
+        on_row(row, meta)
+
+    rows, meta = run_cases(on_row=collect, **kwargs)
     print(markdown(rows))
+    result = summary(rows, meta)
+    print(json.dumps(result, indent=1))
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(dict(torch=torch.__version__, rows=rows), f, indent=1)
+        _write(args.out, rows, meta, complete=not meta["left_out"])
 
 
 if __name__ == "__main__":
