@@ -81,7 +81,8 @@ def test_summary_reports_steps_tests_and_missing_files(tmp_path):
     assert "Tests: 1 passed, 1 failed, 0 errors, 1 skipped" in text
 
 
-@pytest.mark.parametrize("args", [[], ["out", "--steps"], ["out", "--fast"]])
+@pytest.mark.parametrize("args", [[], ["out", "--steps"], ["out", "--fast"],
+                                  ["out", "--steps", "1 4"], ["out", "--budget", "ten"]])
 def test_run_sh_says_how_to_call_it(args, tmp_path):
     done = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run.sh"), *args],
                           capture_output=True, text=True, cwd=tmp_path,
@@ -89,3 +90,11 @@ def test_run_sh_says_how_to_call_it(args, tmp_path):
     assert done.returncode == 2
     assert "usage: bash benchmarks/gpu/run.sh OUTDIR [--dry-run]" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_run_sh_refuses_a_budget_below_the_steps_caps(tmp_path):
+    done = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run.sh"), str(tmp_path / "out"),
+                           "--steps", "2 3", "--budget", "300"], capture_output=True,
+                          text=True, env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 2
+    assert "steps '2 3' need 325s, more than the budget of 300s" in done.stdout + done.stderr

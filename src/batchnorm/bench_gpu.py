@@ -276,21 +276,23 @@ def run_cases(
         weight = torch.rand(c, device=dev) + 0.5
         bias = torch.randn(c, device=dev)
         for op in case_ops:
-            with _triton_on(dev):
-                ours, native = op_pair(op.name, x, weight, bias, dy)
-                want = native().float()
-                err = (ours().float() - want).abs().max().item()
-                scale = 1.0 + want.abs().max().item()
-                ours_ms = timer.ms(ours, reps, warmup)
-                native_ms = timer.ms(native, reps, warmup)
-            gbps = op.bytes_per_element * x.numel() * x.element_size() / ours_ms / 1e6
-            row = dict(
-                device=meta["device"], shape=f"{n}x{c}x{h}x{w_}", layout=layout,
-                dtype=str(dtype).removeprefix("torch."), op=op.name,
-                native_ms=native_ms, ours_ms=ours_ms, speedup=native_ms / ours_ms,
-                gbps=gbps, pct_of_bound=100 * gbps / bound, copy_gbps=bound,
-                max_abs_diff=err, agrees=err <= TOL[dtype] * scale,
-            )
+            row = dict(device=meta["device"], shape=f"{n}x{c}x{h}x{w_}", layout=layout,
+                       dtype=str(dtype).removeprefix("torch."), op=op.name, copy_gbps=bound)
+            try:
+                with _triton_on(dev):
+                    ours, native = op_pair(op.name, x, weight, bias, dy)
+                    want = native().float()
+                    err = (ours().float() - want).abs().max().item()
+                    scale = 1.0 + want.abs().max().item()
+                    ours_ms = timer.ms(ours, reps, warmup)
+                    native_ms = timer.ms(native, reps, warmup)
+            except Exception as e:  # noqa: BLE001  recorded in the row; the next case runs
+                row.update(error=f"{type(e).__name__}: {e}"[:1000], agrees=False)
+            else:
+                gbps = op.bytes_per_element * x.numel() * x.element_size() / ours_ms / 1e6
+                row.update(native_ms=native_ms, ours_ms=ours_ms, speedup=native_ms / ours_ms,
+                           gbps=gbps, pct_of_bound=100 * gbps / bound, max_abs_diff=err,
+                           agrees=err <= TOL[dtype] * scale)
             rows.append(row)
             if on_row is not None:
                 on_row(row, meta)
@@ -305,15 +307,17 @@ def summary(rows: list[dict], meta: dict) -> dict:
     the median of its GB/s at least 80% of the copy bandwidth, and every pair agreeing."""
 
     def of(op):
-        return [r for r in rows if r["op"] == op]
+        return [r for r in rows if r["op"] == op and "error" not in r]
 
     def median(values):
         return statistics.median(values) if values else None
 
     out = dict(device=meta.get("device"), copy_gbps=meta.get("copy_gbps"),
                rows=len(rows), left_out=len(meta.get("left_out", [])),
+               failed=[f"{r['shape']} {r['layout']} {r['dtype']} {r['op']}: {r['error']}"
+                       for r in rows if "error" in r],
                disagreeing=[f"{r['shape']} {r['layout']} {r['dtype']} {r['op']}"
-                            for r in rows if not r["agrees"]])
+                            for r in rows if not r["agrees"] and "error" not in r])
     for op in OP_NAMES:
         sel = of(op)
         if not sel:
@@ -334,15 +338,20 @@ def summary(rows: list[dict], meta: dict) -> dict:
         fwd_bwd_median_at_least_80pct_of_copy=(
             None if fb is None else fb["median_pct_of_bound"] >= 80.0),
         all_agree=not out["disagreeing"],
-        complete=not meta.get("left_out"),
+        complete=not meta.get("left_out") and not out["failed"],
     )
     return out
 
 
 def markdown(rows: list[dict]) -> str:
-    """The rows as a markdown table (device and copy bandwidth in the heading line)."""
+    """The rows as a markdown table (device and copy bandwidth in the heading line); rows
+    that failed are listed after it."""
+    failed = [r for r in rows if "error" in r]
+    rows = [r for r in rows if "error" not in r]
+    tail = "".join(f"\nFAILED {r['shape']} {r['layout']} {r['dtype']} {r['op']}: {r['error']}"
+                   for r in failed)
     if not rows:
-        return ""
+        return tail
     head = (f"Device: {rows[0]['device']}; copy bandwidth {rows[0]['copy_gbps']:.0f} GB/s "
             f"(read + write).\n\n"
             "| shape | layout | dtype | op | native ms | ours ms | speed-up | GB/s | % of bound |"
@@ -353,7 +362,7 @@ def markdown(rows: list[dict]) -> str:
         f"{'yes' if r['agrees'] else 'NO (%.1e)' % r['max_abs_diff']} |"
         for r in rows
     ]
-    return head + "\n".join(lines) + "\n"
+    return head + "\n".join(lines) + "\n" + tail
 
 
 def _write(path: str, rows: list[dict], meta: dict, complete: bool) -> None:
@@ -366,12 +375,13 @@ def _write(path: str, rows: list[dict], meta: dict, complete: bool) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The command line; exit status 1 when a case failed (its row says why)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="batch 32, four shapes")
     parser.add_argument("--dry-run", action="store_true",
-                        help="CPU, Triton's interpreter, batch 2 at one tiny shape, 1 rep (checks the "
-                             "script, not the speed; needs TRITON_INTERPRET=1)")
+                        help="CPU, Triton's interpreter, batch 2 at one tiny shape, 1 rep "
+                             "(checks the script, not the speed; needs TRITON_INTERPRET=1)")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--budget-s", type=float, default=None,
@@ -384,27 +394,29 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         kwargs.update(device="cpu", batches=(2,), shapes=DRY_RUN_SHAPES, reps=1, warmup=1)
 
+    rows_so_far: list[dict] = []
+
     def on_row(row, meta):
-        print(f"{row['shape']} {row['layout']} {row['dtype']} {row['op']}: ours "
-              f"{row['ours_ms']:.3f} ms, native {row['native_ms']:.3f} ms, "
-              f"{row['speedup']:.2f}x, {row['pct_of_bound']:.0f}% of copy, "
-              f"agrees={row['agrees']}", flush=True)
+        rows_so_far.append(row)
+        case = f"{row['shape']} {row['layout']} {row['dtype']} {row['op']}"
+        if "error" in row:
+            print(f"{case}: FAILED {row['error']}", flush=True)
+        else:
+            print(f"{case}: ours {row['ours_ms']:.3f} ms, native {row['native_ms']:.3f} ms, "
+                  f"{row['speedup']:.2f}x, {row['pct_of_bound']:.0f}% of copy, "
+                  f"agrees={row['agrees']}", flush=True)
         if args.out:
             _write(args.out, rows_so_far, meta, complete=False)
 
-    rows_so_far: list[dict] = []
-
-    def collect(row, meta):
-        rows_so_far.append(row)
-        on_row(row, meta)
-
-    rows, meta = run_cases(on_row=collect, **kwargs)
+    rows, meta = run_cases(on_row=on_row, **kwargs)
     print(markdown(rows))
     result = summary(rows, meta)
     print(json.dumps(result, indent=1))
+    failed = any("error" in r for r in rows)
     if args.out:
-        _write(args.out, rows, meta, complete=not meta["left_out"])
+        _write(args.out, rows, meta, complete=not meta["left_out"] and not failed)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
