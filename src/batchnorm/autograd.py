@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import kernels, ops, stats
+from . import kernels, ops, stats, traced
 from .kernels.torch_backend import acc_dtype, channel_view, reduce_dims
 
 
@@ -240,7 +240,10 @@ def train_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, invstd) normalised with the batch statistics, differentiable in x, weight
-    and bias through ``BatchNormTrain`` when needed (or ATen's autograd, see above)."""
+    and bias through ``BatchNormTrain`` when needed (or ATen's autograd, see above).
+    Under tracing: ``traced.batch`` (ATen's BN, which the tracer sees through)."""
+    if traced.active(x):
+        return traced.batch(x, weight, bias, eps)
     if needs_function(x, weight, bias):
         aten = _aten_recorded(x, weight, bias)
         if aten is not None:
@@ -261,7 +264,11 @@ def train_forward_updating(
     blends the batch into the buffers, as it does for ``torch.nn``, so the running
     statistics are torch.nn's bit for bit; the guard then keeps a copy of the buffers and
     puts it back if the batch's statistics are not finite: in ``backup`` (a layer's
-    ``kernels.cpu_backup.RunningBackup``) where it applies, else in a new tensor."""
+    ``kernels.cpu_backup.RunningBackup``) where it applies, else in a new tensor.
+    Under tracing: ``traced.train`` (ATen's BN, the guard as ``torch.where``)."""
+    if traced.active(x):
+        return traced.train(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                            momentum, eps)
     aten = _aten_recorded(x, weight, bias)
     if aten is not None and aten.updates_running(x, running_mean, running_var):
         factor = stats.blend_factor(momentum, num_batches_tracked, pending=1)

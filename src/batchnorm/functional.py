@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import kernels, stats
+from . import kernels, stats, traced
 from .autograd import (
     eval_forward, needs_function, train_forward, train_forward_updating, transformed,
 )
@@ -144,14 +144,15 @@ def eval_normalize(
     needed or where ATen's autograd may record the call (eager, no torch.func transform,
     running statistics that do not require grad): its backward is the same affine map, in
     C++ rather than in ``BatchNormEval``'s Python. Otherwise ``invstd`` is formed here and
-    the ``normalize`` kernel runs."""
-    if not torch.compiler.is_compiling():
-        backend = kernels.pick("forward_eval", input)
-        if hasattr(backend, "forward_eval") and (
-            not needs_function(input, running_mean, running_var, weight, bias)
-            or _recordable(backend, input, running_mean, running_var, weight, bias)
-        ):
-            return backend.forward_eval(input, running_mean, running_var, weight, bias, eps)
+    the ``normalize`` kernel runs. Under tracing: ``traced.eval`` (ATen's eval BN)."""
+    if traced.active(input):
+        return traced.eval(input, running_mean, running_var, weight, bias, eps)
+    backend = kernels.pick("forward_eval", input)
+    if hasattr(backend, "forward_eval") and (
+        not needs_function(input, running_mean, running_var, weight, bias)
+        or _recordable(backend, input, running_mean, running_var, weight, bias)
+    ):
+        return backend.forward_eval(input, running_mean, running_var, weight, bias, eps)
     acc = acc_dtype(input.dtype)
     invstd = torch.rsqrt(running_var.to(acc) + eps)
     return eval_forward(input, running_mean.to(acc), invstd, weight, bias)

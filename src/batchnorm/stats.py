@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import kernels
+from . import kernels, traced
 
 
 class Moments(NamedTuple):
@@ -42,8 +42,12 @@ class Moments(NamedTuple):
 
 
 def moments(x: Tensor) -> Moments:
-    """Moments of ``x`` (N, C, *) per channel, from the fastest applicable kernel."""
-    mean, var = kernels.call("batch_stats", x)
+    """Moments of ``x`` (N, C, *) per channel, from the fastest applicable kernel
+    (``torch.var_mean`` under tracing)."""
+    if traced.active(x):
+        mean, var = kernels.torch_backend.batch_stats(x)
+    else:
+        mean, var = kernels.call("batch_stats", x)
     count = torch.full_like(mean, x.numel() // max(x.shape[1], 1))
     return Moments(count, mean, var * count)
 
@@ -92,12 +96,13 @@ def update_running(
 
     Guard: if any batch statistic is non-finite (NaN/Inf input, fp16 overflow) nothing is
     updated, ``num_batches_tracked`` included, and a warning names the channels. In eager
-    mode one host read decides; under ``torch.compile`` the update uses ``torch.where``
-    (no host read, no warning) instead.
+    mode one host read decides; under tracing (``torch.compile``, ``torch.export``) the
+    update is ``traced.update_running``'s ``torch.where`` (no host read, no warning).
     """
     unbiased = var * (count / (count - 1)) if count > 1 else var
-    if torch.compiler.is_compiling():
-        _update_traceable(running_mean, running_var, mean, unbiased, momentum, num_batches_tracked)
+    if traced.active(mean):
+        traced.update_running(running_mean, running_var, mean, unbiased, momentum,
+                              num_batches_tracked)
         return
     # Eager: one host read decides (a float64 sum is non-finite iff some statistic is).
     ok = math.isfinite(float(mean.sum(dtype=torch.float64) + unbiased.sum(dtype=torch.float64)))
@@ -176,27 +181,3 @@ def blend_factor(
     if num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     return 1.0 / max(int(num_batches_tracked) + pending, 1)
-
-
-def _update_traceable(
-    running_mean: Tensor,
-    running_var: Tensor,
-    mean: Tensor,
-    unbiased: Tensor,
-    momentum: float | None,
-    num_batches_tracked: Tensor | None,
-) -> None:
-    """The same update without host reads (for torch.compile): torch.where keeps the old
-    values when a statistic is not finite."""
-    ok = (torch.isfinite(mean) & torch.isfinite(unbiased)).all()
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
-    if momentum is None:
-        if num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-        factor = 1.0 / num_batches_tracked.clamp(min=1).to(running_mean.dtype)
-    else:
-        factor = torch.tensor(momentum, dtype=running_mean.dtype, device=running_mean.device)
-    factor = torch.where(ok, factor, torch.zeros_like(factor))
-    running_mean.lerp_(torch.where(ok, mean.to(running_mean.dtype), running_mean), factor)
-    running_var.lerp_(torch.where(ok, unbiased.to(running_var.dtype), running_var), factor)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import stats
+from .. import stats, traced
 from ..kernels import activations
 from ..kernels.torch_backend import acc_dtype
 from ..modules import _BatchNorm
@@ -123,6 +123,8 @@ class _BatchNormAct(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         mode = statistics_mode(self, input)
+        if traced.active(input):
+            return self._traced(input, mode)
         mean = invstd = None
         if mode == "running":
             acc = acc_dtype(input.dtype)
@@ -143,6 +145,20 @@ class _BatchNormAct(_BatchNorm):
                 input.numel() // input.shape[1], self.momentum, self.num_batches_tracked,
             )
         return z
+
+    def _traced(self, input: Tensor, mode: str) -> Tensor:
+        """The traced route: BN's ATen op (``traced.eval`` / ``train`` / ``batch``) with
+        the effective weight, then the activation's op."""
+        weight = traced.straight_through(self.weight, self.effective_weight())
+        if mode == "running":
+            y = traced.eval(input, self.running_mean, self.running_var, weight, self.bias,
+                            self.eps)
+        elif mode == "batch_update":
+            y = traced.train(input, weight, self.bias, self.running_mean, self.running_var,
+                             self.num_batches_tracked, self.momentum, self.eps)[0]
+        else:
+            y = traced.batch(input, weight, self.bias, self.eps)[0]
+        return traced.activation(y, self.act, self.alpha)
 
     def activation_module(self) -> torch.nn.Module:
         """The torch.nn module of this layer's activation (for export to plain torch)."""

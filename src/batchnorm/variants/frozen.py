@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import traced
 from ..kernels import activations
 from ..kernels.torch_backend import acc_dtype, channel_view
 from ..modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, check_layout
@@ -107,6 +108,10 @@ class _FrozenBatchNorm(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         self.check_input(input)
+        if traced.active(input):  # eval BN as one ATen op, then the activation's op
+            y = traced.eval(input, self.running_mean, self.running_var, self.weight,
+                            self.bias, self.eps)
+            return traced.activation(y, self.act, self.alpha)
         acc = acc_dtype(input.dtype)
         mean = self.running_mean.to(acc)
         invstd = torch.rsqrt(self.running_var.to(acc) + self.eps)

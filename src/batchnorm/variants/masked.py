@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import ops, stats
+from .. import ops, stats, traced
 from ..functional import _check_float, eval_normalize
 from ..kernels.torch_backend import acc_dtype, channel_view, reduce_dims
 from ..modules import _BatchNorm
@@ -62,9 +62,13 @@ def mask_weights(input: Tensor, mask: Tensor) -> Tensor:
             f"got {mask.dtype}"
         )
     w = shaped.to(device=input.device, dtype=acc_dtype(input.dtype))
-    if mask.is_floating_point() and not bool(torch.isfinite(w).all() & (w >= 0).all()):
-        raise ValueError("mask weights must be finite and >= 0")
-    return w
+    if mask.is_floating_point():
+        valid = torch.isfinite(w).all() & (w >= 0).all()
+        if traced.active(w):  # no host read: the traced program checks when it runs
+            traced.check(valid, "mask weights must be finite and >= 0")
+        elif not bool(valid):
+            raise ValueError("mask weights must be finite and >= 0")
+    return w.detach()
 
 
 def _full(w: Tensor, input: Tensor) -> Tensor:
@@ -176,6 +180,9 @@ def masked_batch_norm(
                 "got None. Pass training=True to normalise with the batch statistics."
             )
         return eval_normalize(input, running_mean, running_var, weight, bias, eps)
+    if traced.active(input):
+        return _train_traced(input, w, running_mean, running_var, weight, bias, momentum, eps,
+                             num_batches_tracked)
     count = selected_count(input, w)
     if count <= 1:
         raise ValueError(
@@ -184,6 +191,24 @@ def masked_batch_norm(
         )
     return _train(input, w, running_mean, running_var, weight, bias, momentum, eps,
                   num_batches_tracked)
+
+
+def _train_traced(input, w, running_mean, running_var, weight, bias, momentum, eps,
+                  num_batches_tracked):
+    """The traced route of ``_train``: the weighted statistics and the normalisation as
+    plain torch ops (autograd differentiates through the statistics: the closed form of
+    the module docstring), the selected count checked when the program runs, the guarded
+    update with Kish's effective count as a tensor."""
+    full = _full(w, input)
+    traced.check(
+        torch.count_nonzero(full) > 1,
+        f"the mask selects at most 1 value per channel of the input of shape "
+        f"{tuple(input.shape)}; training statistics need more than 1",
+    )
+    mean, var = masked_moments(input, w)
+    n_eff = full.sum() ** 2 / (full * full).sum()
+    return traced.train_with(input, mean, var, n_eff, weight, bias, running_mean, running_var,
+                             num_batches_tracked, momentum, eps)
 
 
 def _train(input, w, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked):
@@ -247,6 +272,15 @@ class _MaskedBatchNorm(_BatchNorm):
             return super().forward(input)
         self.check_input(input)
         w = mask_weights(input, mask)
+        if traced.active(input):  # the count is data: checked when the program runs
+            mode = statistics_mode(self, input)
+            if mode == "running":
+                return eval_normalize(input, self.running_mean, self.running_var,
+                                      self.weight, self.bias, self.eps)
+            update = mode == "batch_update"
+            return _train_traced(input, w, self.running_mean if update else None,
+                                 self.running_var if update else None, self.weight, self.bias,
+                                 self.momentum, self.eps, self.num_batches_tracked)
         count = selected_count(input, w)
         policy = self.single_value
         if self._uses_batch_stats() and (

@@ -15,7 +15,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from .. import stats
+from .. import stats, traced
 from ..functional import eval_normalize
 from ..modules import _BatchNorm
 from ._common import fill_doc, statistics_mode
@@ -125,9 +125,14 @@ class _BatchRenorm(_BatchNorm):
         )
 
     def limits(self) -> tuple[float, float]:
-        """The (r_max, d_max) in force at the current step (after warm-up: the given ones)."""
+        """The (r_max, d_max) in force at the current step (after warm-up: the given ones);
+        0-d tensors under tracing (the step count is data)."""
         if self.warmup_steps == 0:
             return self.r_max, self.d_max
+        if traced.active(self.num_batches_tracked):
+            return traced.warmup_limits(
+                self.num_batches_tracked, self.r_max, self.d_max, self.warmup_steps
+            )
         t = min(1.0, int(self.num_batches_tracked) / self.warmup_steps)
         return 1.0 + (self.r_max - 1.0) * t, self.d_max * t
 
