@@ -8,8 +8,10 @@ and first stages at stride 1), batch 32, 3x32x32 input, 10 classes, float32, NCH
 is forward, cross-entropy, backward and an SGD step (the model compiled, the loss,
 backward and optimizer step as usual). The four variants of a model (torch.nn eager,
 batchnorm eager, torch.nn compiled, batchnorm compiled) start from the same weights and
-run in turn, round after round, swapping order every round; medians over the rounds.
-``ratio`` is torch.nn's time over batchnorm's (>= 1: batchnorm is as fast or faster).
+run in turn, round after round, swapping order every round; medians over the rounds of
+the wall-clock time and of the process's CPU time (all threads; on a machine shared with
+other loads the CPU time is the steadier of the two). ``ratio`` is torch.nn's time over
+batchnorm's (>= 1: batchnorm is as fast or faster).
 
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \\
         .venv/bin/python benchmarks/compile_step.py --threads 2 --json benchmarks/compile_step.json
@@ -101,22 +103,27 @@ NORMS: dict[str, Norm] = {"torch.nn": nn.BatchNorm2d, "batchnorm": batchnorm.Bat
 
 
 # -- timing ---------------------------------------------------------------------------------
-def interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict[str, float]:
-    """Median seconds of each callable over ``rounds``, called in turn (order reversed
-    every other round), after ``warmup`` calls each (which compile)."""
+def interleaved(
+    fns: dict[str, Callable[[], None]], rounds: int, warmup: int
+) -> dict[str, dict[str, float]]:
+    """Median wall-clock and CPU seconds of each callable over ``rounds``, called in turn
+    (order reversed every other round), after ``warmup`` calls each (which compile)."""
     for name, fn in fns.items():
         start = time.perf_counter()
         for _ in range(warmup):
             fn()
         print(f"    warm-up {name}: {time.perf_counter() - start:.1f} s", flush=True)
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     order = list(fns)
     for r in range(rounds):
         for name in order if r % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+            cpu[name].append(time.process_time() - start_cpu)
+            wall[name].append(time.perf_counter() - start)
+    return {name: {"wall": statistics.median(wall[name]), "cpu": statistics.median(cpu[name])}
+            for name in fns}
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -131,7 +138,7 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[
     return step
 
 
-def model_steps(name: str, batch: int, rounds: int, warmup: int) -> dict[str, float]:
+def model_steps(name: str, batch: int, rounds: int, warmup: int) -> dict[str, dict[str, float]]:
     torch.manual_seed(0)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     reference = MODELS[name](NORMS["torch.nn"])
@@ -146,7 +153,7 @@ def model_steps(name: str, batch: int, rounds: int, warmup: int) -> dict[str, fl
     return interleaved(fns, rounds, warmup)
 
 
-def layer_steps(shape: tuple[int, ...], rounds: int) -> dict[str, float]:
+def layer_steps(shape: tuple[int, ...], rounds: int) -> dict[str, dict[str, float]]:
     """One BN layer, forward + backward of ``y.backward(dy)``."""
     x = torch.randn(shape, requires_grad=True)
     dy = torch.randn(shape)
@@ -188,24 +195,29 @@ def main() -> None:
         result["models"][name] = t
         for mode in ("eager", "compiled"):
             nn_t, ours = t[f"torch.nn {mode}"], t[f"batchnorm {mode}"]
-            rows.append(f"| {name} | {mode} | {nn_t * 1e3:.1f} | {ours * 1e3:.1f} | {nn_t / ours:.2f} |")
+            rows.append(
+                f"| {name} | {mode} | {nn_t['wall'] * 1e3:.1f} | {ours['wall'] * 1e3:.1f} "
+                f"| {nn_t['wall'] / ours['wall']:.2f} | {nn_t['cpu'] * 1e3:.1f} "
+                f"| {ours['cpu'] * 1e3:.1f} | {nn_t['cpu'] / ours['cpu']:.2f} |"
+            )
     layer_rows = []
     if args.layer_rounds:
         for shape in ((8, 256, 56, 56), (8, 1024, 14, 14)):
             print(f"BN layer {shape}:", flush=True)
             t = layer_steps(shape, args.layer_rounds)
             result["layers"]["x".join(map(str, shape))] = t
-            ne, nc = t["torch.nn eager"], t["torch.nn compiled"]
-            oe, oc = t["batchnorm eager"], t["batchnorm compiled"]
+            ne, nc = t["torch.nn eager"]["wall"], t["torch.nn compiled"]["wall"]
+            oe, oc = t["batchnorm eager"]["wall"], t["batchnorm compiled"]["wall"]
             layer_rows.append(
                 f"| {'x'.join(map(str, shape))} | {ne * 1e3:.2f} | {nc * 1e3:.2f} | {oe * 1e3:.2f} "
                 f"| {oc * 1e3:.2f} | {ne / oe:.2f} | {nc / oe:.2f} | {nc / oc:.2f} |"
             )
     result["loadavg_after"] = os.getloadavg()
-    print("\n| model | mode | torch.nn ms | batchnorm ms | ratio |\n|---|---|--:|--:|--:|")
+    print("\n| model | mode | torch.nn ms | batchnorm ms | ratio | torch.nn CPU ms "
+          "| batchnorm CPU ms | CPU ratio |\n|---|---|--:|--:|--:|--:|--:|--:|")
     print("\n".join(rows))
     if layer_rows:
-        print("\n| BN layer (fwd+bwd) | torch.nn eager ms | torch.nn compiled ms | batchnorm eager ms "
+        print("\n(wall clock)\n| BN layer (fwd+bwd) | torch.nn eager ms | torch.nn compiled ms | batchnorm eager ms "
               "| batchnorm compiled ms | eager vs eager | eager vs nn compiled | compiled vs compiled |"
               "\n|---|--:|--:|--:|--:|--:|--:|--:|")
         print("\n".join(layer_rows))
