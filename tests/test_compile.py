@@ -217,3 +217,21 @@ def test_every_custom_op_has_a_sample():
 def test_opcheck(op):
     for args in _op_samples()[op]:
         torch.library.opcheck(op, args)
+
+
+def test_dispatch_modes_take_the_traced_route():
+    """make_fx (a dispatch mode, without torch.compile) records ATen's BN, and fake tensors
+    run through every kind."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    layer = batchnorm.BatchNormAct2d(C, act="silu").train()
+    graph = make_fx(lambda x: layer(x))(torch.randn(6, C, 5, 5))
+    targets = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
+    assert "aten._native_batch_norm_legit_functional.default" in targets
+    assert not any("batchnorm" in t for t in targets)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        for kind in KINDS:
+            net = Net(kind)
+            y = net(*(mode.from_tensor(a) for a in _args(kind)))
+            assert y.shape == (6, C, 5, 5)

@@ -27,13 +27,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .kernels import torch_backend
 from .kernels.torch_backend import acc_dtype
 
 _aten = torch.ops.aten
 _PLAIN = (torch.Tensor, nn.Parameter)
+_dispatch_modes = torch._C._len_torch_dispatch_stack  # active TorchDispatchModes (fake, proxy, ...)
 
 
 def active(x: Tensor) -> bool:
@@ -42,7 +42,7 @@ def active(x: Tensor) -> bool:
     (``is_compiling`` first: reading the dispatch-mode stack breaks Dynamo's graph.)"""
     return (
         torch.compiler.is_compiling()
-        or _get_current_dispatch_mode() is not None
+        or _dispatch_modes() > 0
         or type(x) not in _PLAIN
     )
 
