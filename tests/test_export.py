@@ -194,3 +194,17 @@ def test_fold_then_export_gives_the_smallest_graph(tmp_path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_strict_export_of_batch_renorm_in_training():
+    """Dynamo-based (strict) export too: Batch Renorm's warm-up reads num_batches_tracked
+    as a tensor, so no data-dependent guard stops it."""
+    torch.manual_seed(0)
+    eager = batchnorm.BatchRenorm2d(C, warmup_steps=3).train()
+    source = batchnorm.BatchRenorm2d(C, warmup_steps=3).train()
+    x = torch.randn(6, C, 5, 5)
+    program = torch.export.export(source, (x,), strict=True).module()
+    for step in range(3):
+        torch.testing.assert_close(program(x * (step + 1)), eager(x * (step + 1)))
+    for name, buf in eager.named_buffers():
+        torch.testing.assert_close(program.get_buffer(name), buf, msg=name)
