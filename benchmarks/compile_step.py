@@ -11,7 +11,9 @@ batchnorm eager, torch.nn compiled, batchnorm compiled) start from the same weig
 run in turn, round after round, swapping order every round; medians over the rounds of
 the wall-clock time and of the process's CPU time (all threads; on a machine shared with
 other loads the CPU time is the steadier of the two). ``ratio`` is torch.nn's time over
-batchnorm's (>= 1: batchnorm is as fast or faster).
+batchnorm's (>= 1: batchnorm is as fast or faster); ``paired`` is the median over rounds of
+that ratio within a round (the two ran seconds apart, so a load that drifts over the run
+cancels).
 
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \\
         .venv/bin/python benchmarks/compile_step.py --threads 2 --json benchmarks/compile_step.json
@@ -122,8 +124,16 @@ def interleaved(
             fns[name]()
             cpu[name].append(time.process_time() - start_cpu)
             wall[name].append(time.perf_counter() - start)
-    return {name: {"wall": statistics.median(wall[name]), "cpu": statistics.median(cpu[name])}
-            for name in fns}
+    result = {name: {"wall": statistics.median(wall[name]), "cpu": statistics.median(cpu[name])}
+              for name in fns}
+    for mode in ("eager", "compiled"):
+        theirs, ours = f"torch.nn {mode}", f"batchnorm {mode}"
+        if theirs in fns and ours in fns:
+            result[f"paired {mode}"] = {
+                clock: statistics.median(a / b for a, b in zip(times[theirs], times[ours]))
+                for clock, times in (("wall", wall), ("cpu", cpu))
+            }
+    return result
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -138,12 +148,14 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[
     return step
 
 
-def model_steps(name: str, batch: int, rounds: int, warmup: int) -> dict[str, dict[str, float]]:
+def model_steps(
+    name: str, batch: int, rounds: int, warmup: int, modes: list[str]
+) -> dict[str, dict[str, float]]:
     torch.manual_seed(0)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     reference = MODELS[name](NORMS["torch.nn"])
     fns = {}
-    for compiled in (False, True):
+    for compiled in [mode == "compiled" for mode in modes]:
         for norm_name, norm in NORMS.items():
             model = MODELS[name](norm)
             model.load_state_dict(reference.state_dict())
@@ -178,6 +190,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"],
+                        choices=["eager", "compiled"])
     parser.add_argument("--layer-rounds", type=int, default=30,
                         help="rounds of the BN layer alone (0: skip it)")
     parser.add_argument("--json", help="write the results here")
@@ -191,14 +205,15 @@ def main() -> None:
     rows = []
     for name in args.models:
         print(f"{name}, batch {args.batch}:", flush=True)
-        t = model_steps(name, args.batch, args.rounds, args.warmup)
+        t = model_steps(name, args.batch, args.rounds, args.warmup, args.modes)
         result["models"][name] = t
-        for mode in ("eager", "compiled"):
-            nn_t, ours = t[f"torch.nn {mode}"], t[f"batchnorm {mode}"]
+        for mode in args.modes:
+            nn_t, ours, paired = t[f"torch.nn {mode}"], t[f"batchnorm {mode}"], t[f"paired {mode}"]
             rows.append(
                 f"| {name} | {mode} | {nn_t['wall'] * 1e3:.1f} | {ours['wall'] * 1e3:.1f} "
-                f"| {nn_t['wall'] / ours['wall']:.2f} | {nn_t['cpu'] * 1e3:.1f} "
-                f"| {ours['cpu'] * 1e3:.1f} | {nn_t['cpu'] / ours['cpu']:.2f} |"
+                f"| {nn_t['wall'] / ours['wall']:.2f} | {paired['wall']:.2f} "
+                f"| {nn_t['cpu'] * 1e3:.1f} | {ours['cpu'] * 1e3:.1f} "
+                f"| {nn_t['cpu'] / ours['cpu']:.2f} | {paired['cpu']:.2f} |"
             )
     layer_rows = []
     if args.layer_rounds:
@@ -213,8 +228,8 @@ def main() -> None:
                 f"| {oc * 1e3:.2f} | {ne / oe:.2f} | {nc / oe:.2f} | {nc / oc:.2f} |"
             )
     result["loadavg_after"] = os.getloadavg()
-    print("\n| model | mode | torch.nn ms | batchnorm ms | ratio | torch.nn CPU ms "
-          "| batchnorm CPU ms | CPU ratio |\n|---|---|--:|--:|--:|--:|--:|--:|")
+    print("\n| model | mode | torch.nn ms | batchnorm ms | ratio | paired | torch.nn CPU ms "
+          "| batchnorm CPU ms | CPU ratio | CPU paired |\n|---|---|--:|--:|--:|--:|--:|--:|--:|--:|")
     print("\n".join(rows))
     if layer_rows:
         print("\n(wall clock)\n| BN layer (fwd+bwd) | torch.nn eager ms | torch.nn compiled ms | batchnorm eager ms "
