@@ -235,3 +235,42 @@ def test_dispatch_modes_take_the_traced_route():
             net = Net(kind)
             y = net(*(mode.from_tensor(a) for a in _args(kind)))
             assert y.shape == (6, C, 5, 5)
+
+
+def test_the_plan_sends_tracers_to_aten_and_torch_func_to_the_functions():
+    """One decision (core/plan.py): under a tracer (fake tensors) the "traced" route is
+    plan.TRACED, whose kernels are core/traced.py's ATen ops; under a torch.func transform
+    the same route keeps the autograd Functions (their vmap rules) over the custom ops,
+    and vmap still gives a loop's numbers."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from batchnorm.core import plan, traced
+    from batchnorm.core.autograd import BatchNormEval, BatchNormTrain
+
+    x = torch.randn(6, C, 5, 5)
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    rm, rv = torch.randn(C), torch.rand(C) + 0.5
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = mode.from_tensor(x)
+        assert plan.train_plan(fake, w, b, rm, rv) is plan.TRACED
+        assert plan.eval_plan(fake, rm, rv, w, b) is plan.TRACED
+    assert plan.TRACED.route == "traced" and plan.TRACED.kernels is traced
+    assert plan.train_plan(x, w, b).route != "traced"  # eager: a kernel's route
+
+    seen = []
+
+    def one(xi):
+        seen.append((plan.train_plan(xi, w, b, rm, rv), plan.eval_plan(xi, rm, rv, w, b)))
+        return batchnorm.batch_norm_stateless(xi, rm, rv, w, b, training=True)
+
+    xs = torch.stack([x, 3 * x + 1])
+    y, new_mean, new_var = torch.func.vmap(one)(xs)
+    train, evaluate = seen[0]
+    assert train.route == evaluate.route == "traced"
+    assert train.kernels is None and train.function == BatchNormTrain.apply
+    assert evaluate.kernels is None and evaluate.function == BatchNormEval.apply
+    for i in range(2):
+        y_i, mean_i, var_i = batchnorm.batch_norm_stateless(xs[i], rm, rv, w, b, training=True)
+        torch.testing.assert_close(y[i], y_i)
+        torch.testing.assert_close(new_mean[i], mean_i)
+        torch.testing.assert_close(new_var[i], var_i)
