@@ -149,7 +149,9 @@ class _BatchNormAct(_BatchNorm):
     def _traced(self, input: Tensor, mode: str) -> Tensor:
         """The traced route: BN's ATen op (``traced.eval`` / ``train`` / ``batch``) with
         the effective weight, then the activation's op."""
-        weight = traced.straight_through(self.weight, self.effective_weight())
+        weight = self.weight
+        if self.saves_output():  # the floor on |gamma| of the memory-saving path
+            weight = traced.straight_through(weight, self.effective_weight())
         if mode == "running":
             y = traced.eval(input, self.running_mean, self.running_var, weight, self.bias,
                             self.eps)
