@@ -6,13 +6,12 @@ running statistics as eager does. Fold-then-export gives the smallest graph."""
 import operator
 import warnings
 
+import onnx  # test dependencies (pyproject's extra "test"), pinned in constraints.txt
+import onnxruntime as ort
 import pytest
 import torch
 
 import batchnorm
-
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
 
 C = 4
 

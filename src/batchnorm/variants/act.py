@@ -133,9 +133,12 @@ class _BatchNormAct(_BatchNorm):
 
     def _traced(self, input: Tensor, mode: str) -> Tensor:
         """Under a tracer: BN through the plan's traced route (ATen's BN, the guarded
-        update as ``torch.where``) with the effective weight (straight-through), then the
-        activation's torch op (exported as ONNX Relu, LeakyRelu, Elu, ...)."""
-        weight = traced.straight_through(self.weight, self.effective_weight())
+        update as ``torch.where``), with the effective weight (straight-through) where the
+        memory-saving path uses it, then the activation's torch op (exported as ONNX Relu,
+        LeakyRelu, Elu, ...)."""
+        weight = self.weight
+        if self.saves_output():  # the floor on |gamma| of the memory-saving path
+            weight = traced.straight_through(weight, self.effective_weight())
         if mode == RUNNING:
             y = plan.evaluate(input, self.running_mean, self.running_var, weight, self.bias,
                               self.eps)
