@@ -136,8 +136,10 @@ def test_torch_compile_default_inductor_backend_trains():
 
 @pytest.mark.parametrize("act", ["relu", "leaky_relu", "silu"])
 def test_torch_compile_bn_act_matches_eager(act):
-    """BatchNormAct's custom ops (the input-saving backward for relu and silu, the
-    output-saving one for leaky_relu) trace into one graph and give eager's numbers."""
+    """BatchNormAct traces into one graph (ATen's BN and the activation's op, see
+    batchnorm.core.traced) and gives eager's numbers: eager runs batchnorm's kernels, compiled
+    runs ATen's (torch.nn's numbers), so sums over the batch (the conv weight's gradient)
+    differ in their last bits."""
     torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), batchnorm.BatchNormAct2d(4, act=act))
     eager = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), batchnorm.BatchNormAct2d(4, act=act))
@@ -148,6 +150,6 @@ def test_torch_compile_bn_act_matches_eager(act):
     torch.testing.assert_close(y1, y2)
     y1.square().sum().backward()
     y2.square().sum().backward()
-    torch.testing.assert_close(model[0].weight.grad, eager[0].weight.grad)
-    torch.testing.assert_close(model[1].weight.grad, eager[1].weight.grad)
+    torch.testing.assert_close(model[0].weight.grad, eager[0].weight.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(model[1].weight.grad, eager[1].weight.grad, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(model[1].running_var, eager[1].running_var)

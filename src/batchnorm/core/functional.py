@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from . import plan, stats
+from . import plan, stats, traced
 from ..kernels.torch_backend import acc_dtype, channel_view, reduce_dims
-from .masking import MaskedBatchNormTrain, effective_count, mask_weights, selected_count
+from .masking import (
+    MaskedBatchNormTrain, _full, effective_count, mask_weights, masked_moments,
+    selected_count,
+)
 
 __all__ = [
     "batch_stats", "normalize", "batch_norm", "batch_norm_stateless", "masked_batch_norm",
@@ -140,6 +143,9 @@ def masked_batch_norm(
     if not training:
         check_running(running_mean, running_var, "masked batch_norm")
         return plan.evaluate(input, running_mean, running_var, weight, bias, eps)
+    if traced.active(input):  # the count is data: masked_train checks it when it runs
+        return masked_train(input, w, weight, bias, eps, running_mean, running_var, momentum,
+                            num_batches_tracked)
     count = selected_count(input, w)
     if count <= 1:
         raise ValueError(
@@ -153,7 +159,22 @@ def masked_batch_norm(
 def masked_train(input, w, weight, bias, eps, running_mean=None, running_var=None,
                  momentum=0.1, num_batches_tracked=None) -> Tensor:
     """Normalise with the statistics of the weights ``w`` (``masking.mask_weights``) and
-    fold them into the running buffers, when given."""
+    fold them into the running buffers, when given. Under a tracer (``traced.active``):
+    the weighted statistics and the normalisation as plain torch ops (autograd
+    differentiates through the statistics: the closed form of ``batchnorm.masking``), the
+    selected count (> 1) checked when the program runs, and the guarded update with Kish's
+    effective count as a tensor."""
+    if traced.active(input):
+        full = _full(w, input)
+        traced.check(
+            torch.count_nonzero(full) > 1,
+            f"the mask selects at most 1 value per channel of the input of shape "
+            f"{tuple(input.shape)}; training statistics need more than 1",
+        )
+        mean, var = masked_moments(input, w)
+        n_eff = full.sum() ** 2 / (full * full).sum()
+        return traced.train_with(input, mean, var, n_eff, weight, bias, running_mean,
+                                 running_var, num_batches_tracked, momentum, eps)
     y, mean, invstd = MaskedBatchNormTrain.apply(input, w, weight, bias, eps)
     if running_mean is not None and running_var is not None:
         stats.update_running(

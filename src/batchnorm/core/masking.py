@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from . import ops
+from . import ops, traced
 from ..kernels.torch_backend import acc_dtype, channel_view, reduce_dims
 
 
@@ -59,9 +59,13 @@ def mask_weights(input: Tensor, mask: Tensor) -> Tensor:
             f"got {mask.dtype}"
         )
     w = shaped.to(device=input.device, dtype=acc_dtype(input.dtype))
-    if mask.is_floating_point() and not bool(torch.isfinite(w).all() & (w >= 0).all()):
-        raise ValueError("mask weights must be finite and >= 0")
-    return w
+    if mask.is_floating_point():
+        valid = torch.isfinite(w).all() & (w >= 0).all()
+        if traced.active(w):  # no host read: the traced program checks when it runs
+            traced.check(valid, "mask weights must be finite and >= 0")
+        elif not bool(valid):
+            raise ValueError("mask weights must be finite and >= 0")
+    return w.detach()  # constants: no gradient flows to the mask
 
 
 def _full(w: Tensor, input: Tensor) -> Tensor:

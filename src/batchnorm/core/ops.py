@@ -1,7 +1,12 @@
-"""torch.library custom ops around the kernels, so ``torch.compile`` sees them as opaque
-calls with known output shapes (the fake implementations) instead of tracing into
-numba or Triton code. They carry no autograd formula of their own: ``batchnorm.autograd``
-wraps them in autograd Functions (which also support ``torch.func`` transforms).
+"""torch.library custom ops around the kernels, so a tracer sees them as opaque calls with
+known output shapes (the fake implementations) instead of tracing into numba or Triton
+code. They carry no autograd formula of their own: ``batchnorm.autograd`` wraps them in
+autograd Functions (which also support ``torch.func`` transforms). The layers themselves
+do not reach them under ``torch.compile`` / ``torch.export``: there the plan's traced
+route runs ``batchnorm.core.traced`` (ATen's BN, which Inductor fuses and exporters
+know); the ops serve torch.func transforms (through the Functions' vmap rules) and code
+that calls the Functions or these names while tracing, and pass
+``torch.library.opcheck`` (tests/test_compile.py).
 
 Every op dispatches at run time to the fastest backend that applies (see
 ``batchnorm.kernels``).

@@ -11,9 +11,11 @@ these two functions. Routes:
   autograd and blending the running buffers inside the kernel, as for torch.nn;
 - ``"triton"``: the Triton kernels on CUDA;
 - ``"torch"``: the pure-torch backend (half types, odd layouts, forced);
-- ``"traced"``: torch.compile / torch.export / dispatch modes / torch.func transforms: the
-  ``batchnorm::`` custom ops of ``batchnorm.ops``, which pick their kernels when they run
-  (torch.compile sees opaque nodes; torch.func's vmap rule reshapes the tensors first).
+- ``"traced"``: torch.compile / torch.export / dispatch modes (``traced.active``): BN as
+  standard decomposable ATen ops (``batchnorm.core.traced``: ATen's BN, the guard as
+  ``torch.where``), which Inductor fuses and exporters know; under torch.func transforms
+  (vmap, grad) the autograd Functions over the ``batchnorm::`` custom ops of
+  ``batchnorm.ops`` instead (their vmap rules reshape the tensors first).
 
 The three shortcuts that keep a call cheap live here, each in one place (see "Shortcut").
 """
@@ -27,25 +29,24 @@ import torch
 from torch import Tensor
 
 from .. import kernels
-from . import ops, stats
+from . import ops, stats, traced
 from .autograd import BatchNormEval, BatchNormTrain, eval_apply, train_apply
 from ..kernels.torch_backend import acc_dtype
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _transforms_active = torch._C._are_functorch_transforms_active
-_dispatch_modes = torch._C._len_torch_dispatch_stack  # fake tensors, make_fx, export
 
 
 class Plan(NamedTuple):
     route: str  # "cpu", "native", "triton", "torch" or "traced"
-    kernels: ModuleType | None  # the backend whose kernels run; None: ``ops`` (traced)
+    kernels: ModuleType | None  # the backend whose kernels run; ``traced`` (ATen ops under
+    # a tracer); None: ``ops`` (torch.func transforms)
     function: Callable | None  # the autograd Function's apply; None: call the kernels
     blends_running: bool  # the kernel blends the batch into the running buffers itself
 
 
 _plans: dict[tuple, Plan] = {}
-#: The traced plans, constants (a tracer sees no dictionary lookup).
-_TRACED = Plan("traced", None, None, False)  # no gradient: the custom ops directly
+#: The torch.func plans, constants (a transform sees no dictionary lookup).
 _TRACED_TRAIN_FUNCTION = Plan("traced", None, BatchNormTrain.apply, False)
 _TRACED_EVAL_FUNCTION = Plan("traced", None, BatchNormEval.apply, False)
 
@@ -61,10 +62,12 @@ def _plan(kernels: ModuleType, function: Callable | None, blends: bool) -> Plan:
 
 def tracing(x: Tensor) -> bool:
     """Whether a tracer or transform sees this call (route ``"traced"``)."""
-    return (
-        torch.compiler.is_compiling() or _transforms_active() or _dispatch_modes()
-        or type(x) is not Tensor
-    )
+    return traced.active(x) or _transforms_active()
+
+
+#: The traced route under a tracer (``traced.active`` without a torch.func transform):
+#: ATen's ops, recorded by ATen's autograd, the running update inside ``traced.train``.
+TRACED = Plan("traced", traced, None, False)
 
 
 def wants_grad(*tensors: Tensor | None) -> bool:
@@ -91,9 +94,10 @@ def train_plan(
 ) -> Plan:
     """The plan of a training forward (``running_*``: buffers to update, if any)."""
     if tracing(x):
-        if wants_grad(x, weight, bias) or _transforms_active():
-            return _TRACED_TRAIN_FUNCTION
-        return _TRACED
+        if not _transforms_active():
+            return TRACED
+        # torch.func: the Function (its vmap rule) over the custom ops
+        return _TRACED_TRAIN_FUNCTION
     backend = kernels.pick("forward_train", x)
     if backend.records_autograd:
         # Shortcut 1: ATen's autograd records ATen's kernel, as for torch.nn: the same
@@ -118,6 +122,12 @@ def train(
     the guarded update of ``stats.update_running`` (``backup``: the layer's
     ``kernels.cpu_backup.RunningBackup``)."""
     plan = train_plan(x, weight, bias, running_mean, running_var)
+    if plan is TRACED:
+        # ATen's BN (the tracer sees through it); the guarded update as ``torch.where``
+        if running_mean is not None:
+            return traced.train(x, weight, bias, running_mean, running_var,
+                                num_batches_tracked, momentum, eps)
+        return traced.batch(x, weight, bias, eps)
     if plan.blends_running:
         # Shortcut 3: ATen blends the batch into the buffers inside its kernel (torch.nn's
         # running statistics bit for bit); the guard sets the buffers aside first, in the
@@ -150,7 +160,10 @@ def eval_plan(
     torch.nn's numbers, one pass, traceable) takes the running variance as it is where no
     gradient is needed, or where ATen's autograd may record it (eager, no torch.func
     transform, statistics that do not require grad); otherwise the ``normalize`` kernels
-    run on ``invstd``, through ``BatchNormEval`` where autograd needs it."""
+    run on ``invstd``, through ``BatchNormEval`` where autograd needs it. Under a tracer:
+    ``TRACED`` (ATen's eval BN, a core ATen op)."""
+    if traced.active(x) and not _transforms_active():
+        return TRACED
     grad = wants_grad(x, running_mean, running_var, weight, bias)
     if not torch.compiler.is_compiling():
         backend = kernels.pick("forward_eval", x)
@@ -163,8 +176,8 @@ def eval_plan(
             ))
         ):
             return _plan(backend, None, False)
-    if tracing(x):
-        return _TRACED_EVAL_FUNCTION if grad or _transforms_active() else _TRACED
+    if tracing(x):  # torch.func: the Function (its vmap rule) over the custom ops
+        return _TRACED_EVAL_FUNCTION
     backend = kernels.pick("normalize", x)
     return _plan(backend, eval_apply if grad else None, False)
 
@@ -175,6 +188,8 @@ def evaluate(
 ) -> Tensor:
     """``x`` normalised with fixed statistics (the running ones, in eval)."""
     plan = eval_plan(x, running_mean, running_var, weight, bias)
+    if plan is TRACED:
+        return traced.eval(x, running_mean, running_var, weight, bias, eps)
     if plan.route == "native":
         return plan.kernels.forward_eval(x, running_mean, running_var, weight, bias, eps)
     acc = acc_dtype(x.dtype)

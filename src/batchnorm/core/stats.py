@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import kernels
+from . import traced
 
 
 class Moments(NamedTuple):
@@ -42,8 +43,12 @@ class Moments(NamedTuple):
 
 
 def moments(x: Tensor) -> Moments:
-    """Moments of ``x`` (N, C, *) per channel, from the fastest applicable kernel."""
-    mean, var = kernels.call("batch_stats", x)
+    """Moments of ``x`` (N, C, *) per channel, from the fastest applicable kernel
+    (``torch.var_mean`` under tracing)."""
+    if traced.active(x):
+        mean, var = kernels.torch_backend.batch_stats(x)
+    else:
+        mean, var = kernels.call("batch_stats", x)
     count = torch.full_like(mean, x.numel() // max(x.shape[1], 1))
     return Moments(count, mean, var * count)
 
@@ -127,8 +132,9 @@ def update_running(
 
     Guard: if any batch statistic is non-finite (NaN/Inf input, fp16 overflow) nothing is
     updated, ``num_batches_tracked`` included, and a warning names the channels. In eager
-    mode one host read decides; while torch.compile traces, ``torch.where`` keeps the old
-    values (no host read, no warning).
+    mode one host read decides; under tracing (``torch.compile``, ``torch.export``, dispatch
+    modes: ``traced.active``) the update is ``traced.update_running``'s ``torch.where``,
+    which keeps the old values (no host read, no warning).
 
     ``aside`` (from ``set_aside``): the kernel has blended the batch into the buffers
     already (ATen's, for torch.nn's numbers bit for bit); the blend is kept if finite
@@ -150,12 +156,12 @@ def update_running(
             warn_not_finite(mean, var_from_invstd(invstd, eps), stacklevel=4)
         return None
     correction = count / (count - 1) if count > 1 else 1.0
-    if not inplace or torch.compiler.is_compiling():
+    if not inplace or traced.active(mean):
         if var is None:
             var = var_from_invstd(invstd, eps)
         with torch.no_grad():
-            return _update_traceable(running_mean, running_var, mean, var * correction,
-                                     momentum, num_batches_tracked, inplace)
+            return traced.update_running(running_mean, running_var, mean, var * correction,
+                                         momentum, num_batches_tracked, inplace)
     if invstd is not None and kernels.get_backend() in ("auto", "cpu"):
         # CPU buffers: the variance recovery, the check and both blends in one compiled
         # call instead of a dozen small torch operations
@@ -221,33 +227,3 @@ def blend_factor(
     if num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     return 1.0 / max(int(num_batches_tracked) + pending, 1)
-
-
-def _update_traceable(
-    running_mean: Tensor,
-    running_var: Tensor,
-    mean: Tensor,
-    unbiased: Tensor,
-    momentum: float | None,
-    num_batches_tracked: Tensor | None,
-    inplace: bool,
-) -> tuple[Tensor, Tensor] | None:
-    """The update without host reads (torch.compile, torch.func): ``torch.where`` keeps
-    the old values when a statistic is not finite."""
-    ok = (torch.isfinite(mean) & torch.isfinite(unbiased)).all()
-    if num_batches_tracked is not None and inplace:
-        num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
-    if momentum is None:
-        if num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-        factor = 1.0 / num_batches_tracked.clamp(min=1).to(running_mean.dtype)
-    else:
-        factor = torch.tensor(momentum, dtype=running_mean.dtype, device=running_mean.device)
-    factor = torch.where(ok, factor, torch.zeros_like(factor))
-    new_mean = torch.where(ok, mean.to(running_mean.dtype), running_mean)
-    new_var = torch.where(ok, unbiased.to(running_var.dtype), running_var)
-    if not inplace:
-        return running_mean.lerp(new_mean, factor), running_var.lerp(new_var, factor)
-    running_mean.lerp_(new_mean, factor)
-    running_var.lerp_(new_var, factor)
-    return None

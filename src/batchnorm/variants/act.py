@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core import stats
+from ..core import plan, stats, traced
 from ..kernels import activations
 from ..kernels.torch_backend import acc_dtype
 from ..core.modules import EMPTY, RUNNING, UPDATE, _BatchNorm
@@ -110,6 +110,8 @@ class _BatchNormAct(_BatchNorm):
         mode = self.statistics(input)
         if mode == EMPTY:
             return self.normalize_batch(input, self.weight, self.bias, mode)
+        if traced.active(input):
+            return self._traced(input, mode)
         mean = invstd = None
         if mode == RUNNING:
             acc = acc_dtype(input.dtype)
@@ -130,6 +132,21 @@ class _BatchNormAct(_BatchNorm):
                 self.momentum, self.num_batches_tracked, invstd=invstd, eps=self.eps,
             )
         return z
+
+    def _traced(self, input: Tensor, mode: str) -> Tensor:
+        """Under a tracer: BN through the plan's traced route (ATen's BN, the guarded
+        update as ``torch.where``), with the effective weight (straight-through) where the
+        memory-saving path uses it, then the activation's torch op (exported as ONNX Relu,
+        LeakyRelu, Elu, ...)."""
+        weight = self.weight
+        if self.saves_output():  # the floor on |gamma| of the memory-saving path
+            weight = traced.straight_through(weight, self.effective_weight())
+        if mode == RUNNING:
+            y = plan.evaluate(input, self.running_mean, self.running_var, weight, self.bias,
+                              self.eps)
+        else:
+            y = self.normalize_batch(input, weight, self.bias, mode)
+        return traced.activation(y, self.act, self.alpha)
 
     def activation_module(self) -> torch.nn.Module:
         """The torch.nn module of this layer's activation (for export to plain torch)."""

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..kernels import activations
 from ..kernels.torch_backend import acc_dtype, channel_view
-from ..core import functional
+from ..core import functional, plan, traced
 from ..core.modules import TORCH_CLASSES, Family, _BatchNorm, check_layout
 from ..core.tree import replace_modules
 from ._act_autograd import OutputSavingBNAct
@@ -116,6 +116,10 @@ class _FrozenBatchNorm(Family, nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         self.check_input(input)
+        if traced.active(input):  # the plan's traced route: eval BN as one ATen op,
+            y = plan.evaluate(input, self.running_mean, self.running_var, self.weight,
+                              self.bias, self.eps)  # then the activation's op
+            return traced.activation(y, self.act, self.alpha)
         acc = acc_dtype(input.dtype)
         mean = self.running_mean.to(acc)
         invstd = torch.rsqrt(self.running_var.to(acc) + self.eps)

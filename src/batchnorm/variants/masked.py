@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..core import plan
+from ..core import plan, traced
 from ..core.functional import masked_batch_norm, masked_train  # noqa: F401
 from ..core.masking import (  # noqa: F401  (the masked statistics, importable from here)
     MaskedBatchNormTrain, effective_count, mask_weights, masked_moments, selected_count,
@@ -69,8 +69,12 @@ class _MaskedBatchNorm(_BatchNorm):
             return super().forward(input)
         self.check_input(input)
         w = mask_weights(input, mask)
-        count = selected_count(input, w)
-        size = f"a mask that selects {count} value(s) per channel of input size {list(input.shape)}"
+        if traced.active(input):  # the count is data: masked_train checks it when it runs
+            count = size = None
+        else:
+            count = selected_count(input, w)
+            size = (f"a mask that selects {count} value(s) per channel of input size "
+                    f"{list(input.shape)}")
         mode = self.statistics(input, count, size)
         if mode == EMPTY:
             return self.normalize_batch(input, self.weight, self.bias, mode)

@@ -15,7 +15,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from ..core import plan, stats
+from ..core import plan, stats, traced
 from ..core.modules import EMPTY, RECOMPUTE, RUNNING, UPDATE, _BatchNorm
 
 _DOC = r"""Batch Renormalization over a {dims} input, as described in `Batch
@@ -110,9 +110,14 @@ class _BatchRenorm(_BatchNorm):
         )
 
     def limits(self) -> tuple[float, float]:
-        """The (r_max, d_max) in force at the current step (after warm-up: the given ones)."""
+        """The (r_max, d_max) in force at the current step (after warm-up: the given ones);
+        0-d tensors under tracing (the step count is data)."""
         if self.warmup_steps == 0:
             return self.r_max, self.d_max
+        if traced.active(self.num_batches_tracked):
+            return traced.warmup_limits(
+                self.num_batches_tracked, self.r_max, self.d_max, self.warmup_steps
+            )
         t = min(1.0, int(self.num_batches_tracked) / self.warmup_steps)
         return 1.0 + (self.r_max - 1.0) * t, self.d_max * t
 
@@ -163,9 +168,9 @@ RECENT = 8
 
 
 def _key(input: Tensor) -> tuple | None:
-    """Where and how ``input`` is laid out; None where that cannot be read (torch.compile
-    traces, torch.func wrappers)."""
-    if torch.compiler.is_compiling():
+    """Where and how ``input`` is laid out; None where that cannot be read (tracers, whose
+    fake tensors have no data; torch.func wrappers)."""
+    if traced.active(input):
         return None
     try:
         return input.data_ptr(), tuple(input.shape), input.stride(), input.dtype
