@@ -103,8 +103,16 @@ _DOC = r"""Applies Batch Normalization over a {dims} input, as described in `Bat
     """
 
 
-class _BatchNorm(nn.Module):
-    """Parameters, buffers, checks and the statistics rule shared by BatchNorm1d/2d/3d."""
+class _BatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Parameters, buffers, checks and the statistics rule shared by BatchNorm1d/2d/3d.
+
+    A subclass of torch.nn's ``_BatchNorm`` (and each 1d/2d/3d class of torch.nn's
+    matching class), so code written for torch.nn's BN layers (``isinstance`` checks,
+    ``torch.optim.swa_utils.update_bn``, ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``)
+    treats ours as BN. Everything torch.nn's base would run is ours: ``__init__`` (it
+    calls ``nn.Module.__init__`` only), ``forward``, ``_check_input_dim``,
+    ``extra_repr``, the resets and ``_load_from_state_dict``.
+    """
 
     _version = 2
     _expected_dims: tuple[int, ...] = ()
@@ -123,7 +131,7 @@ class _BatchNorm(nn.Module):
         bias: bool = True,
         single_value: str = "error",
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not torch.nn's _NormBase.__init__: the state is built here
         if single_value not in SINGLE_VALUE_POLICIES:
             raise ValueError(
                 f"single_value must be one of {SINGLE_VALUE_POLICIES}, got {single_value!r}"
@@ -193,6 +201,11 @@ class _BatchNorm(nn.Module):
         )
 
     # -- checks -------------------------------------------------------------------
+    def _check_input_dim(self, input: Tensor) -> None:
+        """torch.nn's name for the rank check (its forward calls it; ours calls
+        ``check_input``): the rank, channel-count and dtype checks."""
+        check_layout(self, input)
+
     def check_input(self, input: Tensor) -> None:
         """Raise a clear error for input this layer cannot normalise (state untouched)."""
         check_layout(self, input)
@@ -289,7 +302,7 @@ class _BatchNorm(nn.Module):
         return backup
 
 
-class BatchNorm1d(_BatchNorm):
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     _expected_dims = (2, 3)
     _shape_text = "(N, C) or (N, C, L)"
     __doc__ = _DOC.format(dims="2D or 3D", reduced="over N, and L if present",
@@ -297,14 +310,14 @@ class BatchNorm1d(_BatchNorm):
                           example_shape="20, 100")
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
     _expected_dims = (4,)
     _shape_text = "(N, C, H, W)"
     __doc__ = _DOC.format(dims="4D", reduced="over N, H and W", shape=_shape_text,
                           name="BatchNorm2d", example_c="16", example_shape="8, 16, 32, 32")
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     _expected_dims = (5,)
     _shape_text = "(N, C, D, H, W)"
     __doc__ = _DOC.format(dims="5D", reduced="over N, D, H and W", shape=_shape_text,

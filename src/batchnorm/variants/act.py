@@ -5,7 +5,7 @@ on CPU and GPU, for any strictly monotonic activation we ship)."""
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import stats
 from ..kernels import activations
@@ -166,19 +166,19 @@ def _doc(name: str, dims: tuple[int, ...], c: str, shape: str) -> str:
     return fill_doc(_DOC, name, dims, c, shape)
 
 
-class BatchNormAct1d(_BatchNormAct):
+class BatchNormAct1d(_BatchNormAct, nn.BatchNorm1d):
     _expected_dims = (2, 3)
     _shape_text = "(N, C) or (N, C, L)"
     __doc__ = _doc("BatchNormAct1d", _expected_dims, "100", "20, 100")
 
 
-class BatchNormAct2d(_BatchNormAct):
+class BatchNormAct2d(_BatchNormAct, nn.BatchNorm2d):
     _expected_dims = (4,)
     _shape_text = "(N, C, H, W)"
     __doc__ = _doc("BatchNormAct2d", _expected_dims, "16", "8, 16, 32, 32")
 
 
-class BatchNormAct3d(_BatchNormAct):
+class BatchNormAct3d(_BatchNormAct, nn.BatchNorm3d):
     _expected_dims = (5,)
     _shape_text = "(N, C, D, H, W)"
     __doc__ = _doc("BatchNormAct3d", _expected_dims, "16", "4, 16, 8, 8, 8")

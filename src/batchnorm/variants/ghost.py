@@ -10,7 +10,7 @@ batch's, which update the running statistics once per call.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import stats
 from ..autograd import train_forward
@@ -141,19 +141,19 @@ def _doc(name: str, dims: tuple[int, ...], c: str, shape: str) -> str:
     return fill_doc(_DOC, name, dims, c, shape)
 
 
-class GhostBatchNorm1d(_GhostBatchNorm):
+class GhostBatchNorm1d(_GhostBatchNorm, nn.BatchNorm1d):
     _expected_dims = (2, 3)
     _shape_text = "(N, C) or (N, C, L)"
     __doc__ = _doc("GhostBatchNorm1d", _expected_dims, "100", "64, 100")
 
 
-class GhostBatchNorm2d(_GhostBatchNorm):
+class GhostBatchNorm2d(_GhostBatchNorm, nn.BatchNorm2d):
     _expected_dims = (4,)
     _shape_text = "(N, C, H, W)"
     __doc__ = _doc("GhostBatchNorm2d", _expected_dims, "16", "16, 16, 8, 8")
 
 
-class GhostBatchNorm3d(_GhostBatchNorm):
+class GhostBatchNorm3d(_GhostBatchNorm, nn.BatchNorm3d):
     _expected_dims = (5,)
     _shape_text = "(N, C, D, H, W)"
     __doc__ = _doc("GhostBatchNorm3d", _expected_dims, "16", "8, 16, 4, 4, 4")

@@ -26,7 +26,7 @@ w = 1 it is BN's formula). The weights are constants: no gradient flows to the m
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import ops, stats
 from ..functional import _check_float, eval_normalize
@@ -272,21 +272,21 @@ def _doc(name: str, dims: tuple[int, ...], c: str, shape: str, mask: str) -> str
     return fill_doc(_DOC, name, dims, c, shape, plain=name.replace("Masked", ""), example_mask=mask)
 
 
-class MaskedBatchNorm1d(_MaskedBatchNorm):
+class MaskedBatchNorm1d(_MaskedBatchNorm, nn.BatchNorm1d):
     _expected_dims = (2, 3)
     _shape_text = "(N, C) or (N, C, L)"
     __doc__ = _doc("MaskedBatchNorm1d", _expected_dims, "8", "4, 8, 10",
                    "torch.arange(10) < torch.tensor([[10], [7], [3], [9]])")
 
 
-class MaskedBatchNorm2d(_MaskedBatchNorm):
+class MaskedBatchNorm2d(_MaskedBatchNorm, nn.BatchNorm2d):
     _expected_dims = (4,)
     _shape_text = "(N, C, H, W)"
     __doc__ = _doc("MaskedBatchNorm2d", _expected_dims, "16", "8, 16, 5, 5",
                    "torch.rand(8)")
 
 
-class MaskedBatchNorm3d(_MaskedBatchNorm):
+class MaskedBatchNorm3d(_MaskedBatchNorm, nn.BatchNorm3d):
     _expected_dims = (5,)
     _shape_text = "(N, C, D, H, W)"
     __doc__ = _doc("MaskedBatchNorm3d", _expected_dims, "4", "2, 4, 3, 3, 3",

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import stats
 from ..functional import eval_normalize
@@ -206,19 +206,19 @@ def _doc(name: str, dims: tuple[int, ...], c: str, shape: str) -> str:
     return fill_doc(_DOC, name, dims, c, shape)
 
 
-class BatchRenorm1d(_BatchRenorm):
+class BatchRenorm1d(_BatchRenorm, nn.BatchNorm1d):
     _expected_dims = (2, 3)
     _shape_text = "(N, C) or (N, C, L)"
     __doc__ = _doc("BatchRenorm1d", _expected_dims, "100", "20, 100")
 
 
-class BatchRenorm2d(_BatchRenorm):
+class BatchRenorm2d(_BatchRenorm, nn.BatchNorm2d):
     _expected_dims = (4,)
     _shape_text = "(N, C, H, W)"
     __doc__ = _doc("BatchRenorm2d", _expected_dims, "16", "8, 16, 32, 32")
 
 
-class BatchRenorm3d(_BatchRenorm):
+class BatchRenorm3d(_BatchRenorm, nn.BatchNorm3d):
     _expected_dims = (5,)
     _shape_text = "(N, C, D, H, W)"
     __doc__ = _doc("BatchRenorm3d", _expected_dims, "16", "4, 16, 8, 8, 8")
