@@ -91,7 +91,10 @@ class _FrozenBatchNorm(nn.Module):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         for name in ("weight", "bias", "num_batches_tracked"):  # absent from affine-free BN
-            state_dict.setdefault(prefix + name, getattr(self, name).clone())
+            if self._buffers.get(name) is None:  # converted from torchvision's: no such buffer
+                state_dict.pop(prefix + name, None)
+            else:
+                state_dict.setdefault(prefix + name, self._buffers[name].clone())
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
