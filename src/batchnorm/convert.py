@@ -58,7 +58,7 @@ from torch.nn import functional as F
 
 from . import modules
 from .distributed import SyncBatchNorm
-from .kernels import activations as kernel_acts
+from .kernels.torch_backend import acc_dtype, channel_view
 from .variants.act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .variants.export import variant_to_torch
 from .variants.frozen import FrozenBatchNorm2d, _FrozenBatchNorm, freeze, unfreeze
@@ -100,9 +100,20 @@ class SyncBatchNormThen(_Then, SyncBatchNorm):
     timm ``SyncBatchNormAct`` it replaced: ``y = act(drop(SyncBN(x)))``."""
 
 
-class FrozenBatchNormThen2d(_Then, FrozenBatchNorm2d):
-    """``batchnorm.FrozenBatchNorm2d`` followed by the dropout and activation modules of
-    the timm ``FrozenBatchNormAct2d`` it replaced: ``y = act(drop(frozen(x)))``."""
+class FrozenBatchNormThen2d(FrozenBatchNorm2d):
+    """``batchnorm.FrozenBatchNorm2d`` (no activation of its own) followed by the dropout
+    and activation modules of the timm ``FrozenBatchNormAct2d`` it replaced:
+    ``y = act(drop(x * scale + shift))``. (``act`` names the module here, as in timm.)"""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self.check_input(input)
+        acc = acc_dtype(input.dtype)
+        scale, shift = (v.to(acc) for v in self.scale_shift())
+        y = input.to(acc) * channel_view(scale, input) + channel_view(shift, input)
+        return self.act(self.drop(y.to(input.dtype)))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
 
 
 # -- report ---------------------------------------------------------------------------------
