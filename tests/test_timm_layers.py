@@ -108,3 +108,24 @@ def test_fold_folds_timm_bn_act_and_keeps_activation_and_dropout(drop):
             assert [type(m) for m in after] == [nn.Dropout, nn.SiLU]
         x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
         torch.testing.assert_close(folded(x), model(x), **TOL)
+
+
+def test_memory_saving_false_is_exact_for_zero_gamma_and_in_place_safe():
+    """The two cautions of the memory-saving layer, and the way out: with gamma = 0 it
+    computes with the 1e-5 floor, and an in-place op on its output makes autograd raise;
+    memory_saving=False is exact and in-place safe."""
+    layer = BatchNormAct2d(4, act_layer=nn.LeakyReLU).double()
+    with torch.no_grad():
+        layer.weight.zero_()
+    x = torch.randn(4, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    saving = batchnorm.from_torch(copy.deepcopy(layer))
+    exact = batchnorm.from_torch(copy.deepcopy(layer), memory_saving=False)
+    assert saving.saves_output() and not exact.saves_output()
+    diff = (saving(x) - layer(x)).abs().max().item()
+    assert 0 < diff <= 1e-5 * 35**0.5  # weight_eps * max |x_hat| (sqrt(m - 1), m = 36 values)
+    torch.testing.assert_close(exact(x), copy.deepcopy(layer)(x), **TOL)
+    with pytest.raises(RuntimeError, match="inplace"):
+        saving(x).add_(1).sum().backward()
+    out = exact(x)
+    out.add_(1).sum().backward()  # in place after the exact layer: fine
+    assert x.grad is not None

@@ -171,7 +171,9 @@ def kernel_activation(act: nn.Module) -> tuple[str, float | None] | None:
 
 
 def _drop_act(m: nn.Module) -> tuple[nn.Module, nn.Module]:
-    return getattr(m, "drop", None) or nn.Identity(), getattr(m, "act", None) or nn.Identity()
+    """The layer's dropout and activation modules (timm's SyncBatchNormAct may lack them)."""
+    drop, act = getattr(m, "drop", None), getattr(m, "act", None)
+    return (nn.Identity() if drop is None else drop), (nn.Identity() if act is None else act)
 
 
 def _plain(m: nn.Module, memory_saving: bool) -> nn.Module:
