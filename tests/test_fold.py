@@ -174,15 +174,52 @@ def test_untraceable_model_folds_its_sequentials_and_reports_the_rest():
     torch.testing.assert_close(folded(x), model(x), **TOL)
 
 
-def test_frozen_bn_folds_and_bn_with_activation_is_kept():
+def test_frozen_bn_folds_and_bn_with_activation_keeps_its_activation():
     model = _randomise(nn.Sequential(
         nn.Conv2d(3, 4, 3), batchnorm.FrozenBatchNorm2d(4),
-        nn.Conv2d(4, 4, 1), batchnorm.BatchNormAct2d(4, act="relu"),
+        nn.Conv2d(4, 4, 1), batchnorm.BatchNormAct2d(4, act="leaky_relu", alpha=0.2),
+        nn.Conv2d(4, 4, 1), batchnorm.FrozenBatchNorm2d(4, act="elu"),
     ))
     x = torch.randn(2, 3, 6, 6)
-    with pytest.warns(UserWarning, match="activation"):
+    folded, report = batchnorm.fold(model)
+    assert report.folded == [("1", "0"), ("3", "2"), ("5", "4")] and report.kept == []
+    assert [type(m) for m in folded] == [nn.Conv2d, nn.Identity, nn.Conv2d, nn.LeakyReLU,
+                                         nn.Conv2d, nn.ELU]
+    assert folded[3].negative_slope == 0.2
+    torch.testing.assert_close(folded(x), model(x), **TOL)
+
+
+class TwoHeads(nn.Module):
+    """One convolution feeding two BN layers; a BN + activation after a convolution in
+    a traced graph; grouped and transposed convolutions; Linear + BatchNorm1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn_a, self.bn_b = nn.BatchNorm2d(4), batchnorm.BatchNorm2d(4)
+        self.grouped = nn.Conv2d(4, 8, 3, groups=4, padding=1, bias=False)
+        self.bn_act = batchnorm.BatchNormAct2d(8, act="silu")
+        self.up = nn.ConvTranspose2d(8, 6, 2, stride=2, groups=2)
+        self.bn_up = batchnorm.BatchNormAct2d(6, act="identity")
+        self.fc = nn.Linear(6, 5)
+        self.bn_fc = nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = self.bn_a(y) + self.bn_b(y)
+        y = self.bn_up(self.up(self.bn_act(self.grouped(y))))
+        return self.bn_fc(self.fc(y.mean((2, 3))))
+
+
+def test_conv_feeding_two_bn_is_kept_and_the_rest_folds():
+    model = _randomise(TwoHeads())
+    x = torch.randn(3, 3, 6, 6)
+    with pytest.warns(UserWarning, match="also used elsewhere"):
         folded, report = batchnorm.fold(model)
-    assert report.folded == [("1", "0")] and [k for k, _ in report.kept] == ["3"]
+    kept = dict(report.kept)
+    assert set(kept) == {"bn_a", "bn_b"} and all("also used elsewhere" in w for w in kept.values())
+    assert dict(report.folded) == {"bn_act": "grouped", "bn_up": "up", "bn_fc": "fc"}
+    assert isinstance(folded.bn_act, nn.SiLU)  # the activation stays in the BN's place
     torch.testing.assert_close(folded(x), model(x), **TOL)
 
 

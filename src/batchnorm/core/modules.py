@@ -173,10 +173,19 @@ class Family:
             )
 
 
-class _BatchNorm(Family, nn.Module):
+class _BatchNorm(Family, nn.modules.batchnorm._BatchNorm):
     """Parameters, buffers, checks and the statistics rule shared by BatchNorm1d/2d/3d,
     every variant and SyncBatchNorm: the one constructor (a variant adds keyword-only
-    options), and the one rule (``statistics``) that decides what a call normalises with."""
+    options), and the one rule (``statistics``) that decides what a call normalises with.
+
+    A subclass of torch.nn's ``_BatchNorm``, and each 1d/2d/3d member of torch.nn's class
+    of its row (``TORCH_CLASSES``, named in its class statement), so code written for
+    torch.nn's BN layers (``isinstance`` checks, ``torch.optim.swa_utils.update_bn``,
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``) treats ours as BN. Everything
+    torch.nn's base would run is ours: ``__init__`` (it calls ``nn.Module.__init__``
+    only), ``forward``, ``_check_input_dim``, ``extra_repr``, the resets and
+    ``_load_from_state_dict``.
+    """
 
     _version = 2
     _doc = _DOC
@@ -184,6 +193,18 @@ class _BatchNorm(Family, nn.Module):
     #: channel, differentiable torch operations. None (BatchNorm): the fused kernels
     #: compute the batch's own statistics.
     batch_statistics = None
+
+    def __init_subclass__(cls, dims: str | None = None, **kwargs) -> None:
+        if dims in TORCH_CLASSES and not issubclass(cls, TORCH_CLASSES[dims]):
+            torch_class = TORCH_CLASSES[dims].__name__
+            raise TypeError(
+                f"{cls.__name__} (dims={dims!r}) must also subclass torch.nn.{torch_class}, "
+                f"so that code written for torch.nn sees it as BN; got the bases "
+                f"{[b.__name__ for b in cls.__bases__]}. Write "
+                f"class {cls.__name__}({cls.__bases__[0].__name__}, nn.{torch_class}, "
+                f"dims={dims!r}, ...)."
+            )
+        super().__init_subclass__(dims=dims, **kwargs)
 
     def __init__(
         self,
@@ -198,7 +219,7 @@ class _BatchNorm(Family, nn.Module):
         bias: bool = True,
         single_value: str = "error",
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not torch.nn's _NormBase.__init__: the state is built here
         functional.check_options(eps, momentum, type(self).__name__)
         if single_value not in SINGLE_VALUE_POLICIES:
             raise ValueError(
@@ -269,6 +290,11 @@ class _BatchNorm(Family, nn.Module):
         )
 
     # -- checks -------------------------------------------------------------------
+    def _check_input_dim(self, input: Tensor) -> None:
+        """torch.nn's name for the rank check (its forward calls it; ours calls
+        ``check_input``): the rank, channel-count and dtype checks."""
+        check_layout(self, input)
+
     def check_input(self, input: Tensor) -> None:
         """Raise a clear error for input this layer cannot normalise, and for parameters,
         buffers, eps or momentum it cannot use (state untouched)."""
@@ -407,6 +433,6 @@ class _BatchNorm(Family, nn.Module):
         return backup
 
 
-class BatchNorm1d(_BatchNorm, dims="1d", example=("100", "20, 100")): ...
-class BatchNorm2d(_BatchNorm, dims="2d", example=("16", "8, 16, 32, 32")): ...
-class BatchNorm3d(_BatchNorm, dims="3d", example=("16", "4, 16, 8, 8, 8")): ...
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d, dims="1d", example=("100", "20, 100")): ...
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d, dims="2d", example=("16", "8, 16, 32, 32")): ...
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d, dims="3d", example=("16", "4, 16, 8, 8, 8")): ...

@@ -10,25 +10,37 @@ from collections.abc import Callable
 from torch import nn
 
 
-def replace_modules(model: nn.Module, swap: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
-    """Return ``model`` with every submodule ``m`` for which ``swap(m)`` is not None
-    replaced by that result (the model itself too). Children are swapped in place."""
-    new = swap(model)
+def replace_named(
+    model: nn.Module, swap: Callable[[str, nn.Module], nn.Module | None], prefix: str = ""
+) -> nn.Module:
+    """``replace_modules`` whose ``swap(name, m)`` also gets the qualified name of ``m``
+    (``"<model>"`` for the model itself)."""
+    new = swap(prefix or "<model>", model)
     if new is not None:
         return new
     for name, child in model.named_children():
-        replaced = replace_modules(child, swap)
+        replaced = replace_named(child, swap, f"{prefix}.{name}" if prefix else name)
         if replaced is not child:
             setattr(model, name, replaced)
     return model
 
 
+def replace_modules(model: nn.Module, swap: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    """Return ``model`` with every submodule ``m`` for which ``swap(m)`` is not None
+    replaced by that result (the model itself too). Children are swapped in place."""
+    return replace_named(model, lambda _name, m: swap(m))
+
+
 def transplant(old: nn.Module, new: nn.Module) -> nn.Module:
-    """Move ``old``'s parameters and buffers (the same tensors) and train flag onto ``new``."""
+    """Move ``old``'s parameters and buffers (the same tensors) and train flag onto ``new``.
+    A buffer ``new`` has and ``old`` lacks (num_batches_tracked of a frozen layer from
+    torchvision) becomes None: the state_dict keeps ``old``'s keys."""
     for name, param in old.named_parameters(recurse=False):
         setattr(new, name, param)
-    for name, buf in old.named_buffers(recurse=False):
-        new._buffers[name] = buf
+    old_buffers = dict(old.named_buffers(recurse=False))
+    for name in new._buffers:
+        new._buffers[name] = None
+    new._buffers.update(old_buffers)
     return new.train(old.training)
 
 

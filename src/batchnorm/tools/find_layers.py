@@ -16,12 +16,31 @@ from torch import nn
 
 from ..core import modules, stats
 from ..core.stats import Moments
+from ..variants.frozen import _FrozenBatchNorm
 
 
 def is_batchnorm(m: nn.Module) -> bool:
     """Whether ``m`` is a batch-norm layer: torch.nn's (BatchNorm1d/2d/3d, SyncBatchNorm,
     the lazy ones) or batchnorm's (BatchNorm1d/2d/3d, its variants, SyncBatchNorm)."""
     return isinstance(m, (nn.modules.batchnorm._BatchNorm, modules._BatchNorm))
+
+
+#: (module, class name) of other libraries' frozen BN layers (fixed statistics and affine
+#: buffers ``weight``, ``bias``, ``running_mean``, ``running_var``, attribute ``eps``):
+#: torchvision's FrozenBatchNorm2d (timm's FrozenBatchNorm2d is the same class) and
+#: timm's FrozenBatchNormAct2d. Named, never imported.
+FOREIGN_FROZEN = {
+    ("torchvision.ops.misc", "FrozenBatchNorm2d"),
+    ("timm.layers.norm_act", "FrozenBatchNormAct2d"),
+}
+
+
+def is_frozen_batchnorm(m: nn.Module) -> bool:
+    """Whether ``m`` is a frozen BN layer: batchnorm's ``FrozenBatchNorm1d/2d/3d`` or a
+    class of ``FOREIGN_FROZEN`` (or a subclass)."""
+    return isinstance(m, _FrozenBatchNorm) or any(
+        (c.__module__, c.__name__) in FOREIGN_FROZEN for c in type(m).__mro__
+    )
 
 
 def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -9,14 +9,21 @@ Linear layer that nothing else reads, the pair is one layer with
 
 The new weights are computed in float64 and cast back to the layer's dtype.
 
+A BN layer that applies an activation after normalising (batchnorm's ``BatchNormAct*``,
+timm's ``BatchNormAct2d`` / ``FrozenBatchNormAct2d``, ``from_torch``'s ``*Then`` layers)
+folds its normalisation and leaves its activation (and dropout) in its place. Frozen
+layers fold too: batchnorm's ``FrozenBatchNorm*``, torchvision's / timm's
+``FrozenBatchNorm2d``, timm's ``FrozenBatchNormAct2d``.
+
 Two passes, on a deep copy (the original model is untouched):
-1. inside every ``nn.Sequential`` (structure kept, BN replaced by ``nn.Identity``);
+1. inside every ``nn.Sequential`` (structure kept, BN replaced by its activation or
+   ``nn.Identity``);
 2. if BN layers remain, over the ``torch.fx`` graph of the whole model (the result is a
    ``torch.fx.GraphModule``). A BN stays, and the report says why, when it is in
    training mode or has no running statistics, when what precedes it is not a foldable
-   layer, when that layer's output is also used elsewhere or the layer is called more
-   than once, when it applies an activation (``BatchNormAct*``), or when the model
-cannot be traced and the BN is not in a Sequential. ``FrozenBatchNorm*`` folds too.
+   layer, when that layer's output is also used elsewhere (a convolution feeding two BN
+   layers) or the layer is called more than once, or when the model cannot be traced and
+   the BN is not in a Sequential.
 
 Assumption for Linear: the BatchNorm1d after it sees the Linear's output as (N, C), the
 only layout where BN's channel axis is the Linear's feature axis.
@@ -33,8 +40,8 @@ from typing import NamedTuple
 import torch
 from torch import fx, nn
 
-from .find_layers import is_batchnorm
-from ..variants import FROZEN
+from ..variants.act import activation_module
+from .find_layers import is_batchnorm, is_frozen_batchnorm
 
 FOLDABLE = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d,
@@ -63,8 +70,21 @@ class Folded(NamedTuple):
 
 
 def _is_norm(m: nn.Module) -> bool:
-    """A BN layer, trainable (torch.nn's, ours) or frozen (``FrozenBatchNorm*``)."""
-    return is_batchnorm(m) or isinstance(m, FROZEN)
+    """A BN layer, trainable (torch.nn's, timm's, ours) or frozen."""
+    return is_batchnorm(m) or is_frozen_batchnorm(m)
+
+
+def _after(bn: nn.Module) -> nn.Module:
+    """What stays in ``bn``'s place once its normalisation is folded: its dropout and
+    activation (modules of timm's layers and ``from_torch``'s ``*Then`` layers, or
+    batchnorm's ``act`` name), else ``nn.Identity``."""
+    act = getattr(bn, "act", None)
+    if isinstance(act, str):
+        return nn.Identity() if act == "identity" else activation_module(act, bn.alpha)
+    if act is None:
+        return nn.Identity()
+    drop = getattr(bn, "drop", None)
+    return act if drop is None or type(drop) is nn.Identity else nn.Sequential(drop, act)
 
 
 def _fold_pair(layer: nn.Module, bn: nn.Module) -> None:
@@ -92,10 +112,8 @@ def _fold_pair(layer: nn.Module, bn: nn.Module) -> None:
 
 
 def _not_eval_affine(bn: nn.Module) -> str | None:
-    """Why ``bn`` is not a fixed affine map now (None when it is)."""
-    if getattr(bn, "act", "identity") != "identity":
-        return f"applies an activation ({bn.act!r}) after normalising"
-    if isinstance(bn, FROZEN):
+    """Why ``bn``'s normalisation is not a fixed affine map now (None when it is)."""
+    if is_frozen_batchnorm(bn):
         return None
     if bn.training:
         return "in training mode (folding applies to eval mode: call model.eval())"
@@ -113,8 +131,9 @@ def _why_not(layer: nn.Module | str, bn: nn.Module) -> str | None:
         what = layer if isinstance(layer, str) else type(layer).__name__
         return f"follows {what}, not a Conv/ConvTranspose/Linear"
     out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-    if out != bn.num_features:
-        return f"{bn.num_features} channels after a layer with {out} outputs"
+    channels = bn.running_mean.numel()
+    if out != channels:
+        return f"{channels} channels after a layer with {out} outputs"
     return None
 
 
@@ -128,7 +147,7 @@ def _fold_sequentials(model: nn.Module, names: dict[int, str], report: FoldRepor
                 continue
             _fold_pair(layer, bn)
             report.folded.append((names[id(bn)], names[id(layer)]))
-            seq._modules[key] = nn.Identity()
+            seq._modules[key] = _after(bn)
 
 
 class _Tracer(fx.Tracer):
@@ -174,8 +193,13 @@ def _fold_graph(model: nn.Module, names: dict[int, str], report: FoldReport) -> 
             continue
         _fold_pair(layer, bn)
         report.folded.append((names.get(id(bn), node.target), names.get(id(layer), src.target)))
-        node.replace_all_uses_with(src)
-        graph.erase_node(node)
+        after = _after(bn)
+        if type(after) is nn.Identity:
+            node.replace_all_uses_with(src)
+            graph.erase_node(node)
+        else:  # the activation takes the BN's place in the graph
+            parent, _, leaf = node.target.rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, leaf, after)
     report.kept += list(kept.items())
     graph.lint()
     gm.recompile()
@@ -186,8 +210,9 @@ def _fold_graph(model: nn.Module, names: dict[int, str], report: FoldReport) -> 
 def fold(model: nn.Module) -> Folded:
     """Fold every eval-mode BN layer of ``model`` into the layer before it.
 
-    Works on torch.nn BN layers and batchnorm's, in ``nn.Sequential`` and in any model
-    ``torch.fx`` can trace (residuals, branches). The original model is not changed.
+    Works on torch.nn's, timm's, torchvision's and batchnorm's BN layers (with an
+    activation: the activation stays; frozen ones too), in ``nn.Sequential`` and in any
+    model ``torch.fx`` can trace (residuals, branches). The original model is not changed.
     In float32 the folded model's outputs equal the original's to about 1e-6 relative.
 
     Returns ``Folded(model, report)``: the folded copy (a ``torch.fx.GraphModule`` when

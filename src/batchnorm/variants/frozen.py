@@ -33,8 +33,9 @@ _DOC = r"""Batch Normalization with fixed statistics and affine parameters over 
     eval-mode BatchNorm whatever the module's train flag; nothing is learned or updated
     (``weight`` and ``bias`` are buffers). Gradients flow to the input only. ``act`` is
     ``"identity"`` by default (see ``BatchNormAct2d`` for the others; freezing a
-    BatchNormAct keeps its activation). For invertible activations only the output is
-    kept for the backward.
+    BatchNormAct keeps its activation). For the other invertible activations only the
+    output is kept for the backward; with ``"identity"`` nothing is (the input gradient
+    is the output gradient times the scale), so in-place operations on the output work.
 
     Buffers: ``weight`` (1), ``bias`` (0), ``running_mean`` (0), ``running_var`` (1),
     ``num_batches_tracked`` (0): BatchNorm's names, so state_dicts interchange. Loading
@@ -93,7 +94,10 @@ class _FrozenBatchNorm(Family, nn.Module):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         for name in ("weight", "bias", "num_batches_tracked"):  # absent from affine-free BN
-            state_dict.setdefault(prefix + name, getattr(self, name).clone())
+            if self._buffers.get(name) is None:  # converted from torchvision's: no such buffer
+                state_dict.pop(prefix + name, None)
+            else:
+                state_dict.setdefault(prefix + name, self._buffers[name].clone())
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -123,7 +127,7 @@ class _FrozenBatchNorm(Family, nn.Module):
         acc = acc_dtype(input.dtype)
         mean = self.running_mean.to(acc)
         invstd = torch.rsqrt(self.running_var.to(acc) + self.eps)
-        if activations.is_invertible(self.act, self.alpha):
+        if self.act != "identity" and activations.is_invertible(self.act, self.alpha):
             return OutputSavingBNAct.apply(
                 input, self.weight, self.bias, mean, invstd, self.eps, self.act, self.alpha, 0.0
             )[0]

@@ -6,7 +6,7 @@ functional form (``batchnorm.functional``).
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..core import plan, traced
 from ..core.functional import masked_batch_norm, masked_train  # noqa: F401
@@ -88,10 +88,10 @@ class _MaskedBatchNorm(_BatchNorm):
                             self.running_var, self.momentum, self.num_batches_tracked)
 
 
-class MaskedBatchNorm1d(_MaskedBatchNorm, dims="1d", example=(
+class MaskedBatchNorm1d(_MaskedBatchNorm, nn.BatchNorm1d, dims="1d", example=(
     "8", "4, 8, 10", "torch.arange(10) < torch.tensor([[10], [7], [3], [9]])",
 )): ...
-class MaskedBatchNorm2d(_MaskedBatchNorm, dims="2d", example=("16", "8, 16, 5, 5", "torch.rand(8)")): ...
-class MaskedBatchNorm3d(_MaskedBatchNorm, dims="3d", example=(
+class MaskedBatchNorm2d(_MaskedBatchNorm, nn.BatchNorm2d, dims="2d", example=("16", "8, 16, 5, 5", "torch.rand(8)")): ...
+class MaskedBatchNorm3d(_MaskedBatchNorm, nn.BatchNorm3d, dims="3d", example=(
     "4", "2, 4, 3, 3, 3", "torch.tensor([True, False])",
 )): ...
