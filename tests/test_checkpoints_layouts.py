@@ -148,6 +148,19 @@ def test_keras_several_layers_need_layer() -> None:
     assert_state(keras(weights=names, layer="bn2")[0], gamma=other)
 
 
+def test_a_layer_with_a_missing_statistic_never_takes_its_neighbours_values() -> None:
+    """A layer whose statistics are stored as None is still a layer: with a complete layer
+    beside it the converter asks which one, never reads the neighbour silently (found by
+    the hypothesis tests below)."""
+    complete_keras = {"gamma": GAMMA, "beta": BETA, "moving_mean": MEAN, "moving_variance": VAR}
+    with pytest.raises(ValueError, match=r"2 layers \(\(top level\), other\)"):
+        keras(weights={"moving_mean": None, "moving_variance": VAR, "other": complete_keras})
+    complete_flax = {"scale": GAMMA, "bias": BETA, "mean": MEAN, "var": VAR}
+    with pytest.raises(ValueError, match=r"2 layers \(\(top level\), other\)"):
+        batchnorm.checkpoints.from_flax({"bias": BETA, "mean": None, "var": None, "other": complete_flax},
+                                        values_per_channel=None)
+
+
 def test_keras_malformed_inputs_say_what_was_expected() -> None:
     with pytest.raises(TypeError, match="expected Keras weights as a dict .* or the list of layer.get_weights"):
         keras(weights=np.stack([GAMMA, BETA, MEAN, VAR]))

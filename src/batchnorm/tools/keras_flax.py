@@ -178,12 +178,19 @@ def _state(gamma: Tensor | None, beta: Tensor | None, mean: Tensor, var_unbiased
 
 def _leaves(tree: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
     """(path, leaf) for every non-mapping value of nested mappings; string keys are split
-    at "/" (so ``{"bn/gamma:0": a}`` and ``{"bn": {"gamma:0": a}}`` give the same path)."""
+    at "/" (so ``{"bn/gamma:0": a}`` and ``{"bn": {"gamma:0": a}}`` give the same path).
+    None leaves are yielded too: a name stored as None (Flax nnx keeps a disabled
+    scale/bias so) still tells which layer it belongs to; ``_present`` drops them."""
     if isinstance(tree, Mapping):
         for key, value in tree.items():
             yield from _leaves(value, path + tuple(p for p in str(key).split("/") if p))
-    elif tree is not None:  # Flax nnx keeps a disabled scale/bias as None
+    else:
         yield path, tree
+
+
+def _present(entries: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries that hold a value (a None leaf counts as absent)."""
+    return {name: value for name, value in entries.items() if value is not None}
 
 
 def _show(path: tuple[str, ...]) -> str:
@@ -268,7 +275,9 @@ def _keras_entries(weights: Any, center: bool, scale: bool, layer: str | None) -
                 raise ValueError(f"Keras weights: {name!r} appears twice for layer {_show(prefix)}")
             groups[prefix][name] = value
         prefix, entries = _pick_layer(groups, layer, "Keras weights",
-                                      lambda names: "moving_mean" in names or all(n.isdigit() for n in names))
+                                      lambda names: bool(set(names) & set(_KERAS))
+                                      or all(n.isdigit() for n in names))
+        entries = _present(entries)
         where = f"Keras layer {_show(prefix)}"
         if entries and all(n.isdigit() for n in entries):  # a Keras 3 .weights.h5 layer: vars/0, vars/1, ...
             if sorted(map(int, entries)) != list(range(len(entries))):
@@ -388,6 +397,7 @@ def _flax_entries(variables: Any, use_scale: bool, use_bias: bool, layer: str | 
             raise ValueError(f"Flax variables: {name!r} appears twice for layer {_show(prefix)}")
         groups[prefix][name] = value
     prefix, entries = _pick_layer(groups, layer, "Flax variables", lambda names: "mean" in names or "var" in names)
+    entries = _present(entries)
     where = f"Flax layer {_show(prefix)}"
     unknown = sorted(set(entries) - set(_FLAX))
     if unknown:
