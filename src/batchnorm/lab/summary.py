@@ -51,6 +51,11 @@ def markdown_table(results: dict[str, Any]) -> str:
     n = counts(claims)
     seeds = sorted({len(c.get("seeds", [])) for c in claims})
     minutes = results.get("seconds", 0.0) / 60
+    reused = results.get("runs_reused", 0)
+    timing = f"{minutes:.0f} min on {results.get('machine', {}).get('cpus', '?')} CPUs"
+    if reused:
+        timing += (f", {reused} of {reused + results.get('runs_trained', 0)} training runs taken from the run store "
+                   "(trained by earlier invocations, or shared between experiments)")
     commit = results.get("commit") or {}
     sha = commit.get("sha", "unknown")[:10] + (" with uncommitted changes" if commit.get("dirty") else "")
     f, k = n["finding"], n["check"]
@@ -60,7 +65,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"{', indicative' if results.get('indicative') else ''}, data {data.get('name', '?')} "
         f"(sha256 {str(data.get('sha256', '?'))[:12]}), "
         f"{'-'.join(map(str, [seeds[0], seeds[-1]] if len(seeds) > 1 else seeds))} seed(s) per experiment, commit {sha}, "
-        f"{minutes:.0f} min on {results.get('machine', {}).get('cpus', '?')} CPUs). Findings: {f['supported']} supported, "
+        f"{timing}). Findings: {f['supported']} supported, "
         f"{f['not supported']} not supported, {f['inconclusive']} inconclusive; property checks: {k['supported']} passed"
         f"{failed}. Each condition: estimate over "
         "per-seed paired differences (or ratios) [95% interval] → held / failed / undecided. Full numbers and "
