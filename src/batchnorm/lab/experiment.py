@@ -8,8 +8,9 @@ An experiment is a module of ``batchnorm.lab.experiments`` with
   estimate (the mean of paired per-seed differences, or of per-seed ratios, between arms
   that share their seeds, initial weights and batches), a threshold and the reason for it;
 - ``PAPER``: (setting, the paper's number) pairs, which the report shows beside ours;
-- ``Config``: a dataclass with an ``int`` field ``seeds`` and the classmethods
-  ``quick()``, ``full()`` and ``smoke()`` (a few steps, for tests);
+- ``Config``: a frozen dataclass based on ``Profiles``, with an ``int`` field ``seeds``: its
+  fields' defaults are the quick profile, its ``FULL`` and ``SMOKE`` dicts (a few steps, for
+  tests) the other profiles' overrides;
 - ``run(ctx: Context) -> ClaimResult``.
 
 ``run`` reads its configuration with ``ctx.config()``, trains with ``ctx.train(spec)``
@@ -33,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -154,6 +155,27 @@ def verdict(entries: Sequence[dict[str, Any]]) -> str:
     if all(h is True for h in holds):
         return "supported"
     return "not supported" if any(h is False for h in holds) else "inconclusive"
+
+
+class Profiles:
+    """The base of an experiment's ``Config`` (a frozen dataclass): the fields' defaults are the
+    quick profile; the class attributes ``FULL`` and ``SMOKE`` (not fields) hold the fields
+    that the full and smoke profiles change. ``Config.<profile>()`` builds one profile."""
+
+    FULL: ClassVar[dict[str, Any]] = {}
+    SMOKE: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def quick(cls) -> Any:
+        return cls()
+
+    @classmethod
+    def full(cls) -> Any:
+        return cls(**cls.FULL)
+
+    @classmethod
+    def smoke(cls) -> Any:
+        return cls(**cls.SMOKE)
 
 
 @functools.lru_cache(maxsize=1)

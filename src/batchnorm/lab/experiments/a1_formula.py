@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import plots
-from ..experiment import ClaimResult, Condition, Context
+from ..experiment import ClaimResult, Condition, Context, Profiles
 from ..models import make_norm
 
 ID = "A1"
@@ -44,24 +44,14 @@ PAPER = (("Algorithm 1: normalised mean / variance; output mean / std", "0 / 1; 
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Profiles):
     seeds: int = 1
     batch_size: int = 60
     channels: int = 100
     eps: float = 1e-5
     norm: str = "ours"
 
-    @classmethod
-    def quick(cls) -> Config:
-        return cls()
-
-    @classmethod
-    def full(cls) -> Config:
-        return cls(seeds=5)
-
-    @classmethod
-    def smoke(cls) -> Config:
-        return cls()
+    FULL = dict(seeds=5)
 
 
 def batch(ctx: Context, cfg: Config, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

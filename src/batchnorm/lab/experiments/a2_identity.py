@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .. import plots
-from ..experiment import ClaimResult, Condition, Context
+from ..experiment import ClaimResult, Condition, Context, Profiles
 from ..models import make_norm
 
 ID = "A2"
@@ -51,7 +51,7 @@ PAPER = (("Sec. 3: gamma, beta after learning the identity", "sqrt(Var[x]), E[x]
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Profiles):
     seeds: int = 1
     channels: int = 100
     batch_size: int = 60
@@ -59,17 +59,8 @@ class Config:
     lr: float = 0.01
     norm: str = "ours"
 
-    @classmethod
-    def quick(cls) -> Config:
-        return cls()
-
-    @classmethod
-    def full(cls) -> Config:
-        return cls(seeds=5, steps=3000)
-
-    @classmethod
-    def smoke(cls) -> Config:
-        return cls(steps=20)
+    FULL = dict(seeds=5, steps=3000)
+    SMOKE = dict(steps=20)
 
 
 def features(ctx: Context, channels: int) -> torch.Tensor:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .. import plots
-from ..experiment import ClaimResult, Condition, Context
+from ..experiment import ClaimResult, Condition, Context, Profiles
 from ..probes import SATURATED
 from ..train import RunResult, TrainSpec
 
@@ -63,7 +63,7 @@ PAPER = (("Deep sigmoid networks (qualitative, Sec. 1)", "gradients vanish, unit
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Profiles):
     seeds: int = 5
     depth: int = 10  # hidden layers
     width: int = 100
@@ -73,17 +73,8 @@ class Config:
     batch_size: int = 60
     norm: str = "ours"
 
-    @classmethod
-    def quick(cls) -> Config:
-        return cls()
-
-    @classmethod
-    def full(cls) -> Config:
-        return cls(seeds=5, depth=20, steps=3000, eval_every=500)
-
-    @classmethod
-    def smoke(cls) -> Config:
-        return cls(seeds=1, depth=4, steps=20, eval_every=10)
+    FULL = dict(seeds=5, depth=20, steps=3000, eval_every=500)
+    SMOKE = dict(seeds=1, depth=4, steps=20, eval_every=10)
 
 
 def grads(run: RunResult) -> np.ndarray:

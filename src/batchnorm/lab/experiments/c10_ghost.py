@@ -26,7 +26,7 @@ import torch
 
 from .. import plots
 from ..data import Dataset
-from ..experiment import ClaimResult, Condition, Context
+from ..experiment import ClaimResult, Condition, Context, Profiles
 from ..measure import mean_std
 from ..models import MLP
 from ..probes import register_with
@@ -55,7 +55,7 @@ PAPER = (("ImageNet/CIFAR large-batch training (batch 2048-4096, ghost 128-256)"
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Profiles):
     seeds: int = 5
     batch_size: int = 128
     ghost_sizes: tuple[int, ...] = (16, 128)  # batch / 8 (judged) ... the whole batch (plain BN), the last
@@ -64,17 +64,8 @@ class Config:
     lr: float = 0.2
     widths: tuple[int, ...] = (100,) * 3
 
-    @classmethod
-    def quick(cls) -> Config:
-        return cls()
-
-    @classmethod
-    def full(cls) -> Config:
-        return cls(seeds=5, batch_size=256, ghost_sizes=(16, 32, 64, 256), steps=1200, eval_every=300)
-
-    @classmethod
-    def smoke(cls) -> Config:
-        return cls(seeds=1, batch_size=16, ghost_sizes=(2, 16), steps=10, eval_every=5, widths=(16, 16))
+    FULL = dict(seeds=5, batch_size=256, ghost_sizes=(16, 32, 64, 256), steps=1200, eval_every=300)
+    SMOKE = dict(seeds=1, batch_size=16, ghost_sizes=(2, 16), steps=10, eval_every=5, widths=(16, 16))
 
 
 def _train_accuracy(model: MLP, data: Dataset) -> dict:

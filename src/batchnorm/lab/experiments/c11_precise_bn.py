@@ -31,7 +31,7 @@ import batchnorm
 
 from .. import plots
 from ..data import Dataset
-from ..experiment import ClaimResult, Condition, Context
+from ..experiment import ClaimResult, Condition, Context, Profiles
 from ..models import MLP
 from ..measure import early_mean
 from ..probes import register_with
@@ -62,7 +62,7 @@ PAPER = (("ResNet-50 on ImageNet, small batch / high lr: PreciseBN vs EMA", "EMA
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Profiles):
     seeds: int = 5
     momenta: tuple[float, ...] = (0.01, 0.1)
     steps: int = 600
@@ -73,17 +73,8 @@ class Config:
     widths: tuple[int, ...] = (100,) * 3
     norm: str = "ours"
 
-    @classmethod
-    def quick(cls) -> Config:
-        return cls()
-
-    @classmethod
-    def full(cls) -> Config:
-        return cls(seeds=5, momenta=(0.01, 0.03, 0.1, 0.3), steps=2000, eval_every=200, samples=4000)
-
-    @classmethod
-    def smoke(cls) -> Config:
-        return cls(seeds=1, steps=10, eval_every=5, samples=120, widths=(16, 16))
+    FULL = dict(seeds=5, momenta=(0.01, 0.03, 0.1, 0.3), steps=2000, eval_every=200, samples=4000)
+    SMOKE = dict(seeds=1, steps=10, eval_every=5, samples=120, widths=(16, 16))
 
 
 def _precise_accuracy(model: MLP, data: Dataset, batch: int, samples: int) -> dict:

@@ -37,7 +37,7 @@ import batchnorm
 
 from .. import plots
 from ..data import Dataset
-from ..experiment import ClaimResult, Condition, Context
+from ..experiment import ClaimResult, Condition, Context, Profiles
 from ..models import MLP
 from ..probes import register_with
 from ..train import RunResult, TrainSpec
@@ -75,7 +75,7 @@ NETS = (("mlp", "MLP"), ("conv", "conv net"))
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Profiles):
     seeds: int = 5
     steps: int = 1000
     lr: float = 0.3
@@ -91,18 +91,9 @@ class Config:
     tent_passes: tuple[int, ...] = (1,)  # passes over the target inputs
     norm: str = "ours"
 
-    @classmethod
-    def quick(cls) -> Config:
-        return cls()
-
-    @classmethod
-    def full(cls) -> Config:
-        return cls(seeds=5, steps=4000, conv_steps=1500, tent_passes=(1, 3))
-
-    @classmethod
-    def smoke(cls) -> Config:
-        return cls(seeds=1, steps=10, widths=(16, 16), conv_channels=(4, 8), conv_steps=10, target_samples=256,
-                   held_out=64, target_batch=64, tent_lrs=(1e-3,), tent_passes=(1,))
+    FULL = dict(seeds=5, steps=4000, conv_steps=1500, tent_passes=(1, 3))
+    SMOKE = dict(seeds=1, steps=10, widths=(16, 16), conv_channels=(4, 8), conv_steps=10, target_samples=256,
+                 held_out=64, target_batch=64, tent_lrs=(1e-3,), tent_passes=(1,))
 
 
 def shift(x: Tensor, kind: str, image_shape: tuple[int, ...] | None = None) -> Tensor:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 import batchnorm
 
 from .. import plots
-from ..experiment import ClaimResult, Condition, Context
+from ..experiment import ClaimResult, Condition, Context, Profiles
 from ..measure import paired_times
 
 ID = "C14"
@@ -60,7 +60,7 @@ VARIANTS = ("torch.nn BN + act", "batchnorm BN + act", "BatchNormAct2d")
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Profiles):
     seeds: int = 5
     depth: int = 4  # blocks
     channels: int = 32
@@ -68,17 +68,8 @@ class Config:
     size: int = 16  # height and width
     repeats: int = 6  # timed rounds per seed (paired)
 
-    @classmethod
-    def quick(cls) -> Config:
-        return cls()
-
-    @classmethod
-    def full(cls) -> Config:
-        return cls(seeds=5, batch=16, size=32, repeats=10)
-
-    @classmethod
-    def smoke(cls) -> Config:
-        return cls(seeds=1, depth=2, channels=4, batch=4, size=8, repeats=1)
+    FULL = dict(seeds=5, batch=16, size=32, repeats=10)
+    SMOKE = dict(seeds=1, depth=2, channels=4, batch=4, size=8, repeats=1)
 
 
 def build(cfg: Config, variant: str, act: str, seed: int) -> nn.Module:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import plots
-from ..experiment import ClaimResult, Condition, Context
+from ..experiment import ClaimResult, Condition, Context, Profiles
 from ..measure import mean_std
 from ..train import RunResult, TrainSpec
 
@@ -51,7 +51,7 @@ PAPER = (("ImageNet-128 community benchmark: BN before ReLU / after ReLU / no BN
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Profiles):
     seeds: int = 5
     dropouts: tuple[float, ...] = (0.0, 0.3)  # the second is the judged rate
     arms: tuple[str, ...] = ("before", "after")
@@ -62,17 +62,8 @@ class Config:
     widths: tuple[int, ...] = (100,) * 3
     norm: str = "ours"
 
-    @classmethod
-    def quick(cls) -> Config:
-        return cls()
-
-    @classmethod
-    def full(cls) -> Config:
-        return cls(seeds=5, dropouts=(0.0, 0.3, 0.5), arms=("before", "after", "none"), steps=4000, eval_every=500)
-
-    @classmethod
-    def smoke(cls) -> Config:
-        return cls(seeds=1, steps=10, eval_every=5, widths=(16, 16))
+    FULL = dict(seeds=5, dropouts=(0.0, 0.3, 0.5), arms=("before", "after", "none"), steps=4000, eval_every=500)
+    SMOKE = dict(seeds=1, steps=10, eval_every=5, widths=(16, 16))
 
 
 def run(ctx: Context) -> ClaimResult:

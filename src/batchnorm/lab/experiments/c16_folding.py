@@ -46,7 +46,7 @@ from torch import Tensor, nn
 import batchnorm
 
 from .. import plots
-from ..experiment import ClaimResult, Condition, Context
+from ..experiment import ClaimResult, Condition, Context, Profiles
 from ..measure import paired_times, pin_allocator
 from ..models import mlp
 
@@ -75,24 +75,15 @@ PAPER = (("Folding BN into conv/linear weights (common deployment practice)", "e
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Profiles):
     seeds: int = 5
     rounds: int = 12  # paired timing rounds per network and seed
     sample_seconds: float = 0.005  # each timed sample repeats the pass for about this long
     calibration_samples: int = 2000
     channels: int = 32  # of the convolutional network
 
-    @classmethod
-    def quick(cls) -> Config:
-        return cls()
-
-    @classmethod
-    def full(cls) -> Config:
-        return cls(seeds=8, rounds=30, sample_seconds=0.01)
-
-    @classmethod
-    def smoke(cls) -> Config:
-        return cls(seeds=1, rounds=3, sample_seconds=0.0005, calibration_samples=200, channels=4)
+    FULL = dict(seeds=8, rounds=30, sample_seconds=0.01)
+    SMOKE = dict(seeds=1, rounds=3, sample_seconds=0.0005, calibration_samples=200, channels=4)
 
 
 class Signals(nn.Module):

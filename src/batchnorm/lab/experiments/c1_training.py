@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .. import plots
-from ..experiment import ClaimResult, Condition, Context
+from ..experiment import ClaimResult, Condition, Context, Profiles
 from ..measure import checkpoint_matrix, early_mean
 from ..train import RunResult, TrainSpec
 
@@ -62,7 +62,7 @@ PAPER = (
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Profiles):
     seeds: int = 5
     steps: int = 2000
     eval_every: int = 100  # steps between checkpoints (test accuracy, sigmoid percentiles)
@@ -75,17 +75,8 @@ class Config:
     conv_eval_every: int = 20
     conv_lr: float = 0.05
 
-    @classmethod
-    def quick(cls) -> Config:
-        return cls()
-
-    @classmethod
-    def full(cls) -> Config:
-        return cls(seeds=5, steps=20_000, eval_every=500, conv_steps=1500, conv_eval_every=50)
-
-    @classmethod
-    def smoke(cls) -> Config:
-        return cls(seeds=1, steps=20, eval_every=10, conv_channels=(4, 8), conv_steps=10, conv_eval_every=5)
+    FULL = dict(seeds=5, steps=20_000, eval_every=500, conv_steps=1500, conv_eval_every=50)
+    SMOKE = dict(seeds=1, steps=20, eval_every=10, conv_channels=(4, 8), conv_steps=10, conv_eval_every=5)
 
 
 def specs(cfg: Config, seed: int) -> dict[str, TrainSpec]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import plots
-from ..experiment import ClaimResult, Condition, Context
+from ..experiment import ClaimResult, Condition, Context, Profiles
 from ..measure import checkpoint_matrix, steps_to
 from ..train import RunResult, TrainSpec
 
@@ -60,7 +60,7 @@ SMOOTH = 3  # checkpoints in the trailing mean the "first reached" step is read 
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Profiles):
     seeds: int = 5
     no_bn_lrs: tuple[float, ...] = (0.1, 0.2, 0.4, 0.8)  # the no-BN sweep (the best must lie inside it)
     multipliers: tuple[float, ...] = (5.0, 30.0)
@@ -70,17 +70,8 @@ class Config:
     widths: tuple[int, ...] = (100,) * 4
     norm: str = "ours"
 
-    @classmethod
-    def quick(cls) -> Config:
-        return cls()
-
-    @classmethod
-    def full(cls) -> Config:
-        return cls(seeds=5, no_bn_lrs=(0.05, 0.1, 0.2, 0.4, 0.8), steps=2000, eval_every=50)
-
-    @classmethod
-    def smoke(cls) -> Config:
-        return cls(seeds=1, no_bn_lrs=(0.05, 0.1), steps=20, eval_every=10, widths=(32, 32))
+    FULL = dict(seeds=5, no_bn_lrs=(0.05, 0.1, 0.2, 0.4, 0.8), steps=2000, eval_every=50)
+    SMOKE = dict(seeds=1, no_bn_lrs=(0.05, 0.1), steps=20, eval_every=10, widths=(32, 32))
 
 
 def smooth(acc: np.ndarray) -> np.ndarray:

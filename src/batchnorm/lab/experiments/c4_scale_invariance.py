@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import plots
-from ..experiment import ClaimResult, Condition, Context
+from ..experiment import ClaimResult, Condition, Context, Profiles
 from ..models import make_norm
 
 ID = "C4"
@@ -42,24 +42,14 @@ PAPER = (("BN(aWu) = BN(Wu); a dL/d(aW) = dL/dW", "exact (algebra)"),)
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Profiles):
     seeds: int = 1
     scales: tuple[float, ...] = (1e-3, 1e-2, 0.1, 0.5, 2.0, 10.0, 100.0, 1e3)
     batch_size: int = 60
     channels: int = 100
     norm: str = "ours"
 
-    @classmethod
-    def quick(cls) -> Config:
-        return cls()
-
-    @classmethod
-    def full(cls) -> Config:
-        return cls(seeds=5)
-
-    @classmethod
-    def smoke(cls) -> Config:
-        return cls()
+    FULL = dict(seeds=5)
 
 
 def output_and_grad(bn: nn.Module, w: torch.Tensor, u: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

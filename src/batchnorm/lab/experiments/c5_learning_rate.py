@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .. import plots
-from ..experiment import ClaimResult, Condition, Context
+from ..experiment import ClaimResult, Condition, Context, Profiles
 from ..measure import mean_std
 from ..train import RunResult, TrainSpec
 
@@ -57,7 +57,7 @@ PAPER = (("MNIST-1D pilot, 6x100 ReLU, 3k steps, no BN / BN: lr 0.03", "55.6% / 
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Profiles):
     seeds: int = 4
     lrs: tuple[float, ...] = (0.03, 0.3, 3.0)
     steps: int = 1000
@@ -66,17 +66,8 @@ class Config:
     widths: tuple[int, ...] = (100,) * 6
     norm: str = "ours"
 
-    @classmethod
-    def quick(cls) -> Config:
-        return cls()
-
-    @classmethod
-    def full(cls) -> Config:
-        return cls(seeds=5, lrs=(0.03, 0.1, 0.3, 1.0, 3.0), steps=3000, eval_every=500)
-
-    @classmethod
-    def smoke(cls) -> Config:
-        return cls(seeds=1, lrs=(0.03, 3.0), steps=20, eval_every=10)
+    FULL = dict(seeds=5, lrs=(0.03, 0.1, 0.3, 1.0, 3.0), steps=3000, eval_every=500)
+    SMOKE = dict(seeds=1, lrs=(0.03, 3.0), steps=20, eval_every=10)
 
 
 def run(ctx: Context) -> ClaimResult:

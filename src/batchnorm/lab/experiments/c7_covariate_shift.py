@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import plots
-from ..experiment import ClaimResult, Condition, Context
+from ..experiment import ClaimResult, Condition, Context, Profiles
 from ..gradients import gradient_shift
 from ..models import MLP, make_norm
 from ..probes import register_with
@@ -68,7 +68,7 @@ PAPER = (("VGG on CIFAR-10 and a 25-layer deep linear network: ICS with BN vs wi
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Profiles):
     seeds: int = 5
     # the MLP setting
     steps: int = 300
@@ -86,18 +86,9 @@ class Config:
     dln_steps: int = 100
     dln_every: int = 10
 
-    @classmethod
-    def quick(cls) -> Config:
-        return cls()
-
-    @classmethod
-    def full(cls) -> Config:
-        return cls(seeds=5, steps=2000, eval_every=200, dln_steps=500, dln_every=50)
-
-    @classmethod
-    def smoke(cls) -> Config:
-        return cls(seeds=1, steps=10, eval_every=5, widths=(16, 16, 16), probe_batch=32,
-                   dln_depth=5, dln_points=64, dln_steps=4, dln_every=2)
+    FULL = dict(seeds=5, steps=2000, eval_every=200, dln_steps=500, dln_every=50)
+    SMOKE = dict(seeds=1, steps=10, eval_every=5, widths=(16, 16, 16), probe_batch=32,
+                 dln_depth=5, dln_points=64, dln_steps=4, dln_every=2)
 
 
 def mlp_groups(model: MLP) -> list[list[nn.Parameter]]:

@@ -33,7 +33,7 @@ import numpy as np
 import torch.nn.functional as F
 
 from .. import plots
-from ..experiment import ClaimResult, Condition, Context
+from ..experiment import ClaimResult, Condition, Context, Profiles
 from ..gradients import landscape
 from ..models import MLP
 from ..probes import register_with
@@ -71,7 +71,7 @@ MEASURES = (("loss_range", "loss range"), ("gradient_change", "gradient change |
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Profiles):
     seeds: int = 5
     steps: int = 500
     eval_every: int = 50
@@ -86,18 +86,9 @@ class Config:
     conv_eval_every: int = 25
     conv_lr: float = 0.05
 
-    @classmethod
-    def quick(cls) -> Config:
-        return cls()
-
-    @classmethod
-    def full(cls) -> Config:
-        return cls(seeds=5, steps=3000, eval_every=100, conv_steps=500, conv_eval_every=50)
-
-    @classmethod
-    def smoke(cls) -> Config:
-        return cls(seeds=1, steps=10, eval_every=5, widths=(16, 16, 16), conv_channels=(4, 8), conv_steps=10,
-                   conv_eval_every=5)
+    FULL = dict(seeds=5, steps=3000, eval_every=100, conv_steps=500, conv_eval_every=50)
+    SMOKE = dict(seeds=1, steps=10, eval_every=5, widths=(16, 16, 16), conv_channels=(4, 8), conv_steps=10,
+                 conv_eval_every=5)
 
 
 def _probe(model: MLP, data, lr: float, batch: int, multipliers: tuple[float, ...]) -> dict:

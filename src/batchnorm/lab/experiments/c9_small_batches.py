@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import plots
-from ..experiment import ClaimResult, Condition, Context
+from ..experiment import ClaimResult, Condition, Context, Profiles
 from ..measure import mean_std
 from ..train import RunResult, TrainSpec
 
@@ -57,7 +57,7 @@ PAPER = (("ImageNet, Inception-v3, groups of 4: BN / Batch Renorm", "74.2% / 76.
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Profiles):
     seeds: int = 4
     batch_sizes: tuple[int, ...] = (2, 4)
     few_class_batch: int = 32  # size of the 2-class batches
@@ -70,17 +70,8 @@ class Config:
     widths: tuple[int, ...] = (100,) * 3
     bn: str = "ours"  # the norm kind of the BN arm
 
-    @classmethod
-    def quick(cls) -> Config:
-        return cls()
-
-    @classmethod
-    def full(cls) -> Config:
-        return cls(seeds=5, batch_sizes=(2, 4, 8), norms=("bn", "renorm", "group", "layer"), epochs=2.0)
-
-    @classmethod
-    def smoke(cls) -> Config:
-        return cls(seeds=1, epochs=0.01, widths=(20, 20), few_class_batch=8)
+    FULL = dict(seeds=5, batch_sizes=(2, 4, 8), norms=("bn", "renorm", "group", "layer"), epochs=2.0)
+    SMOKE = dict(seeds=1, epochs=0.01, widths=(20, 20), few_class_batch=8)
 
 
 def spec(cfg: Config, norm: str, setting: int | str, seed: int, examples: int) -> TrainSpec:
