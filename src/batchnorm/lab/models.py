@@ -25,6 +25,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+import batchnorm
+
+from .noisy import NoisyBatchNorm
+
 NormFactory = Callable[..., nn.Module]
 NORMS: dict[str, NormFactory] = {}
 NORMS_2D: dict[str, NormFactory] = {}  # the norms of the conv net, over (N, C, H, W)
@@ -52,34 +56,15 @@ def register_norm(kind: str, images: bool = False) -> Callable[[NormFactory], No
 
 
 @register_norm("none")
+@register_norm("none", images=True)
 def _no_norm(num_features: int) -> nn.Module:
     return nn.Identity()
 
 
-@register_norm("ours")
-def _our_batchnorm(num_features: int, **options: object) -> nn.Module:
-    from batchnorm import BatchNorm1d
-
-    return BatchNorm1d(num_features, **options)
-
-
-@register_norm("torch")
-def _torch_batchnorm(num_features: int, **options: object) -> nn.Module:
-    return nn.BatchNorm1d(num_features, **options)
-
-
-@register_norm("renorm")
-def _batch_renorm(num_features: int, **options: object) -> nn.Module:
-    from batchnorm import BatchRenorm1d
-
-    return BatchRenorm1d(num_features, **options)
-
-
-@register_norm("ghost")
-def _ghost_batchnorm(num_features: int, **options: object) -> nn.Module:
-    from batchnorm import GhostBatchNorm1d
-
-    return GhostBatchNorm1d(num_features, **options)
+# the layers whose constructor is already ``(num_features, **options)``
+NORMS.update(ours=batchnorm.BatchNorm1d, torch=nn.BatchNorm1d, renorm=batchnorm.BatchRenorm1d,
+             ghost=batchnorm.GhostBatchNorm1d, layer=nn.LayerNorm)
+NORMS_2D.update(ours=batchnorm.BatchNorm2d, torch=nn.BatchNorm2d)
 
 
 @register_norm("group")
@@ -87,39 +72,13 @@ def _group_norm(num_features: int, groups: int = 10, **options: object) -> nn.Mo
     return nn.GroupNorm(int(groups), num_features, **options)
 
 
-@register_norm("layer")
-def _layer_norm(num_features: int, **options: object) -> nn.Module:
-    return nn.LayerNorm(num_features, **options)
-
-
 @register_norm("noisy")
 def _noisy_batchnorm(num_features: int, **options: object) -> nn.Module:
-    from .noisy import NoisyBatchNorm
-
     return NoisyBatchNorm(num_features, **options)
-
-
-@register_norm("none", images=True)
-def _no_norm_2d(num_features: int) -> nn.Module:
-    return nn.Identity()
-
-
-@register_norm("ours", images=True)
-def _our_batchnorm_2d(num_features: int, **options: object) -> nn.Module:
-    from batchnorm import BatchNorm2d
-
-    return BatchNorm2d(num_features, **options)
-
-
-@register_norm("torch", images=True)
-def _torch_batchnorm_2d(num_features: int, **options: object) -> nn.Module:
-    return nn.BatchNorm2d(num_features, **options)
 
 
 @register_norm("noisy", images=True)
 def _noisy_batchnorm_2d(num_features: int, **options: object) -> nn.Module:
-    from .noisy import NoisyBatchNorm
-
     return NoisyBatchNorm(num_features, images=True, **options)
 
 
