@@ -30,7 +30,7 @@ import csv
 import functools
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
@@ -83,6 +83,17 @@ class Condition:
         if self.op == "within":
             return f"{self.text} within +-{self.threshold:g}"
         return f"{self.text} {self.op} {self.threshold:g}"
+
+
+def with_conv_twins(*mlp: Condition) -> tuple[Condition, ...]:
+    """The conditions ``mlp`` (keys "mlp_<name>", texts "MLP: <text>") followed by their twins on
+    the conv net, in the same order: key "conv_<name>", text "conv net: <text>", reason "as for
+    the MLP", the rest unchanged."""
+    for c in mlp:
+        if not (c.key.startswith("mlp_") and c.text.startswith("MLP: ")):
+            raise ValueError(f"condition {c.key!r}: expected a key 'mlp_...' and a text 'MLP: ...', got {c.text!r}")
+    return mlp + tuple(replace(c, key="conv_" + c.key[4:], text="conv net: " + c.text[5:], reason="as for the MLP")
+                       for c in mlp)
 
 
 def interval(values: Sequence[float], log: bool = False, confidence: float = CONFIDENCE
@@ -279,6 +290,18 @@ class Context:
         self.store.put(label, key, result.to_json())
         self.progress.finish(label, stored=False)
         return result
+
+    def train_arms(self, base: Callable[[int], TrainSpec], norm: str, data: Dataset | None = None
+                   ) -> dict[str, list[RunResult]]:
+        """Both arms over the seeds, seed by seed: "bn" (``base(seed)`` with ``norm``) and "no_bn"
+        (``base(seed)`` itself, whose norm is "none"), on ``data`` (default: the lab's data). The
+        two arms of a seed share its initial weights and batches."""
+        out: dict[str, list[RunResult]] = {"bn": [], "no_bn": []}
+        for seed in self.seeds():
+            spec = base(seed)
+            out["bn"].append(self.train(replace(spec, norm=norm), data))
+            out["no_bn"].append(self.train(spec, data))
+        return out
 
     def _file(self, folder: str, name: str, suffix: str) -> tuple[Path, str]:
         relative = f"{folder}/{self.experiment.ID}_{name}{suffix}"

@@ -26,7 +26,7 @@ Now saturation is tested where it can occur, and each condition has a 95% interv
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -91,12 +91,11 @@ def run(ctx: Context) -> ClaimResult:
     cfg = ctx.config()
     arms: dict[tuple[str, str], list[RunResult]] = {}
     for init in ("torch", "saturating"):
-        for seed in ctx.seeds():
-            base = TrainSpec(widths=(cfg.width,) * cfg.depth, activation="sigmoid", lr=cfg.lr, batch_size=cfg.batch_size,
-                             steps=cfg.steps, eval_every=cfg.eval_every, seed=seed, init=init,
-                             probes=("grad_norms", "saturation"))
-            arms.setdefault(("bn", init), []).append(ctx.train(replace(base, norm=cfg.norm)))
-            arms.setdefault(("no_bn", init), []).append(ctx.train(base))
+        by_arm = ctx.train_arms(lambda seed: TrainSpec(widths=(cfg.width,) * cfg.depth, activation="sigmoid", lr=cfg.lr,
+                                                       batch_size=cfg.batch_size, steps=cfg.steps,
+                                                       eval_every=cfg.eval_every, seed=seed, init=init,
+                                                       probes=("grad_norms", "saturation")), cfg.norm)
+        arms.update({(arm, init): rs for arm, rs in by_arm.items()})
 
     g = {arm: np.asarray([grads(r) for r in arms[arm, "torch"]]) for arm in ("bn", "no_bn")}  # (seeds, checkpoints, layers)
     last_over_first = {arm: v[:, 0, -1] / v[:, 0, 0] for arm, v in g.items()}

@@ -37,7 +37,7 @@ import batchnorm
 
 from .. import plots
 from ..data import Dataset
-from ..experiment import ClaimResult, Condition, Context, Profiles
+from ..experiment import ClaimResult, Condition, Context, Profiles, with_conv_twins
 from ..models import MLP
 from ..probes import register_with
 from ..train import RunResult, TrainSpec
@@ -56,15 +56,11 @@ EXPECTATION = (
     "statistics', per seed."
 )
 RECOVERED = 0.01
-CONDITIONS = (
+CONDITIONS = with_conv_twins(
     Condition("mlp_scale_offset", "MLP: x*1.7+0.8 after AdaBN minus clean, test accuracy", ">", -RECOVERED,
               "BN removes a per-channel affine shift exactly: full recovery, up to 1 point of estimation noise"),
     Condition("mlp_partial", "MLP: noise and blur (mean), AdaBN minus source statistics, test accuracy", ">", 0.0,
               "these shifts change more than two moments: partial recovery, a positive gain"),
-    Condition("conv_scale_offset", "conv net: x*1.7+0.8 after AdaBN minus clean, test accuracy", ">", -RECOVERED,
-              "as for the MLP"),
-    Condition("conv_partial", "conv net: noise and blur (mean), AdaBN minus source statistics, test accuracy", ">", 0.0,
-              "as for the MLP"),
 )
 PAPER = (("CIFAR-10-C, ResNet-26: error with source statistics -> AdaBN", "40.8% -> 17.3%"),
          ("MNIST-1D pilot, x*1.7+0.8: source -> AdaBN", "35-37% -> 66-68%"))

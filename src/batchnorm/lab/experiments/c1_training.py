@@ -96,21 +96,13 @@ def conv_specs(cfg: Config, seed: int) -> dict[str, TrainSpec]:
 def runs(ctx: Context) -> dict[str, list[RunResult]]:
     """All MLP runs of both arms, one per seed."""
     cfg = ctx.config()
-    out: dict[str, list[RunResult]] = {"bn": [], "no_bn": []}
-    for seed in ctx.seeds():
-        for arm, spec in specs(cfg, seed).items():
-            out[arm].append(ctx.train(spec))
-    return out
+    return ctx.train_arms(lambda seed: specs(cfg, seed)["no_bn"], cfg.norm)
 
 
 def conv_runs(ctx: Context) -> dict[str, list[RunResult]]:
     """All conv-net runs of both arms on ``ctx.images()``, one per seed."""
     cfg = ctx.config()
-    out: dict[str, list[RunResult]] = {"bn": [], "no_bn": []}
-    for seed in ctx.seeds():
-        for arm, spec in conv_specs(cfg, seed).items():
-            out[arm].append(ctx.train(spec, ctx.images()))
-    return out
+    return ctx.train_arms(lambda seed: conv_specs(cfg, seed)["no_bn"], cfg.norm, ctx.images())
 
 
 def run(ctx: Context) -> ClaimResult:

@@ -22,7 +22,7 @@ profile now trains 1000 steps (4 seeds); the rule is unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -75,11 +75,10 @@ def run(ctx: Context) -> ClaimResult:
     chance = 1.0 / ctx.data.n_classes
     runs: dict[tuple[str, float], list[RunResult]] = {}
     for lr in cfg.lrs:
-        for seed in ctx.seeds():
-            base = TrainSpec(widths=cfg.widths, activation="relu", init="kaiming", lr=lr, batch_size=cfg.batch_size,
-                             steps=cfg.steps, eval_every=cfg.eval_every, seed=seed)
-            for arm, norm in (("bn", cfg.norm), ("no_bn", "none")):
-                runs.setdefault((arm, lr), []).append(ctx.train(replace(base, norm=norm)))
+        by_arm = ctx.train_arms(lambda seed: TrainSpec(widths=cfg.widths, activation="relu", init="kaiming", lr=lr,
+                                                       batch_size=cfg.batch_size, steps=cfg.steps,
+                                                       eval_every=cfg.eval_every, seed=seed), cfg.norm)
+        runs.update({(arm, lr): rs for arm, rs in by_arm.items()})
 
     table = {}
     for (arm, lr), rs in runs.items():
