@@ -3,6 +3,9 @@
 untouched and torch.nn's wording; eps (>= 0) and momentum are validated at construction
 and at call; an empty training batch gives an empty output with gradients and changes nothing."""
 
+import re
+import warnings
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -153,3 +156,57 @@ def test_an_empty_batch_in_the_functional_forms_is_an_empty_output():
     y, new_rm, new_rv = batchnorm.batch_norm_stateless(x, rm, rv, training=True)
     assert y.shape == (0, 3, 5) and torch.equal(new_rm, rm) and torch.equal(new_rv, rv)
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+# -- non-finite running statistics warn on load and in eval, naming the channels ---------
+RUNNING_LAYERS = {**LAYERS, "frozen": lambda: batchnorm.FrozenBatchNorm2d(3)}
+
+
+def _bad_state(m, name):
+    sd = m.state_dict()
+    if name == "running_var":
+        sd[name] = torch.tensor([1.0, -1.0, float("nan")])
+    else:
+        sd[name] = torch.tensor([0.0, float("inf"), 0.0])
+    return sd, ([1, 2] if name == "running_var" else [1])
+
+
+@pytest.mark.parametrize("kind", RUNNING_LAYERS)
+@pytest.mark.parametrize("name", ["running_mean", "running_var"])
+def test_non_finite_running_statistics_warn_on_load_and_once_in_eval(kind, name):
+    m = RUNNING_LAYERS[kind]()
+    sd, channels = _bad_state(m, name)
+    loaded = r"loaded running statistics.*channel\(s\) " + re.escape(str(channels))
+    with pytest.warns(RuntimeWarning, match=loaded):
+        m.load_state_dict(sd)
+    m.eval()
+    x = torch.randn(4, 3, 5, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # checked at load: the same buffers warn no more
+        m(x)
+        m(x)
+    m.running_var.fill_(-2.0)  # a new version of the buffer: checked once more at eval
+    with pytest.warns(RuntimeWarning, match=r"normalises with running statistics.*\[0, 1, 2\]"):
+        m(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m(x)
+
+
+def test_finite_running_statistics_and_training_do_not_warn():
+    m = batchnorm.BatchNorm2d(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.load_state_dict(batchnorm.BatchNorm2d(3).state_dict())
+        m(torch.randn(4, 3, 5, 5))
+        m.eval()(torch.randn(4, 3, 5, 5))
+
+
+def test_non_finite_running_statistics_do_not_warn_under_compile():
+    m = batchnorm.BatchNorm2d(3).eval()
+    m.running_var[1] = float("nan")
+    compiled = torch.compile(m, backend="eager", fullgraph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = compiled(torch.randn(4, 3, 5, 5))
+    assert out[:, 1].isnan().all() and out[:, 0].isfinite().all()
