@@ -210,3 +210,69 @@ def test_non_finite_running_statistics_do_not_warn_under_compile():
         warnings.simplefilter("error")
         out = compiled(torch.randn(4, 3, 5, 5))
     assert out[:, 1].isnan().all() and out[:, 0].isfinite().all()
+
+
+# -- the numba kernels' wrappers check their arrays' lengths, however they are called -----
+def _cpu_calls():
+    cpu = kernels.load("cpu")
+    x = torch.randn(4, 3, 100, 100)
+    dy, v = torch.randn_like(x), torch.rand(3) + 0.5
+    return cpu, x, dy, v, {
+        "forward_eval_act": lambda mean, invstd, weight, bias, dy: cpu.forward_eval_act(
+            x, mean, invstd, weight, bias, "relu", 0.0),
+        "forward_train_act": lambda mean, invstd, weight, bias, dy: cpu.forward_train_act(
+            x, weight, bias, 1e-5, "identity", 0.0),
+        "backward_reduce": lambda mean, invstd, weight, bias, dy: cpu.backward_reduce(
+            dy, x, mean, invstd),
+        "backward_elemt": lambda mean, invstd, weight, bias, dy: cpu.backward_elemt(
+            dy, x, mean, invstd, weight, bias, bias, 120_000.0),
+        "backward": lambda mean, invstd, weight, bias, dy: cpu.backward(
+            dy, x, mean, invstd, weight),
+        "backward_eval": lambda mean, invstd, weight, bias, dy: cpu.backward_eval(
+            dy, x, mean, invstd, weight),
+        "backward_act": lambda mean, invstd, weight, bias, dy: cpu.backward_act(
+            dy, x, mean, invstd, weight, bias, "leaky_relu", 0.01, True),
+        "backward_act_input": lambda mean, invstd, weight, bias, dy: cpu.backward_act_input(
+            dy, x, mean, invstd, weight, bias, "relu", 0.0, True),
+    }
+
+
+@pytest.mark.parametrize("vector", ["mean", "invstd", "weight", "bias", "dy"])
+@pytest.mark.parametrize("function", [
+    "forward_eval_act", "forward_train_act", "backward_reduce", "backward_elemt", "backward",
+    "backward_eval", "backward_act", "backward_act_input"])
+def test_cpu_kernel_wrappers_refuse_a_short_vector_called_directly(function, vector):
+    pytest.importorskip("numba")
+    cpu, x, dy, v, calls = _cpu_calls()
+    args = {"mean": v * 0, "invstd": v, "weight": v, "bias": v * 0, "dy": dy}
+    calls[function](**args)  # the right lengths run
+    args[vector] = dy[:, :, :50] if vector == "dy" else v[:2]
+    if vector not in READS[function]:  # this function does not read it: nothing to refuse
+        return
+    with pytest.raises(ValueError, match=r"cpu kernels: .*(3 elements|the input's size)"):
+        calls[function](**args)
+
+
+#: What each wrapper hands to its kernels (backward_elemt's sums are passed as "bias").
+READS = {
+    "forward_eval_act": {"mean", "invstd", "weight", "bias"},
+    "forward_train_act": {"weight", "bias"},
+    "backward_reduce": {"mean", "invstd", "dy"},
+    "backward_elemt": {"mean", "invstd", "weight", "bias", "dy"},
+    "backward": {"mean", "invstd", "weight", "dy"},
+    "backward_eval": {"mean", "invstd", "weight", "dy"},
+    "backward_act": {"mean", "invstd", "weight", "bias", "dy"},
+    "backward_act_input": {"mean", "invstd", "weight", "bias", "dy"},
+}
+
+
+def test_cpu_running_update_and_guard_refuse_short_vectors():
+    pytest.importorskip("numba")
+    cpu = kernels.load("cpu")
+    rm, rv, mean, invstd = torch.zeros(3), torch.ones(3), torch.zeros(3), torch.ones(3)
+    assert cpu.update_running(rm, rv, mean, invstd, 1e-5, 1.0, 0.1) is True
+    with pytest.raises(ValueError, match="running_var must have 3 elements"):
+        cpu.update_running(rm, torch.ones(2), mean, invstd, 1e-5, 1.0, 0.1)
+    assert torch.equal(rm, torch.zeros(3))
+    with pytest.raises(ValueError, match="invstd must have mean's 3 elements"):
+        cpu.finite_batch(mean, torch.ones(2), 1e-5)
