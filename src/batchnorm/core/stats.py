@@ -198,20 +198,22 @@ def warn_not_finite(
     as for ``warnings.warn``, counted from the caller). Default: the guard's, for a batch
     whose statistics are not finite. ``running`` (e.g. ``"BatchNorm2d loaded"``): for
     running statistics a layer loaded or normalises with, where a negative variance is
-    refused too (None statistics: no channel bad)."""
-    bad = torch.zeros(0 if mean is None and var is None else
-                      (mean if mean is not None else var).shape, dtype=torch.bool)
+    refused too (a None statistic has no bad channel; at least one is given)."""
+    bad = torch.zeros((mean if mean is not None else var).shape, dtype=torch.bool)
     if mean is not None:
         bad = bad | ~torch.isfinite(mean).cpu()
     if var is not None:
-        bad = bad | ~torch.isfinite(var).cpu() | (bool(running) & (var < 0).cpu())
+        bad = bad | ~torch.isfinite(var).cpu()
+        if running:
+            bad = bad | (var < 0).cpu()
     bad = bad.nonzero().flatten().tolist()
     channels = f"channel(s) {bad[:20]}{' ...' if len(bad) > 20 else ''}"
     if running:
         message = (
             f"{running} running statistics that are not finite (NaN/Inf mean or variance, "
             f"or a negative variance) in {channels}: eval outputs of these channels are "
-            "NaN/Inf. Recompute them (batchnorm.tools.calibrate.recalibrate) or call reset_running_stats()."
+            "NaN/Inf. Recompute them (batchnorm.tools.calibrate.recalibrate) or call "
+            "reset_running_stats()."
         )
     else:
         message = (
