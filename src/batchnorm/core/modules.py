@@ -148,8 +148,11 @@ def warn_running(module: nn.Module, running_mean: Tensor | None, running_var: Te
     under tracing, on the meta device or on a tracer's / transform's tensors."""
     if torch.compiler.is_compiling() or (running_mean is None and running_var is None):
         return
-    key = tuple((id(t), t._version if not t.is_inference() else None)
-                for t in (running_mean, running_var) if t is not None)
+    try:
+        key = (id(running_mean), running_mean._version, id(running_var), running_var._version)
+    except (AttributeError, RuntimeError):  # a None buffer; inference tensors have no version
+        key = tuple(x for t in (running_mean, running_var) for x in (
+            id(t), None if t is None or t.is_inference() else t._version))
     if module.__dict__.get("_running_checked") == key:
         return
     if any(t.device.type == "meta" for t in (running_mean, running_var) if t is not None) or (
