@@ -3,6 +3,9 @@
 untouched and torch.nn's wording; eps (>= 0) and momentum are validated at construction
 and at call; an empty training batch gives an empty output with gradients and changes nothing."""
 
+import re
+import warnings
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -153,3 +156,123 @@ def test_an_empty_batch_in_the_functional_forms_is_an_empty_output():
     y, new_rm, new_rv = batchnorm.batch_norm_stateless(x, rm, rv, training=True)
     assert y.shape == (0, 3, 5) and torch.equal(new_rm, rm) and torch.equal(new_rv, rv)
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+# -- non-finite running statistics warn on load and in eval, naming the channels ---------
+RUNNING_LAYERS = {**LAYERS, "frozen": lambda: batchnorm.FrozenBatchNorm2d(3)}
+
+
+def _bad_state(m, name):
+    sd = m.state_dict()
+    if name == "running_var":
+        sd[name] = torch.tensor([1.0, -1.0, float("nan")])
+    else:
+        sd[name] = torch.tensor([0.0, float("inf"), 0.0])
+    return sd, ([1, 2] if name == "running_var" else [1])
+
+
+@pytest.mark.parametrize("kind", RUNNING_LAYERS)
+@pytest.mark.parametrize("name", ["running_mean", "running_var"])
+def test_non_finite_running_statistics_warn_on_load_and_once_in_eval(kind, name):
+    m = RUNNING_LAYERS[kind]()
+    sd, channels = _bad_state(m, name)
+    loaded = r"loaded running statistics.*channel\(s\) " + re.escape(str(channels))
+    with pytest.warns(RuntimeWarning, match=loaded):
+        m.load_state_dict(sd)
+    m.eval()
+    x = torch.randn(4, 3, 5, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # checked at load: the same buffers warn no more
+        m(x)
+        m(x)
+    m.running_var.fill_(-2.0)  # a new version of the buffer: checked once more at eval
+    with pytest.warns(RuntimeWarning, match=r"normalises with running statistics.*\[0, 1, 2\]"):
+        m(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m(x)
+
+
+def test_finite_running_statistics_and_training_do_not_warn():
+    m = batchnorm.BatchNorm2d(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.load_state_dict(batchnorm.BatchNorm2d(3).state_dict())
+        m(torch.randn(4, 3, 5, 5))
+        m.eval()(torch.randn(4, 3, 5, 5))
+
+
+def test_non_finite_running_statistics_do_not_warn_under_compile():
+    m = batchnorm.BatchNorm2d(3).eval()
+    m.running_var[1] = float("nan")
+    compiled = torch.compile(m, backend="eager", fullgraph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = compiled(torch.randn(4, 3, 5, 5))
+    assert out[:, 1].isnan().all() and out[:, 0].isfinite().all()
+
+
+# -- the numba kernels' wrappers check their arrays' lengths, however they are called -----
+def _cpu_calls():
+    cpu = kernels.load("cpu")
+    x = torch.randn(4, 3, 100, 100)
+    dy, v = torch.randn_like(x), torch.rand(3) + 0.5
+    return cpu, x, dy, v, {
+        "forward_eval_act": lambda mean, invstd, weight, bias, dy: cpu.forward_eval_act(
+            x, mean, invstd, weight, bias, "relu", 0.0),
+        "forward_train_act": lambda mean, invstd, weight, bias, dy: cpu.forward_train_act(
+            x, weight, bias, 1e-5, "identity", 0.0),
+        "backward_reduce": lambda mean, invstd, weight, bias, dy: cpu.backward_reduce(
+            dy, x, mean, invstd),
+        "backward_elemt": lambda mean, invstd, weight, bias, dy: cpu.backward_elemt(
+            dy, x, mean, invstd, weight, bias, bias, 120_000.0),
+        "backward": lambda mean, invstd, weight, bias, dy: cpu.backward(
+            dy, x, mean, invstd, weight),
+        "backward_eval": lambda mean, invstd, weight, bias, dy: cpu.backward_eval(
+            dy, x, mean, invstd, weight),
+        "backward_act": lambda mean, invstd, weight, bias, dy: cpu.backward_act(
+            dy, x, mean, invstd, weight, bias, "leaky_relu", 0.01, True),
+        "backward_act_input": lambda mean, invstd, weight, bias, dy: cpu.backward_act_input(
+            dy, x, mean, invstd, weight, bias, "relu", 0.0, True),
+    }
+
+
+@pytest.mark.parametrize("vector", ["mean", "invstd", "weight", "bias", "dy"])
+@pytest.mark.parametrize("function", [
+    "forward_eval_act", "forward_train_act", "backward_reduce", "backward_elemt", "backward",
+    "backward_eval", "backward_act", "backward_act_input"])
+def test_cpu_kernel_wrappers_refuse_a_short_vector_called_directly(function, vector):
+    pytest.importorskip("numba")
+    cpu, x, dy, v, calls = _cpu_calls()
+    args = {"mean": v * 0, "invstd": v, "weight": v, "bias": v * 0, "dy": dy}
+    calls[function](**args)  # the right lengths run
+    args[vector] = dy[:, :, :50] if vector == "dy" else v[:2]
+    if vector not in READS[function]:  # this function does not read it: nothing to refuse
+        return
+    with pytest.raises(ValueError, match=r"cpu kernels: .*(3 elements|the input's size)"):
+        calls[function](**args)
+
+
+#: What each wrapper hands to its kernels (backward_elemt's sums are passed as "bias").
+READS = {
+    "forward_eval_act": {"mean", "invstd", "weight", "bias"},
+    "forward_train_act": {"weight", "bias"},
+    "backward_reduce": {"mean", "invstd", "dy"},
+    "backward_elemt": {"mean", "invstd", "weight", "bias", "dy"},
+    "backward": {"mean", "invstd", "weight", "dy"},
+    "backward_eval": {"mean", "invstd", "weight", "dy"},
+    "backward_act": {"mean", "invstd", "weight", "bias", "dy"},
+    "backward_act_input": {"mean", "invstd", "weight", "bias", "dy"},
+}
+
+
+def test_cpu_running_update_and_guard_refuse_short_vectors():
+    pytest.importorskip("numba")
+    cpu = kernels.load("cpu")
+    rm, rv, mean, invstd = torch.zeros(3), torch.ones(3), torch.zeros(3), torch.ones(3)
+    assert cpu.update_running(rm, rv, mean, invstd, 1e-5, 1.0, 0.1) is True
+    with pytest.raises(ValueError, match="running_var must have 3 elements"):
+        cpu.update_running(rm, torch.ones(2), mean, invstd, 1e-5, 1.0, 0.1)
+    assert torch.equal(rm, torch.zeros(3))
+    with pytest.raises(ValueError, match="invstd must have mean's 3 elements"):
+        cpu.finite_batch(mean, torch.ones(2), 1e-5)

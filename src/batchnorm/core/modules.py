@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels
-from . import functional, plan, stats
+from . import functional, plan, stats, traced
 
 SINGLE_VALUE_POLICIES = ("error", "use_running", "skip_update")
 
@@ -137,6 +137,32 @@ _DOC = r"""Applies Batch Normalization over a {rank} input, as described in `Bat
         >>> _ = bn.eval(); y = bn(x)         # evaluation: running statistics
     """
 
+
+
+def warn_running(module: nn.Module, running_mean: Tensor | None, running_var: Tensor | None,
+                 doing: str, input: Tensor | None = None, stacklevel: int = 8) -> None:
+    """Warn (``stats.warn_not_finite``, naming the channels) if running statistics that
+    ``module`` loaded or normalises with (``doing``) hold NaN/Inf or a negative variance.
+    Checked once per distinct buffer version (``module._running_checked`` remembers the
+    last one checked: no host read on an eval call whose buffers did not change), never
+    under tracing, on the meta device or on a tracer's / transform's tensors."""
+    if torch.compiler.is_compiling() or (running_mean is None and running_var is None):
+        return
+    try:
+        key = (id(running_mean), running_mean._version, id(running_var), running_var._version)
+    except (AttributeError, RuntimeError):  # a None buffer; inference tensors have no version
+        key = tuple(x for t in (running_mean, running_var) for x in (
+            id(t), None if t is None or t.is_inference() else t._version))
+    if module.__dict__.get("_running_checked") == key:
+        return
+    if any(t.device.type == "meta" for t in (running_mean, running_var) if t is not None) or (
+        input is not None and plan.tracing(input)
+    ) or traced.active(running_mean if running_mean is not None else running_var):
+        return
+    module.__dict__["_running_checked"] = key
+    if not stats.running_finite(running_mean, running_var):
+        stats.warn_not_finite(running_mean, running_var, stacklevel,
+                              running=f"{type(module).__name__} {doing}")
 
 class Family:
     """A 1d/2d/3d class names its row of ``DIMS`` and the example of its docstring in its
@@ -288,6 +314,8 @@ class _BatchNorm(Family, nn.modules.batchnorm._BatchNorm):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        _, _, running_mean, running_var = self._tensors()
+        warn_running(self, running_mean, running_var, "loaded", stacklevel=5)
 
     # -- checks -------------------------------------------------------------------
     def _check_input_dim(self, input: Tensor) -> None:
@@ -347,6 +375,7 @@ class _BatchNorm(Family, nn.modules.batchnorm._BatchNorm):
         if running_mean is None and running_var is None:
             _, _, running_mean, running_var = self._tensors()
         if not self.training and (running_mean is not None or running_var is not None):
+            warn_running(self, running_mean, running_var, "normalises with", input)
             return RUNNING
         if count is None:
             count = input.numel() // input.shape[1]
@@ -370,6 +399,7 @@ class _BatchNorm(Family, nn.modules.batchnorm._BatchNorm):
                     f"{type(self).__name__}(single_value='use_running') got a batch of one "
                     "but has no running statistics (track_running_stats=False)"
                 )
+            warn_running(self, running_mean, running_var, "normalises with", input)
             return RUNNING
         if count == 0:
             raise ValueError(

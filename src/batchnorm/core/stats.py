@@ -191,17 +191,48 @@ def update_running(
     return None
 
 
-def warn_not_finite(mean: Tensor, var: Tensor, stacklevel: int = 3) -> None:
-    """The guard's warning for a batch whose statistics are not finite, naming the
-    channels (``stacklevel`` as for ``warnings.warn``, counted from the caller)."""
-    bad = (~(torch.isfinite(mean) & torch.isfinite(var))).nonzero().flatten().tolist()
-    warnings.warn(
-        f"batch statistics are not finite in channel(s) {bad[:20]}"
-        f"{' ...' if len(bad) > 20 else ''}: running statistics were NOT updated "
-        "(the output follows IEEE arithmetic). Check the input for NaN/Inf or overflow.",
-        RuntimeWarning,
-        stacklevel=stacklevel,
-    )
+def warn_not_finite(
+    mean: Tensor | None, var: Tensor | None, stacklevel: int = 3, *, running: str = ""
+) -> None:
+    """The warning for statistics that are not finite, naming the channels (``stacklevel``
+    as for ``warnings.warn``, counted from the caller). Default: the guard's, for a batch
+    whose statistics are not finite. ``running`` (e.g. ``"BatchNorm2d loaded"``): for
+    running statistics a layer loaded or normalises with, where a negative variance is
+    refused too (a None statistic has no bad channel; at least one is given)."""
+    bad = torch.zeros((mean if mean is not None else var).shape, dtype=torch.bool)
+    if mean is not None:
+        bad = bad | ~torch.isfinite(mean).cpu()
+    if var is not None:
+        bad = bad | ~torch.isfinite(var).cpu()
+        if running:
+            bad = bad | (var < 0).cpu()
+    bad = bad.nonzero().flatten().tolist()
+    channels = f"channel(s) {bad[:20]}{' ...' if len(bad) > 20 else ''}"
+    if running:
+        message = (
+            f"{running} running statistics that are not finite (NaN/Inf mean or variance, "
+            f"or a negative variance) in {channels}: eval outputs of these channels are "
+            "NaN/Inf. Recompute them (batchnorm.tools.calibrate.recalibrate) or call "
+            "reset_running_stats()."
+        )
+    else:
+        message = (
+            f"batch statistics are not finite in {channels}: running statistics were NOT "
+            "updated (the output follows IEEE arithmetic). Check the input for NaN/Inf or "
+            "overflow."
+        )
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+
+
+def running_finite(mean: Tensor | None, var: Tensor | None) -> bool:
+    """Whether running statistics are usable: every mean and variance finite, every
+    variance >= 0 (one host read)."""
+    ok = torch.ones((), dtype=torch.bool, device=(mean if mean is not None else var).device)
+    if mean is not None:
+        ok = ok & torch.isfinite(mean).all()
+    if var is not None:
+        ok = ok & (torch.isfinite(var) & (var >= 0)).all()
+    return bool(ok)
 
 
 def finite_batch(mean: Tensor, invstd: Tensor, eps: float) -> bool:

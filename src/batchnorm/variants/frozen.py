@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..kernels import activations
 from ..kernels.torch_backend import acc_dtype, channel_view
 from ..core import functional, plan, traced
-from ..core.modules import TORCH_CLASSES, Family, _BatchNorm, check_layout
+from ..core.modules import TORCH_CLASSES, Family, _BatchNorm, check_layout, warn_running
 from ..core.tree import replace_modules
 from ._act_autograd import OutputSavingBNAct
 from .act import DEFAULT_ALPHA, _BatchNormAct
@@ -101,6 +101,7 @@ class _FrozenBatchNorm(Family, nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        warn_running(self, self.running_mean, self.running_var, "loaded", stacklevel=5)
 
     def check_input(self, input: Tensor) -> None:
         """Raise a clear error for input this layer cannot normalise, and for buffers or
@@ -120,6 +121,7 @@ class _FrozenBatchNorm(Family, nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         self.check_input(input)
+        warn_running(self, self.running_mean, self.running_var, "normalises with", input, 6)
         if traced.active(input):  # the plan's traced route: eval BN as one ATen op,
             y = plan.evaluate(input, self.running_mean, self.running_var, self.weight,
                               self.bias, self.eps)  # then the activation's op

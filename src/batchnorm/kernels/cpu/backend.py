@@ -124,6 +124,27 @@ def _like(t: Tensor, x: Tensor) -> Tensor:
     return out
 
 
+def _check(x: Tensor, grad: Tensor | None = None, **vectors: Tensor | None) -> None:
+    """Raise ValueError unless every per-channel vector given (None: absent) has
+    ``x.shape[1]`` elements and ``grad`` (dy or dz) has x's shape. The numba kernels index
+    these arrays by x's sizes, so a short one would be read or written out of bounds;
+    every wrapper below checks before handing arrays to a kernel, however it is called
+    (Python int comparisons only)."""
+    c = x.shape[1]
+    for name, v in vectors.items():
+        if v is not None and v.numel() != c:
+            raise ValueError(
+                f"cpu kernels: {name} must have {c} elements (one per channel of the input "
+                f"of size {list(x.shape)}), got size {list(v.shape)}. Pass per-channel "
+                f"vectors of length {c}."
+            )
+    if grad is not None and grad.shape != x.shape:
+        raise ValueError(
+            f"cpu kernels: the gradient must have the input's size {list(x.shape)}, got "
+            f"size {list(grad.shape)}"
+        )
+
+
 def _vec(v: Tensor | None, x: Tensor) -> np.ndarray:
     """A per-channel vector as a contiguous numpy array in the accumulation dtype; empty
     for None (the kernels read an empty weight as 1 and an empty bias as 0)."""
@@ -238,6 +259,7 @@ def forward_eval_act(
         layout = _layout(x)
         if layout is None:
             return torch_backend.forward_eval_act(x, mean, invstd, weight, bias, act, alpha)
+        _check(x, mean=mean, invstd=invstd, weight=weight, bias=bias)
         activations.check(act, alpha)
         if act not in LINEAR:
             return activations.apply_(normalize(x, mean, invstd, weight, bias), act, alpha)
@@ -262,6 +284,7 @@ def forward_train_act(
         layout = _layout(x)
         if layout is None:
             return torch_backend.forward_train_act(x, weight, bias, eps, act, alpha)
+        _check(x, weight=weight, bias=bias)
         activations.check(act, alpha)
         if act not in LINEAR:
             y, mean, invstd = forward_train(x, weight, bias, eps)
@@ -289,6 +312,7 @@ def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tupl
         layout = _layout(x)
         if layout is None:
             return torch_backend.backward_reduce(dy, x, mean, invstd)
+        _check(x, dy, mean=mean, invstd=invstd)
         kernels = NCHW if layout == "nchw" else NHWC
         sd, sdx = kernels.reduce(
             _view(_like(dy, x), layout), _view(x, layout), _vec(mean, x), _parts(x, layout)
@@ -307,6 +331,8 @@ def backward_elemt(
             return torch_backend.backward_elemt(
                 dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count
             )
+        _check(x, dy, mean=mean, invstd=invstd, weight=weight, sum_dy=sum_dy,
+               sum_dy_xhat=sum_dy_xhat)
         xn = _view(x, layout)
         ga, hi, lo, gb, gc = P.grad(
             _vec(mean, x), _vec(invstd, x), _vec(weight, x), _vec(sum_dy, x),
@@ -328,6 +354,7 @@ def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Vector
         layout = _layout(x)
         if layout is None:
             return torch_backend.backward(dy, x, mean, invstd, weight, output_mask)
+        _check(x, dy, mean=mean, invstd=invstd, weight=weight)
         parts = _parts(x, layout)
         block = _block(x, layout, parts, 3)
         if block:
@@ -351,6 +378,7 @@ def backward_eval(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: V
         layout = _layout(x)
         if layout is None:
             return torch_backend.backward_eval(dy, x, mean, invstd, weight, output_mask)
+        _check(x, dy, mean=mean, invstd=invstd, weight=weight)
         sums = (None, None)
         if output_mask[1] or output_mask[2]:
             sums = backward_reduce(dy, x, mean, invstd)
@@ -377,6 +405,7 @@ def backward_act(
             return torch_backend.backward_act(
                 dz, z, mean, invstd, weight, bias, act, alpha, training
             )
+        _check(z, dz, mean=mean, invstd=invstd, weight=weight, bias=bias)
         activations.check(act, alpha)
         if not activations.is_invertible(act, alpha):
             raise ValueError(f"activation {act!r} (alpha={alpha}) is not invertible")
@@ -417,6 +446,7 @@ def backward_act_input(
             return torch_backend.backward_act_input(
                 dz, x, mean, invstd, weight, bias, act, alpha, training
             )
+        _check(x, dz, mean=mean, invstd=invstd, weight=weight, bias=bias)
         activations.check(act, alpha)
         # dz, x and dx stay in cache between the two passes; silu and gelu add a scratch dy
         block = _block(x, layout, _parts(x, layout), 4 if act in SMOOTH else 3)
@@ -468,6 +498,9 @@ def finite_batch(mean: Tensor, invstd: Tensor, eps: float) -> bool | None:
     grad, live elsewhere than on the CPU or are wrapped by torch.func."""
     if mean.dtype not in _EMPTY or invstd.dtype not in _EMPTY:
         return None
+    if invstd.numel() != mean.numel():
+        raise ValueError(f"cpu kernels: invstd must have mean's {mean.numel()} elements, "
+                         f"got size {list(invstd.shape)}")
     try:
         m, s = mean.numpy(), invstd.numpy()
     except (RuntimeError, TypeError):
@@ -484,6 +517,7 @@ def update_running(
     finite (nothing written), None where it does not apply (the caller then uses torch)."""
     if not (_plain(running_mean) and _plain(running_var) and _plain(mean) and _plain(invstd)):
         return None
+    _check(mean[None], running_mean=running_mean, running_var=running_var, invstd=invstd)
     ok = P.running_update(
         running_mean.numpy(), running_var.numpy(), mean.numpy(), invstd.numpy(),
         float(eps), float(correction), float(factor),
