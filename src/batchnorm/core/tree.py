@@ -35,7 +35,11 @@ def transplant(old: nn.Module, new: nn.Module) -> nn.Module:
     """Move ``old``'s parameters and buffers (the same tensors) and train flag onto ``new``.
     A buffer ``new`` has and ``old`` lacks (num_batches_tracked of a frozen layer from
     torchvision) becomes None: the state_dict keeps ``old``'s keys."""
-    for name, param in old.named_parameters(recurse=False):
+    old_params = dict(old.named_parameters(recurse=False))
+    for name in new._parameters:  # a parameter ``old`` lacks (bias=False) becomes None
+        if name not in old_params:
+            new.register_parameter(name, None)
+    for name, param in old_params.items():
         setattr(new, name, param)
     old_buffers = dict(old.named_buffers(recurse=False))
     for name in new._buffers:
@@ -45,9 +49,10 @@ def transplant(old: nn.Module, new: nn.Module) -> nn.Module:
 
 
 def bn_args(m: nn.Module) -> dict:
-    """The constructor arguments of a BatchNorm layer like ``m`` (torch.nn's or ours)."""
+    """The constructor arguments of a BatchNorm layer like ``m`` (torch.nn's or ours).
+    Not ``bias``: torch.nn's classes take it only from torch 2.13 on; ``transplant``
+    drops the bias of a layer that has none."""
     return dict(
         num_features=m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
-        track_running_stats=m.track_running_stats, bias=getattr(m, "bias", None) is not None
-        or not m.affine,
+        track_running_stats=m.track_running_stats,
     )
