@@ -33,6 +33,7 @@ import importlib
 import math
 import os
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -197,24 +198,71 @@ def shape_id(s):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_the_triton_kernels_run_the_layers(dtype, layout):
-    """Every training and eval kernel call of a BatchNorm2d on this device goes to Triton
-    (not silently to the pure-torch fallback)."""
+def test_the_layers_run_on_the_device_kernels(dtype, layout):
+    """Every kernel call of a layer on this device goes to a device backend, never
+    silently to the pure-torch fallback: on CUDA ("auto") plain BN to ATen's kernels
+    (torch.nn's cuDNN call, measured faster) and BN + activation to Triton; with Triton
+    forced (and in the interpreter) everything to Triton."""
     x = make((2, 3, 4, 5), layout, dtype)
     assert tb.INTERPRETED == (not CUDA)
-    for op in ("forward_train", "normalize", "backward", "forward_train_act", "backward_act"):
-        assert kernels.pick(op, x).name == "triton", op
+    plain = "native" if CUDA else "triton"
+    want = {"forward_train": plain, "forward_eval": plain, "backward": plain,
+            "normalize": "triton", "forward_train_act": "triton", "backward_act": "triton"}
+    for op, name in want.items():
+        if CUDA or op != "forward_eval":  # the Triton backend has no forward_eval
+            assert kernels.pick(op, x).name == name, op
+    with kernels.use_backend("triton"):
+        for op in ("forward_train", "normalize", "backward", "forward_train_act"):
+            assert kernels.pick(op, x).name == "triton", op
 
 
 # --- BatchNorm2d against the float64 reference --------------------------------------
 
 
+# On CUDA both routes of a plain layer: "auto" (ATen's / cuDNN's kernels) and the Triton
+# kernels forced; in the interpreter, Triton.
+BACKENDS = on_gpu(["auto", "triton"], ["triton"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=[shape_id(s) for s in SHAPES])
-def test_batchnorm2d_training_step_matches_float64_and_torch_nn(shape, layout, dtype):
+def test_batchnorm2d_training_step_matches_float64_and_torch_nn(shape, layout, dtype, backend):
     """Two training steps (forward, backward, running statistics), then eval forward and
     backward, against ``batchnorm.reference`` and torch.nn.BatchNorm2d."""
+    with kernels.use_backend(backend):
+        _training_step_matches(shape, layout, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", [None, "leaky_relu"])
+def test_a_non_finite_batch_leaves_the_running_statistics(backend, act):
+    """The guard on the device: a batch with a NaN leaves the running statistics and the
+    batch count as they were, without a host read per step; the warning naming the
+    channel comes once the GPU has got there (``report_pending``)."""
+    from batchnorm.core import stats
+
+    C = 5
+    bn = (batchnorm.BatchNorm2d(C) if act is None
+          else batchnorm.BatchNormAct2d(C, act=act, alpha=0.1)).to(DEVICE)
+    x = make((4, C, 6, 6), "channels_last", torch.float32)
+    with kernels.use_backend(backend):
+        bn(x)
+        before = {k: v.clone() for k, v in bn.state_dict().items()}
+        x[1, 3, 2, 2] = float("nan")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = bn(x)
+            stats.report_pending(wait=True)
+    assert torch.isnan(y[:, 3]).all() and torch.isfinite(y[:, [0, 1, 2, 4]]).all()
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    messages = [str(w.message) for w in caught if "not finite" in str(w.message)]
+    assert len(messages) == 1 and "channel(s) [3]" in messages[0], messages
+
+
+def _training_step_matches(shape, layout, dtype):
     C = shape[1]
     m = math.prod(shape) // C
     ours = set_affine(batchnorm.BatchNorm2d(C).to(DEVICE), C)

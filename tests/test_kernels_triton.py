@@ -401,3 +401,19 @@ def test_triton_backend_behind_the_module_matches_torch_nn():
     close(ours.running_mean, theirs.running_mean, rtol=1e-5, atol=1e-6)
     close(ours.running_var, theirs.running_var, rtol=1e-5, atol=1e-6)
     close(eval_o, theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_bench_leaves_out_only_the_leaky_relu_kink():
+    """The agreement check of BN + leaky ReLU's backward skips the elements whose
+    normalised value sits at the kink (either side is a correct rounding), and nothing
+    in the other operations."""
+    from batchnorm import bench_gpu
+
+    x = torch.tensor([-1.0, 0.0, 1.0, 2.0, -2.0]).reshape(5, 1, 1, 1)  # the mean is 0
+    w, b = torch.ones(1), torch.zeros(1)
+    for op in bench_gpu.OP_NAMES:
+        left_out = bench_gpu.kink(op, x, w, b)
+        if op == "train fwd+bwd leaky_relu":
+            assert left_out.flatten().tolist() == [False, True, False, False, False]
+        else:
+            assert left_out is None

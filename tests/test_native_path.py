@@ -214,3 +214,53 @@ def test_functional_batch_norm_guards_without_a_layer_backup():
     with pytest.warns(RuntimeWarning, match=r"channel\(s\) \[1\]"):
         batchnorm.functional.batch_norm(x, rm, rv, training=True)
     assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("blended", [False, True])
+@pytest.mark.parametrize("finite", [True, False])
+def test_the_device_guard_equals_the_host_guard(finite, blended, momentum):
+    """``stats.update_on_device`` (what CUDA buffers get: the guard as ``torch.where``, no
+    host read) leaves the same buffers and count as the host-read guard, with the batch
+    from ``invstd`` or already blended by the kernel (``aside``); its warning comes from
+    ``report_pending`` (here at once: CPU tensors need no wait), naming the channel."""
+    from batchnorm.core import stats
+
+    torch.manual_seed(0)
+    C, count, eps = 4, 24, 1e-5
+    mean, var = torch.randn(C), torch.rand(C) + 0.5
+    if not finite:
+        mean[2] = float("nan")
+    invstd = torch.rsqrt(var + eps)
+    start = (torch.randn(C), torch.rand(C) + 1.0, torch.tensor(3))
+
+    def buffers():
+        return tuple(t.clone() for t in start)
+
+    def run(update, rm, rv, nbt):
+        aside = None
+        if blended:  # as ATen's kernel does before the guard: blend, then keep or put back
+            aside = stats.set_aside(rm, rv, nbt)
+            factor = stats.blend_factor(momentum, nbt, pending=1)
+            rm.lerp_(mean, factor)
+            rv.lerp_(var * count / (count - 1), factor)
+        update(rm, rv, mean, None, count, momentum, nbt, invstd=invstd, eps=eps, aside=aside)
+
+    host = buffers()
+    with warnings.catch_warnings(record=True) as host_warnings:
+        warnings.simplefilter("always")
+        run(stats.update_running, *host)
+    device = buffers()
+    with warnings.catch_warnings(record=True) as device_warnings:
+        warnings.simplefilter("always")
+        run(stats.update_on_device, *device)
+        deferred = len(device_warnings)
+        stats.report_pending()
+    for a, b in zip(host, device):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert int(device[2]) == 3 + finite
+    assert deferred == 0
+    assert len(device_warnings) == len(host_warnings) == (0 if finite else 1)
+    if not finite:
+        assert "channel(s) [2]" in str(device_warnings[0].message)
+        assert str(device_warnings[0].message) == str(host_warnings[0].message)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check of issue 19 in one run of at most 8 minutes (benchmarks/gpu/README.md).
 #
-#   bash benchmarks/gpu/run.sh OUTDIR [--dry-run] [--steps "0 1 2 3"] [--budget SECONDS]
+#   bash benchmarks/gpu/run.sh OUTDIR [--dry-run] [--quick] [--steps "0 1 2 3 5"] [--budget SECONDS]
 #
 # Steps, each time-boxed with `timeout`; a failed or timed-out step is recorded and the
 # next one runs:
@@ -10,6 +10,7 @@
 #   2. kernels vs torch's native BN: python -m batchnorm.bench_gpu   -> bench.json
 #   3. ResNet-50 / CSPDarkNet-53 training step (model_step.py)       -> model_step.json
 #   4. summary against the issue's targets (summarize.py)            -> summary.json, summary.md
+#   5. (asked for only) where a layer's step spends its time (profile_layer.py) -> profile.json
 # Everything printed also goes to OUTDIR/run.log.
 #
 # --dry-run: on CPU, without CUDA: step 1 runs the same tests on CPU tensors in Triton's
@@ -17,27 +18,32 @@
 # step 2 times two tiny shapes in the interpreter, step 3 runs small stand-in models on CPU.
 # Its numbers check the script, not the speed; its budget is larger (slow shared CPUs).
 #
+# --quick: the second run of a session (what is left of the device time after the first):
+# shorter step limits, step 3 eager only (the compiled steps take a minute each to compile).
+#
 # The project runs from this tree (PYTHONPATH=src): nothing is installed. Python: $PYTHON,
 # else .venv/bin/python where it runs, else python3 (the GPU machine's).
 
 set -u -o pipefail
 
-usage() { echo "usage: bash benchmarks/gpu/run.sh OUTDIR [--dry-run] [--steps \"0 1 2 3\"] [--budget SECONDS]" >&2; exit 2; }
+usage() { echo "usage: bash benchmarks/gpu/run.sh OUTDIR [--dry-run] [--quick] [--steps \"0 1 2 3 5\"] [--budget SECONDS]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 OUT=$1; shift
 DRY=0
+QUICK=0
 STEPS="0 1 2 3"
 BUDGET=
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
+    --quick) QUICK=1 ;;
     --steps) [ $# -ge 2 ] || usage; STEPS=$2; shift ;;
     --budget) [ $# -ge 2 ] && [[ $2 =~ ^[0-9]+$ ]] || usage; BUDGET=$2; shift ;;
     *) usage ;;
   esac
   shift
 done
-for s in $STEPS; do case "$s" in 0|1|2|3) ;; *) usage ;; esac; done
+for s in $STEPS; do case "$s" in 0|1|2|3|5) ;; *) usage ;; esac; done
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
@@ -64,9 +70,14 @@ wants() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 # slow shared CPUs: 1800 s.
 if [ "$DRY" = 1 ]; then
   TOTAL=1800; T0=120; T1=900; T2=300; T3_MIN=120; T4=60
+elif [ "$QUICK" = 1 ]; then
+  TOTAL=300; T0=30; T1=100; T2=75; T3_MIN=45; T4=15
 else
   TOTAL=480; T0=30; T1=110; T2=110; T3_MIN=200; T4=15
 fi
+T5=40
+MODES=(--modes eager compile)
+[ "$QUICK" = 1 ] && MODES=(--modes eager)
 [ -n "$BUDGET" ] && TOTAL=$BUDGET
 # the caps of the steps asked for, the least step 3 gets and the summary's fit in TOTAL
 NEED=$T4
@@ -74,6 +85,7 @@ wants 0 && NEED=$((NEED + T0))
 wants 1 && NEED=$((NEED + T1))
 wants 2 && NEED=$((NEED + T2))
 wants 3 && NEED=$((NEED + T3_MIN))
+wants 5 && NEED=$((NEED + T5))
 if [ "$NEED" -gt "$TOTAL" ]; then
   echo "run.sh: steps '$STEPS' need ${NEED}s, more than the budget of ${TOTAL}s" >&2; exit 2
 fi
@@ -137,13 +149,23 @@ fi
 
 if wants 3; then
   T3=$((TOTAL - SECONDS - T4))
+  wants 5 && T3=$((T3 - T5))
   [ "$T3" -lt "$T3_MIN" ] && T3=$T3_MIN
   if [ "$DRY" = 1 ]; then
     run_step 3 model_step "$T3" "$PY" benchmarks/gpu/model_step.py --device cpu --small \
       --out "$OUT/model_step.json" --budget-s $((T3 - 20))
   else
     run_step 3 model_step "$T3" "$PY" benchmarks/gpu/model_step.py --device cuda \
-      --out "$OUT/model_step.json" --budget-s $((T3 - 15))
+      "${MODES[@]}" --out "$OUT/model_step.json" --budget-s $((T3 - 15))
+  fi
+fi
+
+if wants 5; then
+  if [ "$DRY" = 1 ]; then
+    run_step 5 profile "$T5" env TRITON_INTERPRET=1 "$PY" benchmarks/gpu/profile_layer.py \
+      --device cpu --shape 2 8 4 4 --calls 3 --out "$OUT/profile.json"
+  else
+    run_step 5 profile "$T5" "$PY" benchmarks/gpu/profile_layer.py --out "$OUT/profile.json"
   fi
 fi
 

@@ -116,6 +116,14 @@ def markdown(summary: dict) -> str:
         lines += [f"- target {k}: {v}" for k, v in (m.get("targets") or {}).items()]
         for r in summary.get("model_step_failures", []):
             lines.append(f"- FAILED {r}")
+    p = summary.get("profile")
+    if p:
+        lines += ["", f"Layer profile ({'x'.join(map(str, p['shape']))} {p['dtype']} "
+                      f"{p['layout']}, fwd+bwd per call):"]
+        for name, r in p["layers"].items():
+            lines.append(f"- {name}: host {r['host_ms_per_call']:.3f} ms, wall "
+                         f"{r['wall_ms_per_call']:.3f} ms, device "
+                         f"{r['device_ms_per_call']:.3f} ms")
     return "\n".join(lines) + "\n"
 
 
@@ -135,6 +143,7 @@ def main(argv: list[str]) -> int:
             f"{r['model']} {r['impl']} {r['mode']}: {r.get('error', '')[:300]}"
             for r in model.get("runs", []) if not r.get("ok")],
         model_step_left_out=None if model is None else model.get("left_out"),
+        profile=_load(os.path.join(out, "profile.json")),
     )
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)

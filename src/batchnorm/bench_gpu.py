@@ -133,7 +133,7 @@ def _triton():
 
 def op_pair(op: str, x: Tensor, w: Tensor, b: Tensor, dy: Tensor):
     """(ours, native) callables of ``op``, each returning the tensor the check compares
-    (the output, or the input gradient)."""
+    (the output, or the input gradient). See ``kink`` for what the check leaves out."""
     tb = _triton()
 
     var, mean = torch.var_mean(x.float(), dim=[0, 2, 3], correction=0)
@@ -170,6 +170,19 @@ def op_pair(op: str, x: Tensor, w: Tensor, b: Tensor, dy: Tensor):
             return torch.autograd.grad(z, (xg, wg, bg), dy)[0]
         return ours_act, native_act
     raise ValueError(f"unknown op {op!r}: expected one of {OP_NAMES}")
+
+
+def kink(op: str, x: Tensor, w: Tensor, b: Tensor) -> Tensor | None:
+    """The elements the agreement check leaves out of ``op``'s comparison, or None: for BN +
+    leaky ReLU's backward, those whose normalised value is within the output dtype's
+    rounding of 0. There the activation's slope jumps (1 vs 0.01), and two correct
+    implementations round the value to either side: dx differs by ~|dy * weight * invstd|
+    at those few elements (the first GPU run found 1 to 4 of 25M-51M). The row counts them
+    (``kink_elements``)."""
+    if op != "train fwd+bwd leaky_relu":
+        return None
+    y = F.batch_norm(x.float(), None, None, w.float(), b.float(), True, 0.1, EPS)
+    return y.abs() <= 4 * TOL[x.dtype] * (1.0 + y.abs().max())
 
 
 def _layer_pair(x: Tensor, w: Tensor, b: Tensor, dy: Tensor):
@@ -282,7 +295,12 @@ def run_cases(
                 with _triton_on(dev):
                     ours, native = op_pair(op.name, x, weight, bias, dy)
                     want = native().float()
-                    err = (ours().float() - want).abs().max().item()
+                    diff = (ours().float() - want).abs()
+                    left_out = kink(op.name, x, weight, bias)
+                    if left_out is not None:
+                        diff = diff.masked_fill(left_out, 0.0)
+                        row["kink_elements"] = int(left_out.sum())
+                    err = diff.max().item()
                     scale = 1.0 + want.abs().max().item()
                     ours_ms = timer.ms(ours, reps, warmup)
                     native_ms = timer.ms(native, reps, warmup)

@@ -91,15 +91,15 @@ def train(
     where the batch's mean and variance are finite, as is the ``num_batches_tracked``
     increment. With a float momentum the new statistics are ATen's, so they equal
     ``torch.nn``'s (compiled or exported) bit for bit."""
-    blend = 1.0 if momentum is None else momentum  # 1.0: the batch's own statistics
+    factor = 1.0 if momentum is None else momentum  # 1.0: the batch's own statistics
     # (copies: its autograd node saves the buffers, which the update below then writes)
     y, mean, invstd, new_mean, new_var = _aten._native_batch_norm_legit_functional(
-        x, weight, bias, running_mean.clone(), running_var.clone(), True, blend, eps
+        x, weight, bias, running_mean.clone(), running_var.clone(), True, factor, eps
     )
     ok = finite(mean, invstd)
     with torch.no_grad():
         if momentum is None:
-            _blend(running_mean, running_var, new_mean, new_var, ok, None, num_batches_tracked)
+            blend(running_mean, running_var, new_mean, new_var, ok, None, num_batches_tracked)
         else:
             running_mean.copy_(torch.where(ok, new_mean, running_mean))
             running_var.copy_(torch.where(ok, new_var, running_var))
@@ -126,12 +126,14 @@ def update_running(
     ``inplace=False`` nothing is written and the new ``(running_mean, running_var)`` are
     returned (``num_batches_tracked`` is then only read, by ``momentum=None``)."""
     ok = (torch.isfinite(mean) & torch.isfinite(unbiased)).all()
-    return _blend(running_mean, running_var, mean, unbiased, ok, momentum,
-                  num_batches_tracked, inplace)
+    return blend(running_mean, running_var, mean, unbiased, ok, momentum,
+                 num_batches_tracked, inplace)
 
 
-def _blend(running_mean, running_var, mean, unbiased, ok, momentum, num_batches_tracked,
-           inplace=True):
+def blend(running_mean, running_var, mean, unbiased, ok, momentum, num_batches_tracked,
+          inplace=True):
+    """Fold (mean, unbiased) into the running buffers where the 0-d bool ``ok`` holds
+    (``torch.where``, no host read); ``num_batches_tracked`` counts it."""
     if momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     if num_batches_tracked is not None and inplace:
