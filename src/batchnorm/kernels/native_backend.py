@@ -49,7 +49,8 @@ def accepts_running(x: Tensor, running_mean: Tensor, running_var: Tensor) -> boo
     tensors (ATen writes them in place)."""
     dtype = _vector_dtype(x, running_mean, running_var)
     return (
-        running_mean.dtype == dtype and running_var.dtype == dtype
+        not x.is_cuda  # cuDNN's autograd saves the buffers: the guard could not write them
+        and running_mean.dtype == dtype and running_var.dtype == dtype
         and not running_mean.is_inference() and not running_var.is_inference()
     )
 
