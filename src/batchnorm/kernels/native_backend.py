@@ -7,12 +7,14 @@ like our contract, computes its statistics stably (Welford), and its backward is
 closed form. On the CPU only float32/float64 tensors are taken; half types go to the
 pure-torch backend, which accumulates them in float32.
 
-On CUDA, plain BN (training forward, running update, eval, backward) runs here too, by
+On CUDA, plain float32/float64 BN (training forward, eval, backward) runs here too, by
 the function torch.nn's own call reaches (``torch._batch_norm_impl_index``: cuDNN or
 ATen's CUDA kernels, as ATen picks for torch.nn): torch.nn's speed and numbers. Measured
 on an H200 (benchmarks/gpu/, issue 19), cuDNN's training forward + backward beat the
-Triton kernels at 83 of 96 ResNet-50 layer shapes; the Triton kernels keep what only
-they do (BN + activation with the backward from the output, which saves memory).
+Triton kernels at 83 of 96 ResNet-50 layer shapes. The running update is then ours
+(``stats.update_on_device``), outside cuDNN's kernel: its autograd node keeps the running
+buffers, which the guard may have to write. Half types and BN + activation stay on the
+Triton kernels (see ``_CUDA_DTYPES``).
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ OPS = frozenset(("forward_train", "forward_train_update", "forward_eval", "backw
 records_autograd = True
 blends_running = True
 _DTYPES = (torch.float32, torch.float64)
-_CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_HALF = (torch.float16, torch.bfloat16)
+# Half types stay on Triton: on the H200, ATen's route (torch.nn's call) gave weight
+# gradients 0.5-16% off the float64 reference for float16/bfloat16 NCHW input, where the
+# Triton kernels stay within float32 accumulation (benchmarks/gpu/results/, second run;
+# env_probe.py measures torch.nn's own error there on the next run).
+_CUDA_DTYPES = (torch.float32, torch.float64)
 
 
 def supports(x: Tensor) -> bool:
@@ -45,23 +50,13 @@ def prefers(op: str, x: Tensor) -> bool:
 
 
 def accepts_running(x: Tensor, running_mean: Tensor, running_var: Tensor) -> bool:
-    """Whether ``forward_train_update`` can take these buffers: x's dtype, not inference
-    tensors (ATen writes them in place)."""
-    dtype = _vector_dtype(x, running_mean, running_var)
+    """Whether ``forward_train_update`` can take these buffers: CPU ones of x's dtype, not
+    inference tensors (ATen writes them in place)."""
     return (
         not x.is_cuda  # cuDNN's autograd saves the buffers: the guard could not write them
-        and running_mean.dtype == dtype and running_var.dtype == dtype
+        and running_mean.dtype == x.dtype and running_var.dtype == x.dtype
         and not running_mean.is_inference() and not running_var.is_inference()
     )
-
-
-def _vector_dtype(x: Tensor, *vectors: Tensor | None) -> torch.dtype:
-    """The dtype ATen wants the per-channel vectors in: x's, except on CUDA for a half
-    input, where float32 vectors are taken as they are (torch.nn's mixed precision under
-    autocast: a bfloat16 activation, float32 parameters and buffers)."""
-    if x.is_cuda and x.dtype in _HALF and not _alike(x.dtype, *vectors):
-        return torch.float32
-    return x.dtype
 
 
 def _alike(dtype: torch.dtype, *vectors: Tensor | None) -> bool:
@@ -88,18 +83,17 @@ def forward_train(
     Called on tensors that require grad (``batchnorm.plan`` does so in eager mode, no
     torch.func transform active), ATen's autograd records it: its derivative (double
     backward included) runs in C++, as for ``torch.nn``."""
-    weight, bias = _as(_vector_dtype(x, weight, bias), weight, bias)
+    weight, bias = _as(x.dtype, weight, bias)
     if x.is_cuda:
-        return _cuda_train(x, weight, bias, None, None, 0.0, eps)
+        return _cuda_train(x, weight, bias, eps)
     return torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
 
 
-def _cuda_train(x, weight, bias, running_mean, running_var, factor, eps):
+def _cuda_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
     """torch.nn's CUDA training call (``torch.batch_norm`` reaches it): cuDNN or ATen's
     kernels, recorded by autograd; (y, mean, invstd) (cuDNN saves the inverse std too)."""
     y, mean, invstd, _, _ = torch._batch_norm_impl_index(
-        x, weight, bias, running_mean, running_var, True, factor, eps,
-        torch.backends.cudnn.enabled,
+        x, weight, bias, None, None, True, 0.0, eps, torch.backends.cudnn.enabled,
     )
     return y, mean, invstd
 
@@ -113,9 +107,7 @@ def forward_train_update(
     with the unbiased variance, in ATen's accumulation type): torch.nn's running
     statistics bit for bit. No guard: ``batchnorm.stats.update_running`` puts the buffers
     back for a non-finite batch."""
-    weight, bias = _as(_vector_dtype(x, weight, bias, running_mean), weight, bias)
-    if x.is_cuda:
-        return _cuda_train(x, weight, bias, running_mean, running_var, factor, eps)
+    weight, bias = _as(x.dtype, weight, bias)
     return torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, factor, eps)
 
 
@@ -126,15 +118,14 @@ def forward_eval(
     """ATen eval forward with the running variance (torch.nn's own eval kernel, one pass).
     Only this backend takes the variance; others get ``invstd`` through ``normalize``.
     Vectors in another dtype than x are brought to x's (ATen wants them alike)."""
-    vectors = (weight, bias, running_mean, running_var)
-    weight, bias, running_mean, running_var = _as(_vector_dtype(x, *vectors), *vectors)
+    weight, bias, running_mean, running_var = _as(x.dtype, weight, bias, running_mean, running_var)
     return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, False)
 
 
 def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Vector,
              output_mask: Mask = ALL) -> Grads:
     """ATen training backward: (dx, dweight, dbias); eps is unused by ATen in training."""
-    (weight,) = _as(_vector_dtype(x, weight, mean), weight)
+    (weight,) = _as(x.dtype, weight)
     return torch.ops.aten.native_batch_norm_backward(
         dy, x, weight, None, None, mean, invstd, True, 0.0, list(output_mask)
     )
