@@ -217,50 +217,48 @@ def test_functional_batch_norm_guards_without_a_layer_backup():
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
-@pytest.mark.parametrize("blended", [False, True])
-@pytest.mark.parametrize("finite", [True, False])
-def test_the_device_guard_equals_the_host_guard(finite, blended, momentum):
+@pytest.mark.parametrize("given", ["invstd", "var"])
+@pytest.mark.parametrize("finite", [True, False, "inf"])
+def test_the_device_guard_equals_the_host_guard(finite, given, momentum):
     """``stats.update_on_device`` (what CUDA buffers get: the guard as ``torch.where``, no
     host read) leaves the same buffers and count as the host-read guard, with the batch
-    from ``invstd`` or already blended by the kernel (``aside``); its warning comes from
+    given as ``invstd`` (the kernels') or as its variance; its warning comes from
     ``report_pending`` (here at once: CPU tensors need no wait), naming the channel."""
     from batchnorm.core import stats
 
     torch.manual_seed(0)
     C, count, eps = 4, 24, 1e-5
     mean, var = torch.randn(C), torch.rand(C) + 0.5
-    if not finite:
+    if finite is False:
         mean[2] = float("nan")
+    elif finite == "inf":
+        var[2] = float("inf")
     invstd = torch.rsqrt(var + eps)
+    batch = (dict(var=None, invstd=invstd, eps=eps) if given == "invstd"
+             else dict(var=var.clone()))
     start = (torch.randn(C), torch.rand(C) + 1.0, torch.tensor(3))
 
-    def buffers():
-        return tuple(t.clone() for t in start)
+    def run(update):
+        rm, rv, nbt = (t.clone() for t in start)
+        args = dict(batch)
+        variance = args.pop("var")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            update(rm, rv, mean, variance, count, momentum, nbt, **args)
+            deferred = len(caught)
+            stats.report_pending()
+        return (rm, rv, nbt), deferred, [str(w.message) for w in caught]
 
-    def run(update, rm, rv, nbt):
-        aside = None
-        if blended:  # as ATen's kernel does before the guard: blend, then keep or put back
-            aside = stats.set_aside(rm, rv, nbt)
-            factor = stats.blend_factor(momentum, nbt, pending=1)
-            rm.lerp_(mean, factor)
-            rv.lerp_(var * count / (count - 1), factor)
-        update(rm, rv, mean, None, count, momentum, nbt, invstd=invstd, eps=eps, aside=aside)
-
-    host = buffers()
-    with warnings.catch_warnings(record=True) as host_warnings:
-        warnings.simplefilter("always")
-        run(stats.update_running, *host)
-    device = buffers()
-    with warnings.catch_warnings(record=True) as device_warnings:
-        warnings.simplefilter("always")
-        run(stats.update_on_device, *device)
-        deferred = len(device_warnings)
-        stats.report_pending()
+    host, _, host_warnings = run(stats.update_running)
+    device, deferred, device_warnings = run(stats.update_on_device)
     for a, b in zip(host, device):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    assert int(device[2]) == 3 + finite
+    ok = finite is True
+    assert int(device[2]) == 3 + ok
     assert deferred == 0
-    assert len(device_warnings) == len(host_warnings) == (0 if finite else 1)
-    if not finite:
-        assert "channel(s) [2]" in str(device_warnings[0].message)
-        assert str(device_warnings[0].message) == str(host_warnings[0].message)
+    assert len(device_warnings) == len(host_warnings) == (0 if ok else 1)
+    if not ok:
+        assert "channel(s) [2]" in device_warnings[0]
+        assert device_warnings[0] == host_warnings[0]
+    if given == "var":
+        assert torch.equal(batch["var"], var)  # the caller's variance is not written

@@ -96,13 +96,6 @@ class _Copy:
         running_mean.copy_(self.saved[: running_mean.numel()])
         running_var.copy_(self.saved[running_mean.numel():])
 
-    def restore_unless(self, ok: Tensor) -> None:
-        """``restore`` where the 0-d bool tensor ``ok`` is False, without reading it on
-        the host (``torch.where``; GPU buffers)."""
-        running_mean, running_var = self.buffers
-        c = running_mean.numel()
-        running_mean.copy_(torch.where(ok, running_mean, self.saved[:c]))
-        running_var.copy_(torch.where(ok, running_var, self.saved[c:]))
 
 
 def set_aside(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None,
@@ -152,9 +145,9 @@ def update_running(
     returns the new ``(running_mean, running_var)`` (for ``batch_norm_stateless``, under
     torch.func transforms: no host read, no warning, ``num_batches_tracked`` unused).
     """
-    if running_mean.is_cuda and inplace and not traced.active(mean):
+    if running_mean.is_cuda and aside is None and inplace and not traced.active(mean):
         return update_on_device(running_mean, running_var, mean, var, count, momentum,
-                                num_batches_tracked, invstd=invstd, eps=eps, aside=aside)
+                                num_batches_tracked, invstd=invstd, eps=eps)
     if aside is not None:
         # Finite buffers after the blend imply a finite batch (``commit`` then counts it).
         # Otherwise ask the batch: buffers that were not finite before, or a blend that
@@ -222,30 +215,36 @@ _pending: deque[_Pending] = deque()
 def update_on_device(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor | None,
     count: float, momentum: float | None, num_batches_tracked: Tensor | None = None, *,
-    invstd: Tensor | None = None, eps: float = 0.0, aside=None,
+    invstd: Tensor | None = None, eps: float = 0.0,
 ) -> None:
     """``update_running`` without a host read (eager CUDA; any device works): the same
     guard as ``torch.where`` on the device, so that a training step never waits for the
     GPU (a host read per BN layer serialises the CPU and the GPU: several times slower
     steps, measured in benchmarks/gpu/). The verdict is copied to pinned host memory
     without blocking; ``report_pending`` warns (naming the channels) once the GPU has got
-    there: at a later update, or at once with ``report_pending(wait=True)``."""
+    there: at a later update, or at once with ``report_pending(wait=True)``.
+
+    Few operations, as each is a kernel launch: the variance in float64, one verdict from
+    float64 sums (finite iff every statistic is: float32 values cannot overflow them), and
+    ``lerp_`` towards ``where(ok, statistic, running)`` (exactly the old value when not ok)."""
     report_pending()
     with torch.no_grad():
-        if aside is not None:  # the kernel blended already: keep it or put the old back
-            ok = (traced.finite(mean, invstd) if invstd is not None
-                  else (torch.isfinite(mean) & torch.isfinite(var)).all())
-            aside.restore_unless(ok)
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
+        if var is None:
+            var64 = invstd.double().pow_(-2).sub_(eps).clamp_(min=0)
         else:
-            if var is None:
-                var = var_from_invstd(invstd, eps)
-            correction = count / (count - 1) if count > 1 else 1.0
-            unbiased = var * correction
-            ok = (torch.isfinite(mean) & torch.isfinite(unbiased)).all()
-            traced.blend(running_mean, running_var, mean, unbiased, ok, momentum,
-                         num_batches_tracked)
+            var64 = var.to(torch.float64, copy=True)
+        total = mean.sum(dtype=torch.float64) + var64.sum()
+        ok = (total - total) == 0  # False for NaN and +-inf
+        unbiased = var64.mul_(count / (count - 1) if count > 1 else 1.0)
+        if momentum is None:
+            traced.blend(running_mean, running_var, mean, unbiased, ok, None, num_batches_tracked)
+        else:
+            running_mean.lerp_(torch.where(ok, mean.to(running_mean.dtype), running_mean),
+                               momentum)
+            running_var.lerp_(torch.where(ok, unbiased.to(running_var.dtype), running_var),
+                              momentum)
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(ok)
         if ok.is_cuda:
             flag = torch.empty((), dtype=torch.bool, pin_memory=True)
             flag.copy_(ok, non_blocking=True)
