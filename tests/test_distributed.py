@@ -162,6 +162,10 @@ def _faults_before(rank: int, world: int, group, res: dict) -> None:
     res[("bad_input_state", world)] = (bn.running_mean.clone(), int(bn.num_batches_tracked))
     # every rank's batch is empty
     res[("all_empty", world)] = _catch(lambda: bn(torch.randn(0, 4, dtype=torch.float64)))
+    # eps = 0 (built so on every rank) in training: refused on every rank, state untouched
+    bn = SyncBatchNorm(4, eps=0.0, process_group=group, dtype=torch.float64)
+    res[("eps_0", world)] = _catch(lambda: bn(torch.randn(3, 4, dtype=torch.float64)))
+    res[("eps_0_state", world)] = (bn.running_mean.clone(), int(bn.num_batches_tracked))
 
 
 def _subgroup_and_precise(rank: int, pair, single, res: dict) -> None:
@@ -337,6 +341,18 @@ def test_bad_input_on_one_rank_stops_every_rank_clearly(world, ranks):
         assert tracked == 0 and not running_mean.any()
         got = r[("all_empty", world)]
         assert got.startswith("ValueError: SyncBatchNorm got an empty batch on every rank"), got
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_eps_0_in_training_is_refused_on_every_rank_in_torch_nn_words(world, ranks):
+    with pytest.raises(ValueError) as e:
+        nn.BatchNorm1d(4, eps=0.0)(torch.randn(3, 4))
+    expected = str(e.value).split(" ", 1)[1]  # "eps must be positive during training, ..."
+    for r in ranks[:world]:
+        got = r[("eps_0", world)]
+        assert got.startswith("ValueError: SyncBatchNorm: ") and expected in got, got
+        running_mean, tracked = r[("eps_0_state", world)]
+        assert tracked == 0 and not running_mean.any()
 
 
 def test_a_rank_that_stalls_or_dies_makes_the_others_raise(ranks):

@@ -1,7 +1,7 @@
 """Issue 20's first items: every parameter and buffer is checked before any kernel runs
 (shape (C,), device, floating point) on every route and layer kind, with the state
-untouched and torch.nn's wording; eps (>= 0) and momentum are validated at construction
-and at call; an empty training batch gives an empty output with gradients and changes nothing."""
+untouched and torch.nn's wording; eps (> 0 in training, >= 0 in eval, finite) and momentum
+are validated at construction and at call; an empty training batch gives an empty output with gradients and changes nothing."""
 
 import re
 import warnings
@@ -91,7 +91,7 @@ def test_the_functional_forms_check_their_vectors_and_options():
         batchnorm.batch_norm(x, torch.zeros(3), torch.ones(4), training=True)
     with pytest.raises(ValueError, match="weight should contain 3 elements not 2"):
         batchnorm.batch_norm_stateless(x, torch.zeros(3), torch.ones(3), torch.ones(2))
-    with pytest.raises(ValueError, match="eps must be >= 0"):
+    with pytest.raises(ValueError, match="eps must be positive during training"):
         batchnorm.batch_norm(x, None, None, training=True, eps=-1.0)
     with pytest.raises(ValueError, match="momentum must be between 0 and 1"):
         batchnorm.batch_norm(x, torch.zeros(3), torch.ones(3), training=True, momentum=-0.1)
@@ -102,19 +102,164 @@ def test_the_functional_forms_check_their_vectors_and_options():
     assert torch.equal(rm, torch.zeros(3))
 
 
-@pytest.mark.parametrize("bad", [-1e-5, -10.0, float("nan")])
-def test_eps_must_not_be_negative_at_construction_and_at_call(bad):
-    for make in (lambda e: batchnorm.BatchNorm1d(3, eps=e),
-                 lambda e: batchnorm.FrozenBatchNorm1d(3, eps=e),
-                 lambda e: batchnorm.GhostBatchNorm1d(3, eps=e)):
-        with pytest.raises(ValueError, match="eps must be >= 0"):
+# -- eps: > 0 in training, >= 0 in eval, as torch.nn; finite everywhere (stricter) --------
+def _torch_error(call) -> str:
+    """torch.nn's message for ``call`` without its op name ("batch_norm eps must ..." ->
+    "eps must ..."): what ours must say too."""
+    with pytest.raises(ValueError) as e:
+        call()
+    return str(e.value).split(" ", 1)[1]
+
+
+EPS_LAYERS = {
+    **LAYERS,
+    "bn1d": lambda: batchnorm.BatchNorm1d(3),
+    "bn3d": lambda: batchnorm.BatchNorm3d(3),
+    "renorm-warm": lambda: batchnorm.BatchRenorm2d(3, warmup_steps=0),
+    "no-running": lambda: batchnorm.BatchNorm2d(3, track_running_stats=False),
+}
+EPS_INPUTS = {"bn1d": (4, 3), "bn3d": (4, 3, 2, 2, 2)}
+
+
+def _eps_input(kind, route="native", n=None):
+    shape = EPS_INPUTS.get(kind, SHAPES[route])
+    return torch.randn((shape[0] if n is None else n, *shape[1:]))
+
+
+def _forward(m, kind, x):
+    if kind == "masked":  # with a mask: the masked route
+        return m(x, torch.arange(x.shape[0]) % 4 != 2)
+    return m(x)
+
+
+@pytest.mark.parametrize("kind", EPS_LAYERS)
+@pytest.mark.parametrize("eps", [0.0, -0.0, -1e-5])
+@pytest.mark.parametrize("route", SHAPES)
+def test_eps_not_positive_in_training_is_refused_as_torch_nn_does(kind, eps, route):
+    """torch.nn: "eps must be positive during training, but got 0.0"; ours says the same,
+    on every layer kind and route, for the full batch and an empty one, with the state
+    untouched. eps = 0 is accepted at construction (as torch.nn); eps < 0 is refused
+    there (torch.nn accepts it until a call), so it is set afterwards."""
+    x = _eps_input(kind, route)
+    expected = _torch_error(lambda: torch.nn.BatchNorm2d(3, eps=eps)(torch.randn(4, 3, 2, 2)))
+    m = EPS_LAYERS[kind]()
+    m.eps = eps
+    m.weight.grad = None
+    snap = _snapshot(m)
+    for batch in (x, x[:0]):
+        with pytest.raises(ValueError, match=re.escape(expected)) as e:
+            _forward(m, kind, batch.requires_grad_())
+        assert str(e.value).startswith(type(m).__name__) and "Set a small positive eps" in str(e.value)
+        assert _unchanged(m, snap) and m.weight.grad is None
+    if kind in ("no-running",):  # eval without running statistics uses the batch's: refused
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            m.eval()(x)
+        torch_m = torch.nn.BatchNorm2d(3, eps=eps, track_running_stats=False).eval()
+        assert _torch_error(lambda: torch_m(x)) == expected
+
+
+@pytest.mark.parametrize("kind", [k for k in EPS_LAYERS if k != "no-running"] + ["frozen"])
+def test_eps_zero_in_eval_is_torch_nn_result(kind):
+    """eps = 0 normalises with the running statistics in eval exactly as torch.nn does
+    (constructed with eps = 0: allowed, as in torch.nn)."""
+    x = _eps_input(kind)
+    m = batchnorm.FrozenBatchNorm2d(3) if kind == "frozen" else EPS_LAYERS[kind]()
+    m.eps = 0.0
+    twin = {"bn1d": torch.nn.BatchNorm1d, "bn3d": torch.nn.BatchNorm3d}.get(
+        kind, torch.nn.BatchNorm2d)(3, eps=0.0)
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.rand(3, generator=g) + 0.5 for k in
+             ("weight", "bias", "running_mean", "running_var")}
+    for module in (m, twin):
+        module.load_state_dict({**module.state_dict(), **state})
+        module.eval()
+    expected = torch.relu(twin(x)) if kind.startswith("act") else twin(x)  # act: relu
+    torch.testing.assert_close(_forward(m, kind, x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("eps", [-1e-5, -10.0])
+def test_eps_negative_in_eval_is_refused_as_torch_nn_does(eps):
+    """torch.nn, eval: "eps must be non-negative, but got -10.0"; ours: the same words, for
+    the layers and the frozen one (whose construction refuses it, so it is set after)."""
+    x = torch.randn(4, 3, 5, 5)
+    twin = torch.nn.BatchNorm2d(3, eps=eps).eval()
+    expected = _torch_error(lambda: twin(x))
+    for m in (batchnorm.BatchNorm2d(3), batchnorm.FrozenBatchNorm2d(3),
+              batchnorm.BatchRenorm2d(3), batchnorm.SyncBatchNorm(3)):
+        m.eps = eps
+        m.eval()
+        snap = _snapshot(m)
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            m(x)
+        assert _unchanged(m, snap)
+
+
+@pytest.mark.parametrize("bad", [-1e-5, -10.0, float("nan"), float("inf")])
+def test_a_negative_or_non_finite_eps_is_refused_at_construction(bad):
+    """Stricter than torch.nn, which builds the layer (and then gives NaN or zeros for
+    NaN / inf, or raises at the first call for eps < 0)."""
+    torch.nn.BatchNorm2d(3, eps=bad)
+    word = "non-negative" if bad == bad and bad < 0 else "a finite number"
+    makers = (lambda e: batchnorm.BatchNorm1d(3, eps=e),
+              lambda e: batchnorm.FrozenBatchNorm1d(3, eps=e),
+                 lambda e: batchnorm.GhostBatchNorm1d(3, eps=e),
+                 lambda e: batchnorm.SyncBatchNorm(3, eps=e),
+                 lambda e: batchnorm.BatchNormAct2d(3, eps=e))
+    for make in makers:
+        with pytest.raises(ValueError, match=f"eps must be {word}, but got {bad}"):
             make(bad)
-    m = batchnorm.BatchNorm1d(3)
+        assert make(0.0).eps == 0.0  # eps = 0 is built, as in torch.nn (refused in training)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "1e-5", None])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_a_non_finite_or_non_number_eps_is_refused_at_call(bad, training):
+    m = batchnorm.BatchNorm1d(3).train(training)
     m.eps = bad
     snap = _snapshot(m)
-    with pytest.raises(ValueError, match="eps must be >= 0"):
+    error, word = (ValueError, "a finite number") if isinstance(bad, float) else (
+        TypeError, "a number")
+    with pytest.raises(error, match=f"BatchNorm1d: eps must be {word}, but got"):
         m(torch.randn(8, 3))
     assert _unchanged(m, snap)
+
+
+FUNCTIONAL = {
+    "batch_norm": lambda x, rm, rv, training, eps: batchnorm.batch_norm(
+        x, rm, rv, training=training, eps=eps),
+    "batch_norm_stateless": lambda x, rm, rv, training, eps: batchnorm.batch_norm_stateless(
+        x, rm, rv, training=training, eps=eps)[0],
+    "masked": lambda x, rm, rv, training, eps: batchnorm.batch_norm(
+        x, rm, rv, training=training, eps=eps, mask=torch.ones(x.shape[0], dtype=torch.bool)),
+    "no_running": lambda x, rm, rv, training, eps: batchnorm.batch_norm(
+        x, None, None, training=True, eps=eps),
+}
+
+
+@pytest.mark.parametrize("form", FUNCTIONAL)
+@pytest.mark.parametrize("eps", [0.0, -1e-5])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_the_functional_forms_check_eps_as_torch_nn_functional_does(form, eps, training):
+    """torch.nn.functional.batch_norm's rule and words: eps > 0 in training, >= 0 in eval;
+    eval with eps = 0 gives its result. The running buffers are untouched on an error."""
+    x = torch.randn(6, 3, 5)
+    rm, rv = torch.rand(3), torch.rand(3) + 0.5
+    training = training or form == "no_running"
+
+    def torch_call():
+        if form == "no_running":
+            return torch.nn.functional.batch_norm(x, None, None, training=True, eps=eps)
+        return torch.nn.functional.batch_norm(x, rm.clone(), rv.clone(), training=training,
+                                              eps=eps)
+    if eps == 0.0 and not training:
+        torch.testing.assert_close(FUNCTIONAL[form](x, rm, rv, training, eps), torch_call())
+        return
+    expected = _torch_error(torch_call)
+    before = rm.clone(), rv.clone()
+    for batch in (x, x[:0]):
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            FUNCTIONAL[form](batch, rm, rv, training, eps)
+        assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])

@@ -184,16 +184,21 @@ def test_evidence_and_verdict_follow_mechanically() -> None:
 
 
 def test_scale_invariance_is_exact_without_eps() -> None:
-    """C4: BN(aWu) = BN(Wu) and a dL/d(aW) = dL/dW, float64, eps = 0, our BatchNorm1d."""
+    """C4: BN(aWu) = BN(Wu) and a dL/d(aW) = dL/dW, float64, our BatchNorm1d, with
+    EXACT_EPS (training refuses eps = 0), which float64 does not see: var + eps == var."""
     cfg = c4_scale_invariance.Config.quick()
+    eps = c4_scale_invariance.EXACT_EPS
     gen = torch.Generator().manual_seed(0)
     u, w, r = torch.randn(60, 40, generator=gen), torch.randn(100, 40, generator=gen), torch.randn(60, 100, generator=gen)
-    rows = c4_scale_invariance.errors(cfg, u, w, r, torch.float64, eps=0.0)
+    for a in cfg.scales:  # the premise: every batch variance absorbs eps, as with eps = 0
+        var = torch.var((a * u.double()) @ w.double().T, dim=0, correction=0)
+        assert torch.equal(var + eps, var)
+    rows = c4_scale_invariance.errors(cfg, u, w, r, torch.float64, eps=eps)
     assert [row["scale"] for row in rows] == list(cfg.scales)
     assert max(max(row["output"], row["gradient"]) for row in rows) < 1e-12
     # and the check can fail: a non-scalar change of W is seen
-    y1, g1 = c4_scale_invariance.output_and_grad(BatchNorm1d(100, eps=0.0, affine=False).double(), w.double(), u.double(), r.double())
-    y2, _ = c4_scale_invariance.output_and_grad(BatchNorm1d(100, eps=0.0, affine=False).double(), (w + 0.1).double(), u.double(), r.double())
+    y1, g1 = c4_scale_invariance.output_and_grad(BatchNorm1d(100, eps=eps, affine=False).double(), w.double(), u.double(), r.double())
+    y2, _ = c4_scale_invariance.output_and_grad(BatchNorm1d(100, eps=eps, affine=False).double(), (w + 0.1).double(), u.double(), r.double())
     assert (y1 - y2).abs().max() > 1e-3
 
 

@@ -282,6 +282,8 @@ def test_channels_last_agrees_with_transposing(shape):
     (lambda: ref.forward(np.ones((2, 3)), gamma=np.ones(4)), r"gamma of shape \(3,\)"),
     (lambda: ref.forward(np.ones((2, 3)), eps=0.0), "zero variance and eps=0"),
     (lambda: ref.forward(np.ones((2, 3)), eps=-1.0), "eps >= 0"),
+    (lambda: ref.forward(np.eye(2, 3), eps=float("nan")), "a finite eps >= 0, got eps=nan"),
+    (lambda: ref.forward(np.eye(2, 3), eps=float("inf")), "a finite eps >= 0, got eps=inf"),
     (lambda: ref.batch_stats(np.ones((0, 3))), "at least one value per channel"),
     (lambda: ref.backward(np.ones((2, 4)), ref.forward(np.eye(2, 3))[1]), "dy of the output"),
     (lambda: ref.update_running(np.zeros(3), np.ones(3), np.zeros(3), np.ones(3), 1),

@@ -82,7 +82,7 @@ def batch_norm(
                                  momentum, eps, mask=mask)
     check_float(input)
     check_vectors(input, weight, bias, running_mean, running_var, "batch_norm")
-    check_options(eps, momentum, "batch_norm")
+    check_options(eps, momentum, "batch_norm", training=training)
     if training and input.numel() == 0:
         return empty_output(input, weight, bias, eps)
     if training:
@@ -109,7 +109,7 @@ def batch_norm_stateless(
     """
     check_float(input)
     check_vectors(input, weight, bias, running_mean, running_var, "batch_norm_stateless")
-    check_options(eps, momentum, "batch_norm_stateless")
+    check_options(eps, momentum, "batch_norm_stateless", training=training)
     if training and input.numel() == 0:
         return empty_output(input, weight, bias, eps), running_mean, running_var
     if not training:
@@ -138,7 +138,7 @@ def masked_batch_norm(
     the running statistics normalise and the mask is only checked."""
     check_float(input)
     check_vectors(input, weight, bias, running_mean, running_var, "masked batch_norm")
-    check_options(eps, momentum, "masked batch_norm")
+    check_options(eps, momentum, "masked batch_norm", training=training)
     w = mask_weights(input, mask)
     if not training:
         check_running(running_mean, running_var, "masked batch_norm")
@@ -184,22 +184,58 @@ def masked_train(input, w, weight, bias, eps, running_mean=None, running_var=Non
     return y
 
 
-def check_options(eps: float, momentum: float | None, owner) -> None:
-    """eps >= 0 and momentum in [0, 1] or None (NaN refused). (torch.nn also refuses
-    eps = 0 in training; it stays allowed here for exactness checks in float64, as the
-    lab's C4 makes: a constant channel then gives a non-finite output, which the guard
-    keeps out of the running statistics.) ``owner``: the layer (or the function's name)
-    the error names."""
-    if not eps >= 0:
-        raise ValueError(
-            f"{_name(owner)}: eps must be >= 0 (it keeps 1 / sqrt(var + eps) finite), "
-            f"got {eps}"
-        )
+def check_options(eps: float, momentum: float | None, owner, *, training: bool) -> None:
+    """eps and momentum as torch.nn checks them, or stricter; Python comparisons only (this
+    runs on every call).
+
+    ``eps`` is added to the variance, ``1 / sqrt(var + eps)``: it must be finite, > 0 when
+    the batch's statistics normalise (``training``: a channel of constant values would
+    otherwise divide by zero; torch.nn: "eps must be positive during training") and >= 0
+    otherwise (eval with running statistics, a layer's construction, a frozen layer:
+    torch.nn's "eps must be non-negative"; eps = 0 stays usable there, as in torch.nn).
+    torch.nn accepts a NaN or infinite eps (NaN or all-zero outputs); here they are refused.
+    ``momentum`` in [0, 1] or None (NaN refused). ``owner``: the layer (or the function's
+    name) the error names."""
+    try:
+        ok = 0 < eps < _INF if training else 0 <= eps < _INF
+    except TypeError:  # a string, None, ...: no order with numbers
+        raise TypeError(
+            f"{_name(owner)}: eps must be a number, but got {eps!r} of type "
+            f"{type(eps).__name__} (it is added to the variance: 1 / sqrt(var + eps)). "
+            f"{_EPS_FIX}"
+        ) from None
+    if not ok:
+        _refuse_eps(eps, _name(owner), training)
     if momentum is not None and not 0 <= momentum <= 1:
         raise ValueError(
             f"{_name(owner)}: momentum must be between 0 and 1 (the weight of the new "
             f"batch) or None (the cumulative average), got {momentum}"
         )
+
+
+_INF = float("inf")
+_EPS_FIX = "Set a small positive eps, e.g. torch.nn's default 1e-5."
+
+
+def _refuse_eps(eps, what: str, training: bool) -> None:
+    """The error for an eps ``check_options`` refused, in torch.nn's words where it has some."""
+    fix = _EPS_FIX
+    if eps != eps or eps == _INF:
+        raise ValueError(
+            f"{what}: eps must be a finite number, but got {eps} (it is added to the "
+            f"variance: 1 / sqrt(var + eps) would be {'NaN' if eps != eps else 0} for "
+            f"every channel). {fix}"
+        )
+    if training:
+        raise ValueError(
+            f"{what}: eps must be positive during training, but got {eps} (the batch's "
+            "variance is 0 for a channel of constant values, and 1 / sqrt(var + eps) then "
+            f"divides by zero). {fix} (eps = 0 is accepted in eval, as in torch.nn.)"
+        )
+    raise ValueError(
+        f"{what}: eps must be non-negative, but got {eps} (1 / sqrt(var + eps) is not "
+        f"finite where var <= {-eps}). {fix}"
+    )
 
 
 def _name(owner) -> str:

@@ -246,7 +246,7 @@ class _BatchNorm(Family, nn.modules.batchnorm._BatchNorm):
         single_value: str = "error",
     ) -> None:
         nn.Module.__init__(self)  # not torch.nn's _NormBase.__init__: the state is built here
-        functional.check_options(eps, momentum, type(self).__name__)
+        functional.check_options(eps, momentum, type(self).__name__, training=False)
         if single_value not in SINGLE_VALUE_POLICIES:
             raise ValueError(
                 f"single_value must be one of {SINGLE_VALUE_POLICIES}, got {single_value!r}"
@@ -323,12 +323,17 @@ class _BatchNorm(Family, nn.modules.batchnorm._BatchNorm):
         ``check_input``): the rank, channel-count and dtype checks."""
         check_layout(self, input)
 
-    def check_input(self, input: Tensor) -> None:
+    def check_input(self, input: Tensor) -> tuple[Tensor | None, ...]:
         """Raise a clear error for input this layer cannot normalise, and for parameters,
-        buffers, eps or momentum it cannot use (state untouched)."""
+        buffers, eps or momentum it cannot use (state untouched); eps as this call uses it:
+        > 0 where the batch's statistics normalise, >= 0 in eval. Returns ``_tensors()``
+        as checked."""
         check_layout(self, input)
-        functional.check_vectors(input, *self._tensors(), self)
-        functional.check_options(self.eps, self.momentum, self)
+        weight, bias, running_mean, running_var = tensors = self._tensors()
+        functional.check_vectors(input, weight, bias, running_mean, running_var, self)
+        functional.check_options(self.eps, self.momentum, self, training=self.training or (
+            running_mean is None and running_var is None))
+        return tensors
 
     def _tensors(self) -> tuple[Tensor | None, ...]:
         """(weight, bias, running_mean, running_var), read from the module's dicts: each
@@ -363,10 +368,7 @@ class _BatchNorm(Family, nn.modules.batchnorm._BatchNorm):
         number of values per channel (default: all of them; a mask's or all ranks' for
         the variants); with ``count <= 1`` the ``single_value`` policy decides. ``size``
         describes the batch in the error (default: the input's size)."""
-        check_layout(self, input)  # check_input, inline: this runs on every call
-        weight, bias, running_mean, running_var = self._tensors()
-        functional.check_vectors(input, weight, bias, running_mean, running_var, self)
-        functional.check_options(self.eps, self.momentum, self)
+        _, _, running_mean, running_var = self.check_input(input)
         return self._rule(input, count, size, running_mean, running_var)
 
     def _rule(self, input: Tensor, count: int | None = None, size: str | None = None,

@@ -140,8 +140,8 @@ def batch_stats(x: ArrayLike, channel_axis: int = 1) -> tuple[Array, Array]:
 
 def _invstd(var: Array, eps: float) -> Array:
     """``1 / sqrt(var + eps)``, refusing a division by zero instead of returning inf/NaN."""
-    if eps < 0:
-        raise ValueError(f"expected eps >= 0, got eps={eps}")
+    if not 0 <= eps < np.inf:  # NaN or inf would give NaN or 0 for every channel
+        raise ValueError(f"expected a finite eps >= 0, got eps={eps}")
     zero = np.flatnonzero(var + eps == 0)
     if zero.size:
         raise ValueError(

@@ -70,7 +70,7 @@ class _FrozenBatchNorm(Family, nn.Module):
         act: str = "identity", alpha: float | None = None,
     ) -> None:
         super().__init__()
-        functional.check_options(eps, None, type(self).__name__)
+        functional.check_options(eps, None, type(self).__name__, training=False)
         alpha = DEFAULT_ALPHA.get(act, 0.0) if alpha is None else float(alpha)
         activations.check(act, alpha)
         factory = {"device": device, "dtype": dtype}
@@ -112,7 +112,7 @@ class _FrozenBatchNorm(Family, nn.Module):
             input, buffers["weight"], buffers["bias"], buffers["running_mean"],
             buffers["running_var"], name,
         )
-        functional.check_options(self.eps, None, name)
+        functional.check_options(self.eps, None, name, training=False)  # eval only
 
     def scale_shift(self) -> tuple[Tensor, Tensor]:
         """The folded per-channel (scale, shift): y = x * scale + shift (before act)."""
