@@ -291,7 +291,9 @@ def _stats(
     p: _Plan, x: Tensor, eps: float, norm: tuple | None = None,
 ) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
     """(y, mean, biased var, 1 / sqrt(var + eps)) per channel, float32; with ``norm`` =
-    (weight, bias, act, alpha), y = act((x - mean) * invstd * weight + bias), else None."""
+    (weight, bias, act, alpha), y = act((x - mean) * invstd * weight + bias), else None.
+    The results are separate tensors (a torch.library custom op may not return outputs
+    that share storage); the split path's partials share one."""
     mean, var, invstd = _f32(p, x), _f32(p, x), _f32(p, x)
     r = p.reduction
     if p.whole:
