@@ -93,11 +93,12 @@ def _forced_path() -> str:
     return path
 
 
-# Not yet tuned on a GPU. The whole-channel thresholds are first guesses, to be measured
-# by benchmarks/gpu/run.sh (step 2 once per BATCHNORM_TRITON_PATH, benchmarks/gpu/README.md):
-# 2^17 elements (512 KiB of float32) is about what one program streams in the host cost of
-# the two launches it saves (~25 GB/s per program, ~20 us); up to 2^19 with at least one
-# program per SM.
+# Not yet tuned on a GPU. The whole-channel thresholds (whole_*) are first guesses, to be
+# measured by the GPU check's kernel benchmark run once per path (BATCHNORM_TRITON_PATH=split
+# and =whole: `bash benchmarks/gpu/run.sh OUT --steps 2` each, or the one-call loop with
+# benchmarks/gpu/compare_paths.py in benchmarks/gpu/README.md): 2^17 elements (512 KiB of
+# float32) is about what one program streams in the host cost of the two launches it saves
+# (guessing ~25 GB/s per program: ~20 us a pass); up to 2^19 with at least one program per SM.
 GPU_TUNING = Tuning(tile=4096, max_cols_ncs=512, max_cols_cl=128, programs_per_sm=4,
                     merge_block=64, num_warps=8, whole_small=1 << 17, whole_large=1 << 19,
                     whole_fill=1.0, whole_min_cols_cl=16, path=_forced_path())
