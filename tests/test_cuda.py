@@ -29,6 +29,7 @@ BN -> activation does).
 """
 
 import copy
+import dataclasses
 import importlib
 import math
 import os
@@ -353,10 +354,33 @@ def test_batchnorm1d_and_3d_match_float64(cls, shape, layout, dtype):
           **TOL[dtype])
 
 
+@pytest.fixture(params=["split", "whole"])
+def path(request, monkeypatch):
+    """Force one of the Triton backend's two reduction paths (split: partial + merge +
+    elementwise kernels; whole channel: one kernel per call) for the test; ``took(x)``
+    says whether a call on x takes it."""
+    auto = tb._tuning
+    forced = {}
+
+    def tuning(device):
+        if device not in forced:
+            forced[device] = dataclasses.replace(auto(device), path=request.param)
+        return forced[device]
+
+    monkeypatch.setattr(tb, "_tuning", tuning)
+    return request.param
+
+
+def took(x, path):
+    return tb._planned(x)[0].whole == (path == "whole")
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_statistics_survive_a_large_mean(layout):
-    """float32 statistics of values around 1e4 with spread 1 (no E[x^2] - E[x]^2)."""
+def test_statistics_survive_a_large_mean(layout, path):
+    """float32 statistics of values around 1e4 with spread 1 (no E[x^2] - E[x]^2), on
+    both reduction paths."""
     x = make(on_gpu((8, 16, 17, 19), (2, 9, 5, 4)), layout, torch.float32, 1.0, 1e4)
+    assert took(x, path)
     mean, var = tb.batch_stats(x)
     want_mean, want_var = reference.batch_stats(np64(x))
     close(mean, want_mean, rtol=1e-6, atol=0)
@@ -465,8 +489,16 @@ KERNEL_CASES = on_gpu(
     [((3, 7, 1000), "nchw"), ((4, 200, 9, 9), "channels_last"), ((2, 2048, 7, 7), "nchw"),
      ((5, 3, 7, 7), "channels_last"), ((64, 3, 129, 129), "nchw"),
      ((64, 3, 129, 129), "channels_last")],
-    [((3, 7, 40), "nchw"), ((2, 10, 3, 3), "channels_last")],
+    [((3, 7, 40), "nchw"), ((2, 10, 3, 3), "channels_last"), ((3, 5, 300), "nchw")],
 )
+
+
+def test_the_kernel_cases_take_both_reduction_paths():
+    """The Triton backend's own choice (no path forced) sends test_triton_kernels_match_float64's
+    small cases to the whole-channel path and the large ones to the split path."""
+    taken = {tb._planned(_kernel_input(shape, layout, torch.float32)[0])[0].whole
+             for shape, layout in KERNEL_CASES}
+    assert taken == {True, False}
 
 
 def _kernel_input(shape, layout, dtype):
@@ -507,10 +539,12 @@ def test_triton_kernels_match_float64(shape, layout, dtype):
                                        ("silu", 0.0), ("gelu", 0.0)])
 @pytest.mark.parametrize("shape,layout", KERNEL_CASES[:2],
                          ids=[f"{shape_id(s)}-{lay}" for s, lay in KERNEL_CASES[:2]])
-def test_triton_bn_act_kernels_match_float64_autograd(shape, layout, act, alpha, dtype):
+def test_triton_bn_act_kernels_match_float64_autograd(shape, layout, act, alpha, dtype, path):
     """Fused BN + activation forward; for the invertible activations also the backward
-    from the output alone, against float64 autograd of act(BN(x))."""
+    from the output alone, against float64 autograd of act(BN(x)); on both reduction
+    paths (test_triton_kernels_match_float64's shapes take both without forcing)."""
     x, dz = _kernel_input(shape, layout, dtype)
+    assert took(x, path)
     C = shape[1]
     m = x.numel() // C
     w, b = params(C)

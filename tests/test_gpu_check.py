@@ -1,5 +1,6 @@
 """The GPU check's CPU-side parts (benchmarks/gpu/): the model-step driver on small models,
-the summary of a run's files, and run.sh's argument checks. The whole script's dry run
+the summary of a run's files, run.sh's argument checks and the comparison of the Triton
+backend's two reduction paths. The whole script's dry run
 (``bash benchmarks/gpu/run.sh OUT --dry-run``) takes minutes and is not run here."""
 
 import json
@@ -13,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
 
+import compare_paths  # noqa: E402
 import model_step  # noqa: E402
 import summarize  # noqa: E402
 
@@ -98,3 +100,35 @@ def test_run_sh_refuses_a_budget_below_the_steps_caps(tmp_path):
                           text=True, env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 2
     assert "steps '2 3' need 325s, more than the budget of 300s" in done.stdout + done.stderr
+
+
+def _bench(tmp_path, path, times):
+    rows = [dict(shape=shape, layout="nchw", dtype="float32", op="train fwd+bwd", ours_ms=ms)
+            for shape, ms in times.items()]
+    rows.append(dict(shape="2x3x4x4", layout="nchw", dtype="float32", op="eval fwd",
+                     error="RuntimeError: x"))  # a failed case has no time
+    (tmp_path / f"bench-{path}.json").write_text(json.dumps(dict(tuning=dict(path=path), rows=rows)))
+
+
+def test_compare_paths_pairs_the_forced_runs(tmp_path):
+    _bench(tmp_path, "split", {"32x64x112x112": 0.4, "32x256x7x7": 0.3})
+    _bench(tmp_path, "whole", {"32x64x112x112": 0.8, "32x256x7x7": 0.1})
+    _bench(tmp_path, "auto", {"32x64x112x112": 0.4, "32x256x7x7": 0.2})
+    assert compare_paths.main([str(tmp_path)]) == 0
+    table = json.loads((tmp_path / "paths.json").read_text())
+    assert [(r["shape"], r["per_channel"]) for r in table] == [("32x256x7x7", 32 * 49),
+                                                               ("32x64x112x112", 32 * 112 * 112)]
+    small, large = table
+    assert small["split_over_whole"] == pytest.approx(3.0)
+    assert small["auto_over_best"] == pytest.approx(2.0)
+    assert large["split_over_whole"] == pytest.approx(0.5)
+    assert large["auto_over_best"] == pytest.approx(1.0)
+
+
+def test_compare_paths_refuses_a_run_of_the_wrong_path(tmp_path):
+    _bench(tmp_path, "split", {"32x64x56x56": 0.4})
+    with pytest.raises(FileNotFoundError, match="bench-whole.json is missing"):
+        compare_paths.compare(str(tmp_path))
+    (tmp_path / "bench-whole.json").write_text(json.dumps(dict(tuning=dict(path="auto"), rows=[])))
+    with pytest.raises(ValueError, match="expected a run with BATCHNORM_TRITON_PATH=whole, got"):
+        compare_paths.compare(str(tmp_path))

@@ -8,8 +8,13 @@ this module's tests run and restored after them. The interpreter runs the tiny b
 sizes of ``INTERPRETER_TUNING``, so these small shapes cross block edges and split their
 reductions over several programs. Its float32 -> bfloat16 conversion truncates where a
 GPU rounds to nearest, hence one bfloat16 step of tolerance.
+
+Every reduction runs on two paths (split: partial + merge + elementwise kernels; whole
+channel: one kernel per call): the tests that take the ``path`` fixture run once with
+each, forced through ``Tuning.path``, and check that the call took it.
 """
 
+import dataclasses
 import importlib
 import os
 import sys
@@ -41,6 +46,19 @@ def _interpreter():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")
         yield
+
+@pytest.fixture(params=["split", "whole"])
+def path(request, monkeypatch):
+    """Force one reduction path for every call of the test (the interpreter's blocks)."""
+    forced = dataclasses.replace(tb.INTERPRETER_TUNING, path=request.param)
+    monkeypatch.setattr(tb, "_tuning", lambda device: forced)
+    return request.param
+
+
+def took(x, path):
+    """The backend plans ``x`` on ``path``."""
+    return tb._planned(x)[0].whole == (path == "whole")
+
 
 EPS = 1e-5
 # (shape, channels_last): odd sizes, C = 1/3/7/9/17, spatial 1/5/33, N = 1..3; the
@@ -97,8 +115,9 @@ def test_triton_supports_dense_layouts_and_half_types_only():
 
 
 @pytest.mark.parametrize("shape,cl", CASES, ids=CASE_IDS)
-def test_triton_training_forward_and_backward_match_float64(shape, cl):
+def test_triton_training_forward_and_backward_match_float64(shape, cl, path):
     x = make(shape, cl)
+    assert took(x, path)
     w, b = params(shape[1])
     dy = make(shape, cl)
     y, mean, invstd = tb.forward_train(x, w, b, EPS)
@@ -116,8 +135,9 @@ def test_triton_training_forward_and_backward_match_float64(shape, cl):
 
 
 @pytest.mark.parametrize("shape,cl", CASES[:4], ids=CASE_IDS[:4])
-def test_triton_batch_stats_and_normalize_match_torch_backend(shape, cl):
+def test_triton_batch_stats_and_normalize_match_torch_backend(shape, cl, path):
     x = make(shape, cl)
+    assert took(x, path)
     mean, var = tb.batch_stats(x)
     mean_t, var_t = torch_backend.batch_stats(x)
     close(mean, mean_t, **STATS_TOL)
@@ -130,9 +150,10 @@ def test_triton_batch_stats_and_normalize_match_torch_backend(shape, cl):
 
 
 @pytest.mark.parametrize("shape,cl", CASES[1:3], ids=CASE_IDS[1:3])
-def test_triton_backward_pieces_take_sums_and_count_from_a_larger_batch(shape, cl):
+def test_triton_backward_pieces_take_sums_and_count_from_a_larger_batch(shape, cl, path):
     """backward_reduce + backward_elemt with all-reduced sums and a global count (sync BN)."""
     x, dy = make(shape, cl), make(shape, cl)
+    assert took(x, path)
     w, _ = params(shape[1])
     mean, var = torch_backend.batch_stats(x)
     invstd = torch.rsqrt(var + EPS)
@@ -148,9 +169,10 @@ def test_triton_backward_pieces_take_sums_and_count_from_a_larger_batch(shape, c
 
 
 @pytest.mark.parametrize("mask", [(True, True, True), (True, False, False), (False, True, True)])
-def test_triton_backward_masks_and_eval_backward(mask):
+def test_triton_backward_masks_and_eval_backward(mask, path):
     shape = (3, 7, 33)
     x, dy = make(shape), make(shape)
+    assert took(x, path)
     w, _ = params(7)
     mean, var = torch_backend.batch_stats(x)
     invstd = torch.rsqrt(var + EPS)
@@ -166,9 +188,10 @@ def test_triton_backward_masks_and_eval_backward(mask):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cl", [False, True])
-def test_triton_half_inputs_keep_their_dtype_with_float32_statistics(dtype, cl):
+def test_triton_half_inputs_keep_their_dtype_with_float32_statistics(dtype, cl, path):
     shape = (3, 9, 5)
     x, dy = make(shape, cl, dtype), make(shape, cl, dtype)
+    assert took(x, path)
     w, b = params(9)
     y, mean, invstd = tb.forward_train(x, w, b, EPS)
     y64, mean64, invstd64 = torch_backend.forward_train(*f64(x, w, b), EPS)
@@ -184,20 +207,167 @@ def test_triton_half_inputs_keep_their_dtype_with_float32_statistics(dtype, cl):
     close(db, db64, rtol=1e-5, atol=1e-4)
 
 
-def test_triton_statistics_survive_a_large_mean():
-    """mean 1e4, std 1 in float32: E[x^2] - E[x]^2 would lose every digit of the variance."""
-    x = make((3, 2, 65), scale=1.0, shift=1e4)
+@pytest.mark.parametrize("cl", [False, True])
+def test_triton_statistics_survive_a_large_mean(cl, path):
+    """mean 1e4, std 1 in float32: E[x^2] - E[x]^2 would lose every digit of the variance;
+    Chan's merge of unshifted running means would lose about 4 (their rounding, ulp(1e4)
+    ~ 1e-3, against differences of the order of std); around the channel's first value
+    the variance keeps float32's precision."""
+    x = make((3, 2, 65), cl, scale=1.0, shift=1e4)
+    assert took(x, path)
     mean, var = tb.batch_stats(x)
     mean64, var64 = torch_backend.batch_stats(x.double())
     close(mean, mean64, rtol=1e-7, atol=0)
-    close(var, var64, rtol=1e-4, atol=0)
+    close(var, var64, rtol=1e-6, atol=0)
     y, _, _ = tb.forward_train(x, None, None, EPS)
     close(y, torch_backend.forward_train(x.double(), None, None, EPS)[0], rtol=0, atol=2e-3)
 
 
-def test_triton_dy_in_another_layout_than_x():
+ODD = (3, 11, 5, 7)  # 11 channels cross the interpreter's 8-channel blocks, 35 positions its 16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+def test_triton_every_op_on_both_paths(cl, dtype, path):
+    """Every operation of the backend on an odd shape, against float64 math on the same
+    (rounded) input: outputs at the dtype's tolerance, statistics and sums at float32's."""
+    x, dy = make(ODD, cl, dtype), make(ODD, cl, dtype)
+    assert took(x, path)
+    w, b = params(ODD[1])
+    tol, sum_tol = TOL[dtype], dict(rtol=1e-5, atol=1e-4)
+    x64, dy64, w64, b64 = f64(x, dy, w, b)
+
+    def agree(got, want, first_tol=tol):
+        assert len(got) == len(want)
+        for i, (g, e) in enumerate(zip(got, want)):
+            close(g, e, **(first_tol if i == 0 else sum_tol))
+
+    mean, var = tb.batch_stats(x)
+    mean64, var64 = torch_backend.batch_stats(x64)
+    agree((mean, var), (mean64, var64), STATS_TOL)
+    y, mean, invstd = tb.forward_train(x, w, b, EPS)
+    y64, _, invstd64 = torch_backend.forward_train(x64, w64, b64, EPS)
+    assert y.dtype == dtype and y.stride() == x.stride()
+    close(y, y64, **tol)
+    close(mean, mean64, **STATS_TOL)
+    close(invstd, invstd64, **STATS_TOL)
+    for act, alpha in [("leaky_relu", 0.1), ("gelu", 0.0)]:
+        z, _, _ = tb.forward_train_act(x, w, b, EPS, act, alpha)
+        close(z, torch_backend.forward_train_act(x64, w64, b64, EPS, act, alpha)[0], **tol)
+    agree(tb.backward(dy, x, mean, invstd, w),
+          torch_backend.backward(dy64, x64, mean64, invstd64, w64))
+    agree(tb.backward_eval(dy, x, mean, invstd, w),
+          torch_backend.backward_eval(dy64, x64, mean64, invstd64, w64))
+    agree(tb.backward_reduce(dy, x, mean, invstd),
+          torch_backend.backward_reduce(dy64, x64, mean64, invstd64), sum_tol)
+    z, mean_z, invstd_z = tb.forward_train_act(x, w, b, EPS, "elu", 1.3)
+    for training in (True, False):
+        got = tb.backward_act(dy, z, mean_z, invstd_z, w, b, "elu", 1.3, training)
+        assert got[0].dtype == dtype and got[0].stride() == x.stride()
+        agree(got, torch_backend.backward_act(*f64(dy, z, mean_z, invstd_z, w, b), "elu", 1.3,
+                                              training))
+
+
+class _Launches:
+    """Stands in for the kernel module: records the name of every kernel the backend
+    launches, and launches it."""
+
+    def __init__(self, module):
+        self.module, self.names = module, []
+
+    def __getattr__(self, name):
+        kernel, names = getattr(self.module, name), self.names
+
+        class Launcher:
+            def __getitem__(self, grid):
+                names.append(name)
+                return kernel[grid]
+
+        return Launcher()
+
+
+SPLIT_FWD = ["stats_partial_kernel", "stats_merge_kernel"]
+SPLIT_BWD = ["grad_partial_kernel", "grad_merge_kernel"]
+LAUNCHES = {  # op: (split path, whole-channel path)
+    "batch_stats": (SPLIT_FWD, ["whole_stats_kernel"]),
+    "forward_train": (SPLIT_FWD + ["normalize_kernel"], ["whole_stats_kernel"]),
+    "forward_train_act": (SPLIT_FWD + ["normalize_kernel"], ["whole_stats_kernel"]),
+    "backward_reduce": (SPLIT_BWD, ["whole_grad_kernel"]),
+    "backward": (SPLIT_BWD + ["grad_elemt_kernel"], ["whole_grad_kernel"]),
+    "backward_eval": (SPLIT_BWD + ["grad_elemt_kernel"], ["whole_grad_kernel"]),
+    "backward_act": (SPLIT_BWD + ["grad_elemt_kernel"], ["whole_grad_kernel"]),
+}
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+def test_triton_the_whole_channel_path_is_one_launch_per_call(monkeypatch, cl, path):
+    x, dy = make(ODD, cl), make(ODD, cl)
+    w, b = params(ODD[1])
+    mean, invstd = (t.float() for t in torch_backend.forward_train(x, w, b, EPS)[1:])
+    calls = {
+        "batch_stats": lambda: tb.batch_stats(x),
+        "forward_train": lambda: tb.forward_train(x, w, b, EPS),
+        "forward_train_act": lambda: tb.forward_train_act(x, w, b, EPS, "silu", 0.0),
+        "backward_reduce": lambda: tb.backward_reduce(dy, x, mean, invstd),
+        "backward": lambda: tb.backward(dy, x, mean, invstd, w),
+        "backward_eval": lambda: tb.backward_eval(dy, x, mean, invstd, w),
+        "backward_act": lambda: tb.backward_act(dy, x, mean, invstd, w, b, "elu", 1.0, True),
+    }
+    spy = _Launches(tb.kern)
+    monkeypatch.setattr(tb, "kern", spy)
+    for op, call in calls.items():
+        spy.names.clear()
+        call()
+        assert spy.names == LAUNCHES[op][path == "whole"], op
+    spy.names.clear()  # only dx, or only the sums: the same kernels on both paths
+    tb.backward_eval(dy, x, mean, invstd, w, (True, False, False))
+    tb.backward(dy, x, mean, invstd, w, (False, True, True))
+    assert spy.names == ["grad_elemt_kernel"] + LAUNCHES["backward_reduce"][path == "whole"]
+
+
+def test_triton_path_choice_follows_the_tuning():
+    """Whole channel for small channels whatever the grid, up to ``whole_large`` elements
+    with at least ``whole_fill`` programs per SM; split above (GPU tuning, 132 SMs)."""
+    t, sms = dataclasses.replace(tb.GPU_TUNING, path="auto"), 132
+
+    def plan(shape, cl=False, tuning=t):
+        x = make_meta(shape, cl)
+        return tb._plan(x.shape, x.stride(), tuning, sms)
+
+    few, enough = sms // 2, int(t.whole_fill * sms)
+    assert plan((1, few, t.whole_small)).whole
+    assert not plan((1, few, t.whole_small + 1)).whole
+    assert plan((1, enough, t.whole_large)).whole
+    assert not plan((1, enough, t.whole_large + 1)).whole
+    assert not plan((1, enough, 2), tuning=dataclasses.replace(t, path="split")).whole
+    assert plan((1, few, t.whole_large + 1), tuning=dataclasses.replace(t, path="whole")).whole
+    # channels last: blocks as narrow as it takes for ``enough`` programs, not narrower
+    wide = plan((1, t.max_cols_cl * enough, 3), cl=True)
+    assert wide.whole and wide.reduction.block_k == t.max_cols_cl
+    assert wide.reduction.channel_blocks == enough
+    narrow = plan((1, 64, 3), cl=True)
+    assert narrow.whole and narrow.reduction.block_k == t.whole_min_cols_cl
+    assert not plan((1, 64, t.whole_small // t.whole_min_cols_cl + 1), cl=True).whole
+
+
+def make_meta(shape, channels_last):
+    x = torch.empty(shape, device="meta")
+    return x.movedim(1, -1).contiguous().movedim(-1, 1) if channels_last else x
+
+
+def test_triton_path_forced_by_the_environment(monkeypatch):
+    for path in tb.PATHS:
+        monkeypatch.setenv("BATCHNORM_TRITON_PATH", path)
+        assert tb._forced_path() == path
+    monkeypatch.setenv("BATCHNORM_TRITON_PATH", "fast")
+    with pytest.raises(ValueError, match="expected one of auto, split, whole, got 'fast'"):
+        tb._forced_path()
+
+
+def test_triton_dy_in_another_layout_than_x(path):
     x = make((2, 5, 3, 3), channels_last=True)
     dy = make((2, 5, 3, 3))
+    assert took(x, path)
     mean, var = torch_backend.batch_stats(x)
     invstd = torch.rsqrt(var + EPS)
     dx, dw, db = tb.backward(dy, x, mean, invstd, None)
@@ -212,8 +382,9 @@ ACTS = [("identity", 0.0), ("relu", 0.0), ("leaky_relu", 0.1), ("elu", 1.3), ("s
 
 
 @pytest.mark.parametrize("act,alpha", ACTS, ids=[a for a, _ in ACTS])
-def test_triton_forward_with_activation_matches_float64(act, alpha):
+def test_triton_forward_with_activation_matches_float64(act, alpha, path):
     x = make((2, 7, 33), channels_last=act in ("elu", "gelu"))
+    assert took(x, path)
     w, b = params(7)
     z, mean, invstd = tb.forward_train_act(x, w, b, EPS, act, alpha)
     z64, mean64, invstd64 = torch_backend.forward_train_act(*f64(x, w, b), EPS, act, alpha)
@@ -228,9 +399,10 @@ INVERTIBLE = [("identity", 0.0), ("leaky_relu", 0.1), ("elu", 1.3)]
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("act,alpha", INVERTIBLE, ids=[a for a, _ in INVERTIBLE])
-def test_triton_backward_with_activation_from_the_output(act, alpha, training):
+def test_triton_backward_with_activation_from_the_output(act, alpha, training, path):
     cl = act == "leaky_relu"
     x, dz = make((3, 9, 5), cl), make((3, 9, 5), cl)
+    assert took(x, path)
     w, b = params(9)
     z, mean, invstd = tb.forward_train_act(x, w, b, EPS, act, alpha)
     got = tb.backward_act(dz, z, mean, invstd, w, b, act, alpha, training)
@@ -245,9 +417,10 @@ def test_triton_backward_with_activation_from_the_output(act, alpha, training):
         close(g, e, rtol=1e-5, atol=1e-4)
 
 
-def test_triton_backward_with_activation_equals_autograd_in_float64():
+def test_triton_backward_with_activation_equals_autograd_in_float64(path):
     """The from-output backward gives the true gradient of act(BN(x)) (training mode)."""
     x, dz = make((2, 3, 17)), make((2, 3, 17))
+    assert took(x, path)
     w, b = params(3)
     x64, w64, b64 = (t.double().requires_grad_() for t in (x, w, b))
     out = activations.apply(torch.nn.functional.batch_norm(
@@ -269,14 +442,20 @@ def test_triton_activation_errors_are_clear():
         tb.forward_train_act(x, None, None, EPS, "tanh", 0.0)
 
 
+@pytest.mark.parametrize("path", ["split", "whole"])
 @pytest.mark.parametrize("cl", [False, True])
-def test_triton_gpu_block_sizes_under_the_interpreter(monkeypatch, cl):
-    """The GPU's block sizes (512 spatial positions, 128 channels per block) on shapes
-    that cross them, split over several programs."""
-    monkeypatch.setattr(tb, "_tuning", lambda device: tb.GPU_TUNING)
-    monkeypatch.setattr(tb, "_sm_count", lambda device: 2)
+def test_triton_gpu_block_sizes_under_the_interpreter(monkeypatch, cl, path):
+    """The GPU's block sizes (512 spatial positions, 128 channels per block; on the
+    whole-channel path with 16 SMs, 16 channels per block) on shapes that cross them,
+    split over several programs."""
+    gpu = dataclasses.replace(tb.GPU_TUNING, path=path)
+    monkeypatch.setattr(tb, "_tuning", lambda device: gpu)
+    monkeypatch.setattr(tb, "_sm_count", lambda device: 16)
     shape = (9, 130, 2, 3) if cl else (3, 2, 1100)
     x, dy = make(shape, cl), make(shape, cl)
+    plan = tb._planned(x)[0]
+    assert plan.whole == (path == "whole")
+    assert plan.reduction.block_k == (16 if cl and path == "whole" else 128 if cl else 512)
     w, b = params(shape[1])
     y, mean, invstd = tb.forward_train(x, w, b, EPS)
     y64, mean64, invstd64 = torch_backend.forward_train(*f64(x, w, b), EPS)
@@ -344,6 +523,20 @@ VARIANTS = [
     ("grad_elemt_kernel", "fp16", dict(TRAINING=True, FROM_OUTPUT=True, HAS_W=True, HAS_CENTER=True, ACT=2, CL=True, BLOCK_R=32, BLOCK_K=128)),
     ("grad_elemt_kernel", "bf16", dict(TRAINING=True, FROM_OUTPUT=False, HAS_W=False, HAS_CENTER=True, ACT=0, CL=False, BLOCK_R=8, BLOCK_K=512)),
     ("grad_elemt_kernel", "fp32", dict(TRAINING=False, FROM_OUTPUT=False, HAS_W=True, HAS_CENTER=False, ACT=0, CL=False, BLOCK_R=8, BLOCK_K=512)),
+    ("grad_elemt_kernel", "bf16", dict(TRAINING=False, FROM_OUTPUT=True, HAS_W=True, HAS_CENTER=True, ACT=5, CL=True, BLOCK_R=32, BLOCK_K=128)),
+    ("grad_merge_kernel", "fp32", dict(SCALE_MODE=0, BLOCK_C=64, BLOCK_P=64)),
+    ("grad_partial_kernel", "fp16", dict(FROM_OUTPUT=True, HAS_CENTER=False, ACT=2, CL=True, BLOCK_R=32, BLOCK_K=128)),
+    ("whole_stats_kernel", "bf16", dict(NORMALIZE=True, HAS_W=True, HAS_B=True, ACT=2, CL=False, BLOCK_R=8, BLOCK_K=512)),
+    ("whole_stats_kernel", "fp32", dict(NORMALIZE=True, HAS_W=False, HAS_B=True, ACT=4, CL=True, BLOCK_R=256, BLOCK_K=16)),
+    ("whole_stats_kernel", "fp16", dict(NORMALIZE=True, HAS_W=True, HAS_B=False, ACT=5, CL=False, BLOCK_R=64, BLOCK_K=64)),
+    ("whole_stats_kernel", "fp16", dict(NORMALIZE=False, HAS_W=False, HAS_B=False, ACT=0, CL=True, BLOCK_R=32, BLOCK_K=128)),
+    ("whole_stats_kernel", "fp32", dict(NORMALIZE=False, HAS_W=False, HAS_B=False, ACT=0, CL=False, BLOCK_R=16, BLOCK_K=256)),
+    ("whole_grad_kernel", "bf16", dict(DX=True, TRAINING=True, SCALE_MODE=1, FROM_OUTPUT=False, HAS_W=True, HAS_CENTER=True, ACT=0, CL=False, BLOCK_R=8, BLOCK_K=512)),
+    ("whole_grad_kernel", "fp32", dict(DX=True, TRAINING=True, SCALE_MODE=1, FROM_OUTPUT=False, HAS_W=False, HAS_CENTER=True, ACT=0, CL=True, BLOCK_R=256, BLOCK_K=16)),
+    ("whole_grad_kernel", "fp16", dict(DX=True, TRAINING=True, SCALE_MODE=2, FROM_OUTPUT=True, HAS_W=True, HAS_CENTER=True, ACT=5, CL=True, BLOCK_R=256, BLOCK_K=16)),
+    ("whole_grad_kernel", "bf16", dict(DX=True, TRAINING=False, SCALE_MODE=0, FROM_OUTPUT=True, HAS_W=False, HAS_CENTER=False, ACT=2, CL=False, BLOCK_R=64, BLOCK_K=64)),
+    ("whole_grad_kernel", "fp32", dict(DX=True, TRAINING=False, SCALE_MODE=1, FROM_OUTPUT=False, HAS_W=True, HAS_CENTER=True, ACT=0, CL=True, BLOCK_R=32, BLOCK_K=128)),
+    ("whole_grad_kernel", "bf16", dict(DX=False, TRAINING=False, SCALE_MODE=1, FROM_OUTPUT=False, HAS_W=False, HAS_CENTER=True, ACT=0, CL=False, BLOCK_R=16, BLOCK_K=256)),
 ]
 for name, dtype, const in VARIANTS:
     fn = getattr(k, name)

@@ -11,18 +11,31 @@ Elementwise kernels tile that matrix with ``[BLOCK_R, BLOCK_K]`` blocks (the col
 is contiguous in memory, so loads coalesce) and read the per-channel coefficients once
 per row (NCHW) or once per column (channels last).
 
-Reductions are split: a ``*_partial`` kernel runs on a grid (channel blocks, P programs),
-each program walking a contiguous range of tiles of its channel(s) and writing one
-partial result per channel; a ``*_merge`` kernel combines the P partials of each channel.
-Many programs per channel keep the GPU busy when C is small and the spatial size large.
 In a reduction tile the rows are the N batch entries (NCHW, one channel per program) or
 the N * S positions (channels last, BLOCK_K channels per program), and the columns are
 the "lanes": each lane keeps its own accumulator, lanes of one channel (NCHW) are merged
-at the end of the program.
+at the end. A reduction runs on one of two paths (the backend picks one per call):
 
-Statistics are float32 and robust to a large mean: each tile contributes its count, its
-mean and its centred sum of squares M2 = sum((x - mean_tile)^2), and tiles are combined
-with Chan et al.'s exact pairwise formula (no E[x^2] - E[x]^2 cancellation).
+* split (large channels): a ``*_partial`` kernel runs on a grid (channel blocks, P
+  programs), each program walking a contiguous range of tiles of its channel(s) and
+  writing one partial result per channel; a ``*_merge`` kernel combines the P partials of
+  each channel; a third, elementwise kernel then normalises (``normalize_kernel``) or
+  computes dx (``grad_elemt_kernel``). Many programs per channel keep the GPU busy when C
+  is small and the spatial size large. Three launches per forward or backward.
+* whole channel (``whole_stats_kernel``, ``whole_grad_kernel``): one program per channel
+  (NCHW) or per block of channels (channels last) walks all the tiles of its channels
+  twice, the first time for the statistics (or the backward's two sums), the second time
+  to write y (or dx), re-reading the data it has just read (from L2 where it still is).
+  One launch per forward or backward: the host cost of a Triton launch (tens of us of
+  Python) dominates at small and middle shapes.
+
+Statistics are float32 and robust to a large mean on both paths: the values are shifted
+by one value of their channel (its first element, ``_channel_shift``), each tile
+contributes its count, its mean and its centred sum of squares M2 = sum((x - mean_tile)^2),
+and tiles are combined with Chan et al.'s exact pairwise formula (no E[x^2] - E[x]^2
+cancellation; the shift keeps the running means near zero, so their rounding, ulp(mean),
+does not enter the merge's mean differences, which are of the order of the standard
+deviation); the shift is added back to the mean at the end.
 
 Activation codes (``ACT``): ``activations.CODES``, 0 identity, 1 relu, 2 leaky_relu,
 3 silu, 4 gelu (erf), 5 elu.
@@ -115,10 +128,29 @@ def _optional_per_channel(ptr, rows, cols, R, K, C, default, HAS: tl.constexpr, 
 
 
 @triton.jit
-def _reduction_tile(ptr, t, n_col_tiles, row_stride, base, rows_total, cols_total,
-                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Float32 values, mask and per-lane count of reduction tile ``t`` (tiles numbered
-    row-block major).
+def _lanes(ptr, chan, C, default, HAS: tl.constexpr):
+    """A per-channel vector read for the lanes of a reduction tile (lane i holds channel
+    ``chan[i]``), shaped [1, BLOCK_K] to broadcast over its rows: the channels-last form
+    of ``_optional_per_channel`` with the lanes as columns."""
+    return _optional_per_channel(ptr, chan, chan, C, C, C, default, HAS, True)
+
+
+@triton.jit
+def _store_lanes(ptr, chan, v, C, CL: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Store a [1, BLOCK_K] per-lane result at its channels: every lane (channels last,
+    lanes past C masked) or lane 0 alone (NCHW: every lane holds channel ``chan[0]``)."""
+    if CL:
+        ok = chan < C
+    else:
+        ok = tl.arange(0, BLOCK_K) == 0
+    tl.store(ptr + chan[None, :], v, mask=ok[None, :])
+
+
+@triton.jit
+def _tile_offsets(t, n_col_tiles, row_stride, base, rows_total, cols_total,
+                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Offsets, mask and per-lane count of reduction tile ``t`` (tiles numbered row-block
+    major).
 
     Element (row, col) of the tile sits at ``base + row * row_stride + col``; ``base`` is
     the channel's offset (NCHW: c * S; channels last: the first channel of the block)."""
@@ -128,16 +160,27 @@ def _reduction_tile(ptr, t, n_col_tiles, row_stride, base, rows_total, cols_tota
     cols = t_cols * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows < rows_total)[:, None] & (cols < cols_total)[None, :]
     offs = base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :]
-    v = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
     n_rows = tl.minimum(rows_total - t_rows * BLOCK_R, BLOCK_R)
     count = tl.where(cols < cols_total, n_rows, 0).to(tl.float32)
+    return offs, mask, count
+
+
+@triton.jit
+def _reduction_tile(ptr, t, n_col_tiles, row_stride, base, rows_total, cols_total,
+                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Float32 values, mask and per-lane count of reduction tile ``t`` (``_tile_offsets``)."""
+    offs, mask, count = _tile_offsets(t, n_col_tiles, row_stride, base, rows_total,
+                                      cols_total, BLOCK_R, BLOCK_K)
+    v = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
     return v, mask, count
 
 
 @triton.jit
 def _reduction_setup(C, S, N, tiles_per_prog, n_tiles, CL: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Per-program geometry of a split reduction: the channel of each lane, the memory
-    layout of the channel's data and this program's range of tiles."""
+    """Per-program geometry of a reduction: the channel of each lane, the memory layout of
+    the channel's data and this program's range of tiles (all of them on the
+    whole-channel path: a grid of one program per channel block, tiles_per_prog =
+    n_tiles)."""
     cb = tl.program_id(0)
     lanes = tl.arange(0, BLOCK_K)
     if CL:
@@ -172,34 +215,68 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @triton.jit
-def stats_partial_kernel(
-    x_ptr, cnt_ptr, mean_ptr, m2_ptr,
-    N, C, S, P, tiles_per_prog, n_tiles, n_col_tiles,
-    CL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Partial (count, mean, M2) of program (channel block, p), stored at [c, p]."""
-    chan, base, row_stride, rows_total, cols_total, t0, t1 = _reduction_setup(
-        C, S, N, tiles_per_prog, n_tiles, CL, BLOCK_K)
+def _channel_shift(x_ptr, chan, C, S, CL: tl.constexpr):
+    """The first element of each lane's channel, float32 (0 past C): the statistics are
+    accumulated around it."""
+    if CL:
+        offs = chan.to(tl.int64)
+    else:
+        offs = chan.to(tl.int64) * S
+    return tl.load(x_ptr + offs, mask=chan < C, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _stats_lanes(x_ptr, shift, t0, t1, n_col_tiles, row_stride, base, rows_total, cols_total,
+                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per-lane (count, mean - shift, M2) over reduction tiles t0 .. t1 - 1: each tile's
+    centred summary of x - shift merged into the lane's with Chan's formula."""
     n = tl.zeros([BLOCK_K], tl.float32)
     mean = tl.zeros([BLOCK_K], tl.float32)
     m2 = tl.zeros([BLOCK_K], tl.float32)
     for t in range(t0, t1):
         v, mask, n_t = _reduction_tile(x_ptr, t, n_col_tiles, row_stride, base, rows_total,
                                        cols_total, BLOCK_R, BLOCK_K)
+        v = tl.where(mask, v - shift[None, :], 0.0)
         mean_t = tl.sum(v, axis=0) / tl.maximum(n_t, 1.0)
         d = tl.where(mask, v - mean_t[None, :], 0.0)
         n, mean, m2 = _chan_merge(n, mean, m2, n_t, mean_t, tl.sum(d * d, axis=0))
+    return n, mean, m2
+
+
+@triton.jit
+def _merge_lanes(n, mean, m2):
+    """One (count, mean, M2) from per-lane summaries of one channel (the parallel form of
+    Chan's formula)."""
+    n_all = tl.sum(n, axis=0)
+    mean_all = tl.sum(n * mean, axis=0) / tl.maximum(n_all, 1.0)
+    dev = mean - mean_all
+    m2_all = tl.sum(m2, axis=0) + tl.sum(n * dev * dev, axis=0)
+    return n_all, mean_all, m2_all
+
+
+@triton.jit
+def stats_partial_kernel(
+    x_ptr, shift_ptr, cnt_ptr, mean_ptr, m2_ptr,
+    N, C, S, P, tiles_per_prog, n_tiles, n_col_tiles,
+    CL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Split path: partial (count, mean - shift, M2) of program (channel block, p), stored
+    at [c, p]; programs (cb, 0) also store the channels' shifts."""
+    chan, base, row_stride, rows_total, cols_total, t0, t1 = _reduction_setup(
+        C, S, N, tiles_per_prog, n_tiles, CL, BLOCK_K)
+    shift = _channel_shift(x_ptr, chan, C, S, CL)
+    n, mean, m2 = _stats_lanes(x_ptr, shift, t0, t1, n_col_tiles, row_stride, base,
+                               rows_total, cols_total, BLOCK_R, BLOCK_K)
     p = tl.program_id(1)
+    if p == 0:
+        _store_lanes(shift_ptr, chan, shift[None, :], C, CL, BLOCK_K)
     if CL:
         ok = chan < C
         tl.store(cnt_ptr + chan * P + p, n, mask=ok)
         tl.store(mean_ptr + chan * P + p, mean, mask=ok)
         tl.store(m2_ptr + chan * P + p, m2, mask=ok)
-    else:  # the lanes all hold channel cb: merge them (the parallel form of Chan's formula)
-        n_all = tl.sum(n, axis=0)
-        mean_all = tl.sum(n * mean, axis=0) / tl.maximum(n_all, 1.0)
-        dev = mean - mean_all
-        m2_all = tl.sum(m2, axis=0) + tl.sum(n * dev * dev, axis=0)
+    else:  # the lanes all hold channel cb: merge them
+        n_all, mean_all, m2_all = _merge_lanes(n, mean, m2)
         c = tl.program_id(0)
         tl.store(cnt_ptr + c * P + p, n_all)
         tl.store(mean_ptr + c * P + p, mean_all)
@@ -208,11 +285,12 @@ def stats_partial_kernel(
 
 @triton.jit
 def stats_merge_kernel(
-    cnt_ptr, mean_ptr, m2_ptr, mean_out, var_out, invstd_out,
+    shift_ptr, cnt_ptr, mean_ptr, m2_ptr, mean_out, var_out, invstd_out,
     C, P, eps,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """Merge the P partials of each channel: mean, biased variance, 1/sqrt(var + eps)."""
+    """Split path: merge the P partials of each channel: mean (the shift added back),
+    biased variance, 1/sqrt(var + eps)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     n = tl.zeros([BLOCK_C], tl.float32)
@@ -231,9 +309,46 @@ def stats_merge_kernel(
         m2_b = tl.sum(m2_p, axis=1) + tl.sum(n_p * dev * dev, axis=1)
         n, mean, m2 = _chan_merge(n, mean, m2, n_b, mean_b, m2_b)
     var = m2 / tl.maximum(n, 1.0)
+    mean += tl.load(shift_ptr + c, mask=c_ok, other=0.0)
     tl.store(mean_out + c, mean, mask=c_ok)
     tl.store(var_out + c, var, mask=c_ok)
     tl.store(invstd_out + c, 1.0 / tl.sqrt(tl.where(c_ok, var + eps, 1.0)), mask=c_ok)
+
+
+@triton.jit
+def whole_stats_kernel(
+    x_ptr, y_ptr, mean_out, var_out, invstd_out, w_ptr, b_ptr,
+    N, C, S, n_tiles, n_col_tiles, eps, alpha,
+    NORMALIZE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    CL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Whole-channel path, grid (channel blocks,): program cb reduces all the tiles of its
+    channel(s) to (count, mean, M2), stores mean, biased var and 1/sqrt(var + eps), and
+    with NORMALIZE walks the same tiles again: y = act((x - mean) * invstd * weight + bias)
+    (``normalize_kernel``'s arithmetic)."""
+    chan, base, row_stride, rows_total, cols_total, t0, t1 = _reduction_setup(
+        C, S, N, n_tiles, n_tiles, CL, BLOCK_K)
+    shift = _channel_shift(x_ptr, chan, C, S, CL)
+    n, mean, m2 = _stats_lanes(x_ptr, shift, t0, t1, n_col_tiles, row_stride, base,
+                               rows_total, cols_total, BLOCK_R, BLOCK_K)
+    if not CL:  # every lane holds channel cb: merge them, every lane gets the channel's values
+        n_c, mean_c, m2_c = _merge_lanes(n, mean, m2)
+        n, mean, m2 = tl.zeros_like(n) + n_c, tl.zeros_like(n) + mean_c, tl.zeros_like(n) + m2_c
+    var = (m2 / tl.maximum(n, 1.0))[None, :]
+    mean = (mean + shift)[None, :]
+    invstd = 1.0 / tl.sqrt(tl.where((chan < C)[None, :], var + eps, 1.0))
+    _store_lanes(mean_out, chan, mean, C, CL, BLOCK_K)
+    _store_lanes(var_out, chan, var, C, CL, BLOCK_K)
+    _store_lanes(invstd_out, chan, invstd, C, CL, BLOCK_K)
+    if NORMALIZE:
+        scale = invstd * _lanes(w_ptr, chan, C, 1.0, HAS_W)
+        shift = _lanes(b_ptr, chan, C, 0.0, HAS_B)
+        for t in range(t0, t1):
+            offs, mask, _ = _tile_offsets(t, n_col_tiles, row_stride, base, rows_total,
+                                          cols_total, BLOCK_R, BLOCK_K)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            y = _act((x - mean) * scale + shift, alpha, ACT)
+            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # --- elementwise forward ------------------------------------------------------------
@@ -261,22 +376,14 @@ def normalize_kernel(
 
 
 @triton.jit
-def grad_partial_kernel(
-    g_ptr, v_ptr, center_ptr, sum_g_ptr, sum_gu_ptr,
-    N, C, S, P, tiles_per_prog, n_tiles, n_col_tiles, alpha,
-    FROM_OUTPUT: tl.constexpr, HAS_CENTER: tl.constexpr, ACT: tl.constexpr,
-    CL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Partial sums of g and g * (u - center) per channel, stored at [c, p].
+def _grad_lanes(g_ptr, v_ptr, center, t0, t1, n_col_tiles, row_stride, base, rows_total,
+                cols_total, alpha, FROM_OUTPUT: tl.constexpr, ACT: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per-lane sums of g and g * (u - center) over reduction tiles t0 .. t1 - 1.
 
     From the input (FROM_OUTPUT=False): g = dy, u = x, center = mean.
-    From the output of BN + activation: g = dz * act'(z), u = act^-1(z), center = bias."""
-    chan, base, row_stride, rows_total, cols_total, t0, t1 = _reduction_setup(
-        C, S, N, tiles_per_prog, n_tiles, CL, BLOCK_K)
-    if HAS_CENTER:
-        center = tl.load(center_ptr + chan, mask=chan < C, other=0.0).to(tl.float32)
-    else:
-        center = tl.zeros([BLOCK_K], tl.float32)
+    From the output of BN + activation: g = dz * act'(z), u = act^-1(z), center = bias.
+    ``center`` broadcasts over a tile ([1, BLOCK_K] or [1, 1])."""
     acc_g = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
     acc_gu = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
     for t in range(t0, t1):
@@ -288,9 +395,73 @@ def grad_partial_kernel(
             g = g * _act_grad_from_output(v, alpha, ACT)
             v = _act_inverse(v, alpha, ACT)
         acc_g += g
-        acc_gu += tl.where(mask, g * (v - center[None, :]), 0.0)
-    sum_g = tl.sum(acc_g, axis=0)
-    sum_gu = tl.sum(acc_gu, axis=0)
+        acc_gu += tl.where(mask, g * (v - center), 0.0)
+    return tl.sum(acc_g, axis=0), tl.sum(acc_gu, axis=0)
+
+
+@triton.jit
+def _scaled(s_gu, scale, SCALE_MODE: tl.constexpr):
+    """sum g * (u - center) -> sum dy * x_hat: times scale = invstd (SCALE_MODE 1: x_hat =
+    (x - mean) * invstd), over scale = weight (SCALE_MODE 2: x_hat = (y - bias) / weight),
+    unchanged (SCALE_MODE 0)."""
+    if SCALE_MODE == 1:
+        s_gu = s_gu * scale
+    elif SCALE_MODE == 2:
+        s_gu = s_gu / scale
+    return s_gu
+
+
+@triton.jit
+def _dx(g, v, center, invstd, w, mean_dy, mean_dy_xhat, alpha,
+        TRAINING: tl.constexpr, FROM_OUTPUT: tl.constexpr, ACT: tl.constexpr):
+    """dx of the BN backward for a tile, k = weight * invstd.
+
+    Training: dx = k * (dy - sum_dy / m - x_hat * sum_dy_xhat / m) (the batch statistics
+    depend on x); eval: dx = k * dy. From the input: g = dy, v = x, x_hat = (x - center)
+    * invstd with center = mean; from the output z of BN + activation: g = dz, v = z,
+    dy = dz * act'(z), x_hat = (act^-1(z) - center) / weight with center = bias. The
+    per-channel values broadcast over the tile; ``center``, ``mean_dy`` and
+    ``mean_dy_xhat`` are read in training only (``v`` also from the output)."""
+    k = w * invstd
+    if FROM_OUTPUT:
+        g = g * _act_grad_from_output(v, alpha, ACT)
+    if TRAINING:
+        if FROM_OUTPUT:
+            x_hat = (_act_inverse(v, alpha, ACT) - center) * (1.0 / w)
+        else:
+            x_hat = (v - center) * invstd
+        dx = k * (g - mean_dy - x_hat * mean_dy_xhat)
+    else:
+        dx = k * g
+    return dx
+
+
+@triton.jit
+def _load_v(v_ptr, offs, mask, g, TRAINING: tl.constexpr, FROM_OUTPUT: tl.constexpr):
+    """The tile of v (x or z) where ``_dx`` reads it, else ``g`` as a stand-in."""
+    if TRAINING:
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    elif FROM_OUTPUT:
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        v = g
+    return v
+
+
+@triton.jit
+def grad_partial_kernel(
+    g_ptr, v_ptr, center_ptr, sum_g_ptr, sum_gu_ptr,
+    N, C, S, P, tiles_per_prog, n_tiles, n_col_tiles, alpha,
+    FROM_OUTPUT: tl.constexpr, HAS_CENTER: tl.constexpr, ACT: tl.constexpr,
+    CL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Split path: partial sums of g and g * (u - center) per channel (``_grad_lanes``),
+    stored at [c, p]."""
+    chan, base, row_stride, rows_total, cols_total, t0, t1 = _reduction_setup(
+        C, S, N, tiles_per_prog, n_tiles, CL, BLOCK_K)
+    center = _lanes(center_ptr, chan, C, 0.0, HAS_CENTER)
+    sum_g, sum_gu = _grad_lanes(g_ptr, v_ptr, center, t0, t1, n_col_tiles, row_stride, base,
+                                rows_total, cols_total, alpha, FROM_OUTPUT, ACT, BLOCK_R, BLOCK_K)
     p = tl.program_id(1)
     if CL:
         ok = chan < C
@@ -308,9 +479,8 @@ def grad_merge_kernel(
     C, P,
     SCALE_MODE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """sum_dy = sum of partials; sum_dy_xhat = (sum of partials) * scale per channel, with
-    scale = invstd (SCALE_MODE 1: x_hat = (x - mean) * invstd), 1 / weight (SCALE_MODE 2:
-    x_hat = (y - bias) / weight) or 1 (SCALE_MODE 0)."""
+    """Split path: sum_dy = sum of partials; sum_dy_xhat = ``_scaled`` (sum of partials)
+    per channel."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     s_g = tl.zeros([BLOCK_C], tl.float32)
@@ -321,10 +491,9 @@ def grad_merge_kernel(
         offs = c[:, None] * P + p[None, :]
         s_g += tl.sum(tl.load(sum_g_ptr + offs, mask=mask, other=0.0), axis=1)
         s_gu += tl.sum(tl.load(sum_gu_ptr + offs, mask=mask, other=0.0), axis=1)
-    if SCALE_MODE == 1:
-        s_gu = s_gu * tl.load(scale_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-    elif SCALE_MODE == 2:
-        s_gu = s_gu / tl.load(scale_ptr + c, mask=c_ok, other=1.0).to(tl.float32)
+    if SCALE_MODE != 0:
+        s_gu = _scaled(s_gu, tl.load(scale_ptr + c, mask=c_ok, other=1.0).to(tl.float32),
+                       SCALE_MODE)
     tl.store(sum_dy_out + c, s_g, mask=c_ok)
     tl.store(sum_dy_xhat_out + c, s_gu, mask=c_ok)
 
@@ -337,30 +506,60 @@ def grad_elemt_kernel(
     HAS_CENTER: tl.constexpr, ACT: tl.constexpr, CL: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dx of the BN backward, k = weight * invstd.
-
-    Training: dx = k * (dy - sum_dy / m) - k * (sum_dy_xhat / m) * x_hat (the batch
-    statistics depend on x); eval: dx = k * dy. From the input: dy = g, x_hat =
-    (x - mean) * invstd; from the output z of BN + activation: dy = dz * act'(z),
-    x_hat = (act^-1(z) - bias) / weight."""
+    """dx (``_dx``) from given sums: split path, eval backward, sync BN's global sums."""
     offs, mask, rows, cols = _elem_tile(R, K, BLOCK_R, BLOCK_K)
     invstd = _per_channel(invstd_ptr, rows, cols, R, K, C, CL)
     w = _optional_per_channel(w_ptr, rows, cols, R, K, C, 1.0, HAS_W, CL)
-    k = w * invstd
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if FROM_OUTPUT:
-        z = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = g * _act_grad_from_output(z, alpha, ACT)
+    v = _load_v(v_ptr, offs, mask, g, TRAINING, FROM_OUTPUT)
     if TRAINING:
         mean_dy = _per_channel(sum_dy_ptr, rows, cols, R, K, C, CL) * inv_count
         mean_dy_xhat = _per_channel(sum_dy_xhat_ptr, rows, cols, R, K, C, CL) * inv_count
         center = _optional_per_channel(center_ptr, rows, cols, R, K, C, 0.0, HAS_CENTER, CL)
-        if FROM_OUTPUT:
-            x_hat = (_act_inverse(z, alpha, ACT) - center) * (1.0 / w)
-        else:
-            x = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            x_hat = (x - center) * invstd
-        dx = k * (g - mean_dy - x_hat * mean_dy_xhat)
-    else:
-        dx = k * g
+    else:  # not read by the eval formula
+        mean_dy, mean_dy_xhat, center = invstd, invstd, invstd
+    dx = _dx(g, v, center, invstd, w, mean_dy, mean_dy_xhat, alpha, TRAINING, FROM_OUTPUT, ACT)
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def whole_grad_kernel(
+    g_ptr, v_ptr, dx_ptr, center_ptr, invstd_ptr, w_ptr, sum_dy_out, sum_dy_xhat_out,
+    N, C, S, n_tiles, n_col_tiles, inv_count, alpha,
+    DX: tl.constexpr, TRAINING: tl.constexpr, SCALE_MODE: tl.constexpr,
+    FROM_OUTPUT: tl.constexpr, HAS_W: tl.constexpr, HAS_CENTER: tl.constexpr,
+    ACT: tl.constexpr, CL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Whole-channel path, grid (channel blocks,): program cb sums g and g * (u - center)
+    over all the tiles of its channel(s) (``_grad_lanes``), stores sum_dy and sum_dy_xhat
+    (``_scaled`` by invstd, SCALE_MODE 1, or 1 / weight, SCALE_MODE 2), and with DX walks
+    the same tiles again for dx (``_dx``, with sum / m, m = 1 / inv_count, in training)."""
+    chan, base, row_stride, rows_total, cols_total, t0, t1 = _reduction_setup(
+        C, S, N, n_tiles, n_tiles, CL, BLOCK_K)
+    center = _lanes(center_ptr, chan, C, 0.0, HAS_CENTER)
+    invstd = _lanes(invstd_ptr, chan, C, 1.0, True)
+    w = _lanes(w_ptr, chan, C, 1.0, HAS_W)
+    sum_g, sum_gu = _grad_lanes(g_ptr, v_ptr, center, t0, t1, n_col_tiles, row_stride, base,
+                                rows_total, cols_total, alpha, FROM_OUTPUT, ACT, BLOCK_R, BLOCK_K)
+    if not CL:  # every lane holds channel cb: every lane gets the channel's sums
+        sum_g = tl.zeros_like(sum_g) + tl.sum(sum_g, axis=0)
+        sum_gu = tl.zeros_like(sum_gu) + tl.sum(sum_gu, axis=0)
+    if SCALE_MODE == 1:
+        scale = invstd
+    else:
+        scale = w
+    sum_g = sum_g[None, :]
+    sum_gu = _scaled(sum_gu[None, :], scale, SCALE_MODE)
+    _store_lanes(sum_dy_out, chan, sum_g, C, CL, BLOCK_K)
+    _store_lanes(sum_dy_xhat_out, chan, sum_gu, C, CL, BLOCK_K)
+    if DX:
+        mean_dy = sum_g * inv_count
+        mean_dy_xhat = sum_gu * inv_count
+        for t in range(t0, t1):
+            offs, mask, _ = _tile_offsets(t, n_col_tiles, row_stride, base, rows_total,
+                                          cols_total, BLOCK_R, BLOCK_K)
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            v = _load_v(v_ptr, offs, mask, g, TRAINING, FROM_OUTPUT)
+            dx = _dx(g, v, center, invstd, w, mean_dy, mean_dy_xhat, alpha, TRAINING,
+                     FROM_OUTPUT, ACT)
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
