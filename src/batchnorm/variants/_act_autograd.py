@@ -62,14 +62,16 @@ class OutputSavingBNAct(torch.autograd.Function):
     """(z, mean, invstd) = act(BN(x)), saving z: for invertible activations only."""
 
     @staticmethod
-    def forward(x, weight, bias, mean, invstd, eps: float, act: str, alpha: float, weight_eps: float):
-        return _forward(x, effective_weight(weight, weight_eps), bias, mean, invstd, eps, act, alpha)
+    def forward(x, weight, bias, mean, invstd, eps: float, act: str, alpha: float, effective):
+        """``effective``: the weight computed with, ``effective_weight(weight, weight_eps)``
+        (made once by the caller); its gradient goes to ``weight`` (straight-through)."""
+        return _forward(x, effective, bias, mean, invstd, eps, act, alpha)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _x, weight, bias, mean_in, _invstd, _eps, act, alpha, weight_eps = inputs
+        _x, _weight, bias, mean_in, _invstd, _eps, act, alpha, effective = inputs
         z, mean, invstd = output
-        ctx.save_for_backward(z, effective_weight(weight, weight_eps), bias, mean, invstd)
+        ctx.save_for_backward(z, effective, bias, mean, invstd)
         ctx.act, ctx.alpha, ctx.training = act, alpha, mean_in is None
         ctx.mark_non_differentiable(mean, invstd)
 

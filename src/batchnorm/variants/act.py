@@ -8,12 +8,14 @@ import torch
 from torch import Tensor, nn
 
 from ..core import plan, stats, traced
+from ..core.autograd import eager_apply
 from ..kernels import activations
 from ..kernels.torch_backend import acc_dtype
 from ..core.modules import EMPTY, RUNNING, UPDATE, _BatchNorm
 from ._act_autograd import InputSavingBNAct, OutputSavingBNAct, effective_weight
 
 DEFAULT_ALPHA = {"leaky_relu": 0.01, "elu": 1.0}
+_OUTPUT_SAVING, _INPUT_SAVING = eager_apply(OutputSavingBNAct), eager_apply(InputSavingBNAct)
 
 _DOC = r"""Batch Normalization followed by an activation, as one layer, over a {dims}
     input:
@@ -112,18 +114,25 @@ class _BatchNormAct(_BatchNorm):
             return self.normalize_batch(input, self.weight, self.bias, mode)
         if traced.active(input):
             return self._traced(input, mode)
+        eager = not plan.tracing(input)  # torch.func transforms: the Functions' own apply
+        if eager and not plan.wants_grad(input, self.weight, self.bias):
+            # No backward, so nothing to keep (the plan's shortcut 2): BN's own plan (on
+            # CPU below the crossover ATen's kernels, with torch.nn's running update), then
+            # the activation in place on its fresh output, as torch.nn + timm run it
+            y = self._normalize(input, mode, self.effective_weight())
+            return activations.apply_(y, self.act, self.alpha)
         mean = invstd = None
         if mode == RUNNING:
             acc = acc_dtype(input.dtype)
             mean = self.running_mean.to(acc)
             invstd = torch.rsqrt(self.running_var.to(acc) + self.eps)
-        if self.saves_output():
-            z, mean, invstd = OutputSavingBNAct.apply(
+        if self.saves_output():  # eagerly the Functions' C entry (as plan.train's)
+            z, mean, invstd = (_OUTPUT_SAVING if eager else OutputSavingBNAct.apply)(
                 input, self.weight, self.bias, mean, invstd, self.eps, self.act, self.alpha,
-                self.weight_eps,
+                self.effective_weight(),
             )
         else:
-            z, mean, invstd = InputSavingBNAct.apply(
+            z, mean, invstd = (_INPUT_SAVING if eager else InputSavingBNAct.apply)(
                 input, self.weight, self.bias, mean, invstd, self.eps, self.act, self.alpha
             )
         if mode == UPDATE:
@@ -133,6 +142,13 @@ class _BatchNormAct(_BatchNorm):
             )
         return z
 
+    def _normalize(self, input: Tensor, mode: str, weight: Tensor | None) -> Tensor:
+        """BN alone through the plan: the running statistics (``RUNNING``) or the batch's."""
+        if mode == RUNNING:
+            return plan.evaluate(input, self.running_mean, self.running_var, weight, self.bias,
+                                 self.eps)
+        return self.normalize_batch(input, weight, self.bias, mode)
+
     def _traced(self, input: Tensor, mode: str) -> Tensor:
         """Under a tracer: BN through the plan's traced route (ATen's BN, the guarded
         update as ``torch.where``), with the effective weight (straight-through) where the
@@ -141,12 +157,7 @@ class _BatchNormAct(_BatchNorm):
         weight = self.weight
         if self.saves_output():  # the floor on |gamma| of the memory-saving path
             weight = traced.straight_through(weight, self.effective_weight())
-        if mode == RUNNING:
-            y = plan.evaluate(input, self.running_mean, self.running_var, weight, self.bias,
-                              self.eps)
-        else:
-            y = self.normalize_batch(input, weight, self.bias, mode)
-        return traced.activation(y, self.act, self.alpha)
+        return traced.activation(self._normalize(input, mode, weight), self.act, self.alpha)
 
     def activation_module(self) -> torch.nn.Module:
         """The torch.nn module of this layer's activation (for export to plain torch)."""
