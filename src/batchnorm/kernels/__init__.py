@@ -16,9 +16,9 @@ Choosing by hand::
 
 ``"auto"`` (the default, or the environment variable ``BATCHNORM_BACKEND``) uses, on CPU,
 the fused numba kernels where they beat PyTorch (channel-major tensors of moderate and
-large size), PyTorch's own ATen kernels for the other float32/float64 training calls
-(``native``), and the pure-torch backend for the rest (half types, eval); on CUDA, the
-Triton kernels.
+large size), PyTorch's own ATen kernels for the other float32/float64 training calls and
+BN + activation calls (``native``), and the pure-torch backend for the rest (half types,
+eval with autograd); on CUDA, the Triton kernels.
 """
 
 from __future__ import annotations

@@ -42,8 +42,9 @@ _DOC = r"""Batch Normalization followed by an activation, as one layer, over a {
       (``benchmarks/bn_act_memory.py`` measures it).
       Gamma near zero: :math:`\hat x` divides by gamma, so the layer computes with the
       *effective weight* :math:`\gamma_{{eff}} = \mathrm{{sign}}(\gamma)\max(|\gamma|,
-      \mathrm{{weight\_eps}})` (sign(0) = +1) in the forward and backward; for
-      :math:`|\gamma| \ge` ``weight_eps`` it is :math:`\gamma` itself. The gradient with
+      \mathrm{{weight\_eps}})` (the sign of gamma's sign bit, +0 giving +1) in the
+      forward and backward; for :math:`|\gamma| \ge` ``weight_eps`` it is
+      :math:`\gamma` itself. The gradient with
       respect to :math:`\gamma_{{eff}}` is passed to :math:`\gamma` unchanged
       (straight-through), so a zero-initialised gamma still learns. Recovered values
       carry a relative error of about :math:`\mathrm{{ulp}}(|y|)/|\gamma_{{eff}}|`.
@@ -55,6 +56,15 @@ _DOC = r"""Batch Normalization followed by an activation, as one layer, over a {
       nothing for relu (torch.nn's ReLU keeps only its output: 2 tensors both ways).
     - ``memory_saving=False``: the input-saving path for every activation (exact to the
       last bit in x_hat, no effective weight, double backward works).
+
+    Kernels (``auto``, ``batchnorm.kernels``): on CPU the fused numba kernels from
+    ``PREFER_MIN`` (100,000) elements of a channel-major tensor, ATen's kernels below it
+    and for channels_last or (N, C) input (``native``: ATen's BN and activation forward,
+    the backward above through ATen's kernels), both inside this layer's autograd
+    Function, so what the backward keeps is the same at every size; Triton on CUDA. A
+    call that needs no backward (``torch.no_grad``, inference, nothing requiring grad)
+    keeps nothing: BN's own plan, then the activation in place on its output (as torch.nn's
+    BN with an in-place activation), with the same effective weight.
 
     Args:
         num_features: number of channels `C`.
