@@ -287,6 +287,9 @@ def test_both_sides_of_the_cpu_crossover_equal_torch_nn(shape, backend, act, alp
             m.weight.grad = m.bias.grad = None
         torch.testing.assert_close(ours.running_mean, theirs.running_mean, **tol)
         torch.testing.assert_close(ours.running_var, theirs.running_var, **tol)
+        if backend == "native":  # ATen's kernel blends the batch in, as torch.nn's does
+            assert torch.equal(ours.running_mean, theirs.running_mean)
+            assert torch.equal(ours.running_var, theirs.running_var)
         assert ours.num_batches_tracked == theirs.num_batches_tracked
     with torch.no_grad():  # no backward: BN's own plan and the activation in place
         for mode in ("eval", "train"):
@@ -294,3 +297,30 @@ def test_both_sides_of_the_cpu_crossover_equal_torch_nn(shape, backend, act, alp
             x = torch.randn(shape, dtype=dtype) * 2 + 0.5
             torch.testing.assert_close(ours(x), TORCH_ACT[act](theirs(x), a), **tol)
     torch.testing.assert_close(ours.running_var, theirs.running_var, **tol)
+
+
+@pytest.mark.parametrize("shape,backend", CROSSOVER, ids=["below", "above"])
+@pytest.mark.parametrize("act", ["leaky_relu", "relu"])
+def test_non_finite_batch_leaves_the_running_statistics_on_both_sides(shape, backend, act):
+    """The guard around the running update holds where ATen's kernel blends the batch in
+    (below the crossover) and where the layer updates after the fused kernels: a batch
+    with a NaN leaves the buffers and num_batches_tracked as they were, with a warning;
+    momentum=None (cumulative average) then counts like torch.nn's."""
+    pytest.importorskip("numba")
+    ours = batchnorm.BatchNormAct2d(shape[1], act=act, momentum=None)
+    theirs = torch.nn.BatchNorm2d(shape[1], momentum=None)
+    for _ in range(2):
+        x = torch.randn(shape) + 1
+        ours(x.clone().requires_grad_()), theirs(x)
+    snap = {k: v.clone() for k, v in ours.state_dict().items()}
+    bad = torch.randn(shape)
+    bad[0, 3, 0, 0] = float("nan")
+    assert kernels.pick("forward_train_act", bad).name == backend
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        ours(bad.requires_grad_())
+    assert all(torch.equal(v, snap[k]) for k, v in ours.state_dict().items())
+    x = torch.randn(shape) + 1
+    ours(x.clone().requires_grad_()), theirs(x)
+    assert ours.num_batches_tracked == theirs.num_batches_tracked == 3
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, **TOL[torch.float32])
+    torch.testing.assert_close(ours.running_var, theirs.running_var, **TOL[torch.float32])

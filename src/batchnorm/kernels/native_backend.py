@@ -26,7 +26,7 @@ from .interface import ALL, Grads, Mask, Vector
 name = "native"
 OPS = frozenset((
     "forward_train", "forward_train_update", "forward_eval", "backward", "forward_train_act",
-    "forward_eval_act", "backward_act", "backward_act_input",
+    "forward_train_act_update", "forward_eval_act", "backward_act", "backward_act_input",
 ))
 #: Its training forward, called on tensors that require grad, is recorded by ATen's
 #: autograd (``batchnorm.plan`` decides when): the derivative then runs in C++.
@@ -122,6 +122,16 @@ def forward_train_act(
     its fresh output. (z, mean, invstd). Not recorded by autograd (the layer's Function
     calls it)."""
     y, mean, invstd = forward_train(x, weight, bias, eps)
+    return activations.apply_(y, act, alpha), mean, invstd
+
+
+def forward_train_act_update(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: str, alpha: float,
+    running_mean: Tensor, running_var: Tensor, factor: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``forward_train_act`` with ATen's blend of the batch into the running buffers
+    (``forward_train_update``: torch.nn's running statistics bit for bit, unguarded)."""
+    y, mean, invstd = forward_train_update(x, weight, bias, eps, running_mean, running_var, factor)
     return activations.apply_(y, act, alpha), mean, invstd
 
 

@@ -44,7 +44,12 @@ def effective_weight(weight: Tensor | None, weight_eps: float) -> Tensor | None:
     return w.abs().clamp_(min=weight_eps).copysign_(w)
 
 
-def _forward(x, weight, bias, mean, invstd, eps, act, alpha):
+def _forward(x, weight, bias, mean, invstd, eps, act, alpha, running):
+    if running is not None:  # (running_mean, running_var, factor, backend that blends)
+        running_mean, running_var, factor, backend = running
+        return backend.forward_train_act_update(
+            x, weight, bias, eps, act, alpha, running_mean, running_var, factor
+        )
     if mean is None:
         return ops.forward_train_act(x, weight, bias, eps, act, alpha)
     z = ops.forward_eval_act(x, mean, invstd, weight, bias, act, alpha)
@@ -57,21 +62,24 @@ def _grads(ctx, dx, dw, db, weight):
         dx if need[0] else None,
         dw.to(weight.dtype) if need[1] and weight is not None else None,
         db.to(weight.dtype) if need[2] and weight is not None else None,
-    ) + (None,) * 6
+    ) + (None,) * 7
 
 
 class OutputSavingBNAct(torch.autograd.Function):
     """(z, mean, invstd) = act(BN(x)), saving z: for invertible activations only."""
 
     @staticmethod
-    def forward(x, weight, bias, mean, invstd, eps: float, act: str, alpha: float, effective):
+    def forward(x, weight, bias, mean, invstd, eps: float, act: str, alpha: float, effective,
+                running=None):
         """``effective``: the weight computed with, ``effective_weight(weight, weight_eps)``
-        (made once by the caller); its gradient goes to ``weight`` (straight-through)."""
-        return _forward(x, effective, bias, mean, invstd, eps, act, alpha)
+        (made once by the caller); its gradient goes to ``weight`` (straight-through).
+        ``running``: ``(running_mean, running_var, factor, backend)`` where the backend's
+        kernel blends the batch into the buffers (``plan.act_blender``), else None."""
+        return _forward(x, effective, bias, mean, invstd, eps, act, alpha, running)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _x, _weight, bias, mean_in, _invstd, _eps, act, alpha, effective = inputs
+        _x, _weight, bias, mean_in, _invstd, _eps, act, alpha, effective, _running = inputs
         z, mean, invstd = output
         ctx.save_for_backward(z, effective, bias, mean, invstd)
         ctx.act, ctx.alpha, ctx.training = act, alpha, mean_in is None
@@ -92,7 +100,7 @@ class OutputSavingBNAct(torch.autograd.Function):
             k = invstd if weight is None else weight.to(invstd.dtype) * invstd
             slope = activations.grad_from_output(z.to(invstd.dtype), ctx.act, ctx.alpha)
             dx = (dz.to(invstd.dtype) * slope * channel_view(k, z)).to(z.dtype)
-            return (dx,) + (None,) * 8
+            return (dx,) + (None,) * 9
         dx, dw, db = ops.backward_act(
             like_layout(dz, z), z, mean, invstd, weight, bias, ctx.act, ctx.alpha, ctx.training
         )
@@ -103,12 +111,14 @@ class InputSavingBNAct(torch.autograd.Function):
     """(z, mean, invstd) = act(BN(x)), saving x and recomputing y in the backward."""
 
     @staticmethod
-    def forward(x, weight, bias, mean, invstd, eps: float, act: str, alpha: float):
-        return _forward(x, weight, bias, mean, invstd, eps, act, alpha)
+    def forward(x, weight, bias, mean, invstd, eps: float, act: str, alpha: float,
+                running=None):
+        """``running``: as for ``OutputSavingBNAct``."""
+        return _forward(x, weight, bias, mean, invstd, eps, act, alpha, running)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, mean_in, _invstd, eps, act, alpha = inputs
+        x, weight, bias, mean_in, _invstd, eps, act, alpha, _running = inputs
         _z, mean, invstd = output
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps, ctx.act, ctx.alpha, ctx.training = eps, act, alpha, mean_in is None
@@ -123,7 +133,7 @@ class InputSavingBNAct(torch.autograd.Function):
                 like_layout(dz, x), x, mean, invstd, weight, bias, ctx.act, ctx.alpha,
                 ctx.training,
             )
-            return _grads(ctx, dx, dw, db, weight)[:8]
+            return _grads(ctx, dx, dw, db, weight)[:9]
         # double backward: differentiable torch, statistics recomputed from x
         if ctx.training:
             var, mean = torch.var_mean(x.to(acc), dim=reduce_dims(x), correction=0)
@@ -138,7 +148,7 @@ class InputSavingBNAct(torch.autograd.Function):
             x_hat = (x.to(acc) - channel_view(mean, x)) * channel_view(invstd, x)
             dims = reduce_dims(x)
             dw, db = (dy * x_hat).sum(dims), dy.sum(dims)
-        return _grads(ctx, dx, dw, db, weight)[:8]
+        return _grads(ctx, dx, dw, db, weight)[:9]
 
 
 def _affine(x: Tensor, mean: Tensor, invstd: Tensor, weight, bias) -> Tensor:
