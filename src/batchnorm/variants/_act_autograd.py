@@ -55,6 +55,13 @@ def _forward(x, weight, bias, mean, invstd, eps, act, alpha, running):
     return z, mean.view_as(mean), invstd.view_as(invstd)  # views: autograd forbids saving inputs returned as-is
 
 
+def _kernels(running):
+    """The backend whose kernel ran the forward with the running buffers (``running``'s
+    last item): the backward runs on it too (it implements every BN + activation
+    operation); None: ``ops`` picks."""
+    return None if running is None else running[3]
+
+
 def _grads(ctx, dx, dw, db, weight):
     need = ctx.needs_input_grad
     return (
@@ -78,10 +85,11 @@ class OutputSavingBNAct(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _x, _weight, bias, mean_in, _invstd, _eps, act, alpha, effective, _running = inputs
+        _x, _weight, bias, mean_in, _invstd, _eps, act, alpha, effective, running = inputs
         z, mean, invstd = output
         ctx.save_for_backward(z, effective, bias, mean, invstd)
         ctx.act, ctx.alpha, ctx.training = act, alpha, mean_in is None
+        ctx.kernels = _kernels(running)
         ctx.mark_non_differentiable(mean, invstd)
 
     @staticmethod
@@ -100,7 +108,7 @@ class OutputSavingBNAct(torch.autograd.Function):
             slope = activations.grad_from_output(z.to(invstd.dtype), ctx.act, ctx.alpha)
             dx = (dz.to(invstd.dtype) * slope * channel_view(k, z)).to(z.dtype)
             return (dx,) + (None,) * 9
-        dx, dw, db = ops.backward_act(
+        dx, dw, db = (ctx.kernels or ops).backward_act(
             like_layout(dz, z), z, mean, invstd, weight, bias, ctx.act, ctx.alpha, ctx.training
         )
         return _grads(ctx, dx, dw, db, weight)
@@ -117,10 +125,11 @@ class InputSavingBNAct(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, mean_in, _invstd, eps, act, alpha, _running = inputs
+        x, weight, bias, mean_in, _invstd, eps, act, alpha, running = inputs
         _z, mean, invstd = output
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps, ctx.act, ctx.alpha, ctx.training = eps, act, alpha, mean_in is None
+        ctx.kernels = _kernels(running)
         ctx.mark_non_differentiable(mean, invstd)
 
     @staticmethod
@@ -128,7 +137,7 @@ class InputSavingBNAct(torch.autograd.Function):
         x, weight, bias, mean, invstd = ctx.saved_tensors
         acc = mean.dtype
         if not torch.is_grad_enabled():
-            dx, dw, db = ops.backward_act_input(
+            dx, dw, db = (ctx.kernels or ops).backward_act_input(
                 like_layout(dz, x), x, mean, invstd, weight, bias, ctx.act, ctx.alpha,
                 ctx.training,
             )
