@@ -123,42 +123,39 @@ class _BatchNormAct(_BatchNorm):
             return self.normalize_batch(input, self.weight, self.bias, mode)
         if traced.active(input):
             return self._traced(input, mode)
+        weight, bias, running_mean, running_var = self._tensors()
         eager = not plan.tracing(input)  # torch.func transforms: the Functions' own apply
-        if eager and not plan.wants_grad(input, self.weight, self.bias):
+        if eager and not plan.wants_grad(input, weight, bias):
             # No backward, so nothing to keep (the plan's shortcut 2): BN's own plan (on
             # CPU below the crossover ATen's kernels, with torch.nn's running update), then
             # the activation in place on its fresh output, as torch.nn + timm run it
             y = self._normalize(input, mode, self.effective_weight())
             return activations.apply_(y, self.act, self.alpha)
         mean = invstd = running = aside = None
+        tracked = self._buffers.get("num_batches_tracked")
         if mode == RUNNING:
             acc = acc_dtype(input.dtype)
-            mean = self.running_mean.to(acc)
-            invstd = torch.rsqrt(self.running_var.to(acc) + self.eps)
+            mean = running_mean.to(acc)
+            invstd = torch.rsqrt(running_var.to(acc) + self.eps)
         elif mode == UPDATE and eager:
-            buffers = self._buffers
-            running_mean, running_var = buffers["running_mean"], buffers["running_var"]
             backend = plan.act_blender(input, running_mean, running_var)
             if backend is not None:  # ATen's kernel blends the batch in; the guard around it
-                tracked = buffers.get("num_batches_tracked")
                 aside = stats.set_aside(running_mean, running_var, tracked, self._backup())
                 factor = stats.blend_factor(self.momentum, tracked, pending=1)
                 running = (running_mean, running_var, factor, backend)
         if self.saves_output():  # eagerly the Functions' C entry (as plan.train's)
             z, mean, invstd = (_OUTPUT_SAVING if eager else OutputSavingBNAct.apply)(
-                input, self.weight, self.bias, mean, invstd, self.eps, self.act, self.alpha,
-                self.effective_weight(), running,
+                input, weight, bias, mean, invstd, self.eps, self.act, self.alpha,
+                effective_weight(weight, self.weight_eps), running,
             )
         else:
             z, mean, invstd = (_INPUT_SAVING if eager else InputSavingBNAct.apply)(
-                input, self.weight, self.bias, mean, invstd, self.eps, self.act, self.alpha,
-                running,
+                input, weight, bias, mean, invstd, self.eps, self.act, self.alpha, running
             )
         if mode == UPDATE:
             stats.update_running(
-                self.running_mean, self.running_var, mean, None, input.numel() // input.shape[1],
-                self.momentum, self.num_batches_tracked, invstd=invstd, eps=self.eps,
-                aside=aside,
+                running_mean, running_var, mean, None, input.numel() // input.shape[1],
+                self.momentum, tracked, invstd=invstd, eps=self.eps, aside=aside,
             )
         return z
 
