@@ -115,8 +115,8 @@ def backward(dz: Tensor, y: Tensor, act: str, alpha: float) -> Tensor:
     """dz * act'(y) from the pre-activation y, by ATen's activation backward."""
     if act == "relu":
         return torch.ops.aten.threshold_backward(dz, y, 0.0)
-    if act == "leaky_relu":  # grad() takes slope 1 at y = 0; ATen's kernel takes alpha there
-        return torch.where(y >= 0, dz, dz * alpha)
+    if act == "leaky_relu":
+        return _leaky_backward(dz, y, alpha)
     if act == "elu":
         return torch.ops.aten.elu_backward(dz, alpha, 1.0, 1.0, False, y)
     if act == "silu":
@@ -127,13 +127,21 @@ def backward(dz: Tensor, y: Tensor, act: str, alpha: float) -> Tensor:
 
 
 def backward_from_output(dz: Tensor, z: Tensor, act: str, alpha: float) -> Tensor:
-    """dz * act'(y) through the output z = act(y), for invertible activations, by ATen's
-    activation backward (one pass; leaky_relu takes slope alpha at z = 0 exactly, as
-    torch.nn's LeakyReLU does)."""
+    """dz * act'(y) through the output z = act(y), for invertible activations."""
     if act == "elu":
         return torch.ops.aten.elu_backward(dz, alpha, 1.0, 1.0, True, z)
-    if act == "leaky_relu":
-        return torch.ops.aten.leaky_relu_backward(dz, z, alpha, True)
+    if act == "leaky_relu":  # z >= 0 exactly where y >= 0
+        return _leaky_backward(dz, z, alpha)
     if act == "identity":
         return dz
     return dz * grad_from_output(z, act, alpha)
+
+
+def _leaky_backward(dz: Tensor, t: Tensor, alpha: float) -> Tensor:
+    """``dz`` where ``t >= 0`` (slope 1 at 0, as ``grad``; ATen's leaky_relu backward
+    takes alpha there), else ``alpha * dz``: the same values as ``torch.where(t >= 0, dz,
+    alpha * dz)`` in four vectorised ATen passes, which on CPU cost several times less than
+    that ``where``: ``n = dz`` where ``-t > 0`` (``threshold_backward``), else 0; then
+    ``(dz - n) + alpha * n`` (one term is 0 everywhere: exact)."""
+    negative = torch.ops.aten.threshold_backward(dz, torch.neg(t), 0.0)
+    return torch.add(dz - negative, negative, alpha=alpha)
