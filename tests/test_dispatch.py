@@ -25,6 +25,10 @@ def test_auto_choices_follow_the_measured_crossovers():
     assert _name("forward_train", torch.randn(256, 1024)) == "native"
     assert _name("forward_train", big.bfloat16()) == "torch"
     assert _name("forward_train_act", big) == "cpu"
+    for op in ("forward_train_act", "forward_eval_act", "backward_act", "backward_act_input"):
+        # BN + activation below the crossover, and channels_last: ATen's kernels
+        assert _name(op, small) == "native" and _name(op, cl) == "native"
+        assert _name(op, small.bfloat16()) == "torch"
 
 
 def test_forced_backend_runs_wherever_it_can_and_falls_back_otherwise():
@@ -71,7 +75,50 @@ def test_module_results_do_not_depend_on_the_backend():
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+ACTS = [("identity", 0.0), ("relu", 0.0), ("leaky_relu", 0.1), ("leaky_relu", 2.5),
+        ("elu", 0.7), ("silu", 0.0), ("gelu", 0.0)]
+
+
+@pytest.mark.parametrize("act,alpha", ACTS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_native_act_operations_match_the_pure_torch_backend(act, alpha, training, channels_last):
+    """The BN + activation operations on ATen's kernels against the pure-torch ones, in
+    float64 to 1e-10: forward (batch or given statistics) and both backwards (from the
+    output z for invertible activations, from the input x for every one)."""
+    from batchnorm.kernels import activations
+
+    x = torch.randn(4, 5, 3, 6, dtype=torch.float64) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.tensor([0.7, -1.3, 1.9, 0.4, -0.2], dtype=torch.float64)
+    b = torch.tensor([0.2, -0.4, 0.1, 0.0, 0.3], dtype=torch.float64)
+    dz = torch.randn_like(x)
+    if training:
+        got = native_backend.forward_train_act(x, w, b, 1e-5, act, alpha)
+        want = torch_backend.forward_train_act(x, w, b, 1e-5, act, alpha)
+        _, mean, invstd = want
+    else:
+        mean = torch.randn(5, dtype=torch.float64)
+        invstd = torch.rand(5, dtype=torch.float64) + 0.5
+        got = (native_backend.forward_eval_act(x, mean, invstd, w, b, act, alpha),)
+        want = (torch_backend.forward_eval_act(x, mean, invstd, w, b, act, alpha),)
+    assert got[0].is_contiguous(memory_format=torch.channels_last) == channels_last
+    for g, t in zip(got, want):
+        torch.testing.assert_close(g, t, rtol=1e-10, atol=1e-10)
+    args = (mean, invstd, w, b, act, alpha, training)
+    pairs = [(native_backend.backward_act_input(dz, x, *args),
+              torch_backend.backward_act_input(dz, x, *args))]
+    if activations.is_invertible(act, alpha):
+        z = want[0]
+        pairs.append((native_backend.backward_act(dz, z, *args),
+                      torch_backend.backward_act(dz, z, *args)))
+    for got, want in pairs:
+        for g, t in zip(got, want):
+            torch.testing.assert_close(g, t, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "native"])
 def test_saturated_elu_keeps_the_memory_saving_backward_finite(backend):
     # elu's float32 output is exactly -alpha below y ~ -17; its inverse would be -inf
     from batchnorm.kernels import activations
@@ -125,3 +172,29 @@ def test_eval_with_buffers_in_another_dtype_computes_in_the_input_dtype():
         y = m(x)
     assert y.dtype == torch.float64
     torch.testing.assert_close(y, x / (4.0 + 1e-5) ** 0.5, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("saving", [True, False])
+def test_leaky_relu_slope_at_zero_is_the_same_on_every_backend(saving):
+    """A constant channel with bias 0 puts its whole output at exactly 0, where leaky
+    ReLU's slope is a convention: every backend takes 1 there (activations.grad), so the
+    layer's gradients do not change with the route its size picks."""
+    pytest.importorskip("numba")
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    x[:, 1] = 2.0  # channel 1 constant: x_hat = 0, y = bias = 0, z = 0
+    grads = {}
+    for name in ("torch", "cpu", "native"):
+        layer = batchnorm.BatchNormAct2d(3, act="leaky_relu", alpha=0.1, memory_saving=saving,
+                                         dtype=torch.float64)
+        xi = x.clone().requires_grad_()
+        with kernels.use_backend(name):
+            z = layer(xi)
+            assert torch.equal(z[:, 1], torch.zeros_like(z[:, 1]))
+            z.backward(torch.linspace(-1, 1, z.numel(), dtype=torch.float64).view_as(z))
+        grads[name] = (xi.grad, layer.weight.grad, layer.bias.grad)
+    for name in ("cpu", "native"):
+        for got, want in zip(grads[name], grads["torch"]):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # slope 1 on channel 1: its bias gradient is the plain sum of dz there
+    dz = torch.linspace(-1, 1, x.numel(), dtype=torch.float64).view_as(x)
+    torch.testing.assert_close(grads["native"][2][1], dz[:, 1].sum(), rtol=1e-10, atol=1e-10)

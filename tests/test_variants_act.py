@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import batchnorm
+from batchnorm import kernels
 from batchnorm.kernels import activations
 from conftest import TOL
 
@@ -237,3 +238,89 @@ def test_network_saves_at_most_055x_of_torch_nn_activation_bytes():
     one = x.numel() * x.element_size()
     assert theirs >= 12 * one  # 3 activation tensors per block
     assert ours / theirs <= 0.55
+
+
+# either side of the fused CPU kernels' crossover (cpu.backend.PREFER_MIN = 100,000
+# elements): 73,728 elements run ATen's kernels (native), 100,352 the fused numba ones
+CROSSOVER = [((2, 64, 24, 24), "native"), ((2, 64, 28, 28), "cpu")]
+
+
+@pytest.mark.parametrize("shape,backend", CROSSOVER, ids=["below", "above"])
+@pytest.mark.parametrize("act,alpha", [("leaky_relu", 0.01), ("elu", 1.0), ("silu", None)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_both_sides_of_the_cpu_crossover_equal_torch_nn(shape, backend, act, alpha, dtype):
+    """On both sides of the crossover: the route taken, two training steps (output, every
+    gradient, running statistics), eval with and without autograd, against torch.nn's BN
+    followed by the activation at TOL (float64 1e-10, float32 1e-5; float32 weight and
+    bias gradients, sums over 1,152 values per channel, at 1e-4); the backward keeps only
+    z (invertible activations) or only x (silu) on both sides."""
+    pytest.importorskip("numba")
+    from batchnorm.kernels.cpu.backend import PREFER_MIN
+
+    c = shape[1]
+    assert (torch.Size(shape).numel() >= PREFER_MIN) == (backend == "cpu")
+    ours = batchnorm.BatchNormAct2d(c, momentum=0.2, act=act, alpha=alpha, dtype=dtype)
+    theirs = torch.nn.BatchNorm2d(c, momentum=0.2, dtype=dtype)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5).mul_(torch.where(torch.arange(c) % 3 == 0, -1.0, 1.0))
+        theirs.bias.uniform_(-0.5, 0.5)
+    ours.load_state_dict(theirs.state_dict())
+    a, tol = ours.alpha, TOL[dtype]
+    sums = tol if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for mode in ("train", "train", "eval"):
+        ours.train(mode == "train"), theirs.train(mode == "train")
+        x = torch.randn(shape, dtype=dtype) * 2 + 0.5
+        assert kernels.pick("forward_train_act" if mode == "train" else "forward_eval_act", x).name == backend
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        seen, z1 = _saved_storages(lambda: ours(x1))  # noqa: B023
+        z2 = TORCH_ACT[act](theirs(x2), a)
+        kept = z1 if ours.saves_output() else x1
+        assert list(seen) == [kept.untyped_storage().data_ptr()]
+        torch.testing.assert_close(z1, z2, **tol)
+        g = torch.randn_like(z1)
+        z1.backward(g)
+        z2.backward(g)
+        torch.testing.assert_close(x1.grad, x2.grad, **tol)
+        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, **sums)
+        torch.testing.assert_close(ours.bias.grad, theirs.bias.grad, **sums)
+        for m in (ours, theirs):
+            m.weight.grad = m.bias.grad = None
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean, **tol)
+        torch.testing.assert_close(ours.running_var, theirs.running_var, **tol)
+        if backend == "native":  # ATen's kernel blends the batch in, as torch.nn's does
+            assert torch.equal(ours.running_mean, theirs.running_mean)
+            assert torch.equal(ours.running_var, theirs.running_var)
+        assert ours.num_batches_tracked == theirs.num_batches_tracked
+    with torch.no_grad():  # no backward: BN's own plan and the activation in place
+        for mode in ("eval", "train"):
+            ours.train(mode == "train"), theirs.train(mode == "train")
+            x = torch.randn(shape, dtype=dtype) * 2 + 0.5
+            torch.testing.assert_close(ours(x), TORCH_ACT[act](theirs(x), a), **tol)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, **tol)
+
+
+@pytest.mark.parametrize("shape,backend", CROSSOVER, ids=["below", "above"])
+@pytest.mark.parametrize("act", ["leaky_relu", "relu"])
+def test_non_finite_batch_leaves_the_running_statistics_on_both_sides(shape, backend, act):
+    """The guard around the running update holds where ATen's kernel blends the batch in
+    (below the crossover) and where the layer updates after the fused kernels: a batch
+    with a NaN leaves the buffers and num_batches_tracked as they were, with a warning;
+    momentum=None (cumulative average) then counts like torch.nn's."""
+    pytest.importorskip("numba")
+    ours = batchnorm.BatchNormAct2d(shape[1], act=act, momentum=None)
+    theirs = torch.nn.BatchNorm2d(shape[1], momentum=None)
+    for _ in range(2):
+        x = torch.randn(shape) + 1
+        ours(x.clone().requires_grad_()), theirs(x)
+    snap = {k: v.clone() for k, v in ours.state_dict().items()}
+    bad = torch.randn(shape)
+    bad[0, 3, 0, 0] = float("nan")
+    assert kernels.pick("forward_train_act", bad).name == backend
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        ours(bad.requires_grad_())
+    assert all(torch.equal(v, snap[k]) for k, v in ours.state_dict().items())
+    x = torch.randn(shape) + 1
+    ours(x.clone().requires_grad_()), theirs(x)
+    assert ours.num_batches_tracked == theirs.num_batches_tracked == 3
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, **TOL[torch.float32])
+    torch.testing.assert_close(ours.running_var, theirs.running_var, **TOL[torch.float32])

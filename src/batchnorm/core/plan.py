@@ -112,6 +112,24 @@ def train_plan(
     return _plan(backend, train_apply if wants_grad(x, weight, bias) else None, False)
 
 
+_ACT_BLEND_OPS = frozenset(("forward_train_act_update", "backward_act", "backward_act_input"))
+
+
+def act_blender(x: Tensor, running_mean: Tensor, running_var: Tensor) -> ModuleType | None:
+    """For a BN + activation training forward (``BatchNormAct``) that updates these
+    running buffers: the backend that runs it (``kernels.pick``'s choice) when its kernel
+    can blend the batch into them itself (ATen's, below the fused kernels' crossover:
+    shortcut 3, as for plain BN, with the same guard around it; the backward then runs on
+    it too), else None (the layer then calls ``stats.update_running``)."""
+    backend = kernels.pick("forward_train_act", x)
+    if (
+        backend.blends_running and _ACT_BLEND_OPS <= backend.OPS
+        and backend.accepts_running(x, running_mean, running_var)
+    ):
+        return backend
+    return None
+
+
 def train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
     running_mean: Tensor | None = None, running_var: Tensor | None = None,

@@ -16,9 +16,10 @@ Choosing by hand::
 
 ``"auto"`` (the default, or the environment variable ``BATCHNORM_BACKEND``) uses, on CPU,
 the fused numba kernels where they beat PyTorch (channel-major tensors of moderate and
-large size), PyTorch's own ATen kernels for the other float32/float64 training calls
-(``native``), and the pure-torch backend for the rest (half types, eval); on CUDA, ATen's
-(cuDNN) kernels for plain BN and the Triton kernels for the rest (BN + activation).
+large size), PyTorch's own ATen kernels for the other float32/float64 training calls and
+BN + activation calls (``native``), and the pure-torch backend for the rest (half types,
+eval with autograd); on CUDA, ATen's (cuDNN) kernels for plain float32/float64 BN and the
+Triton kernels for the rest (half types, BN + activation).
 """
 
 from __future__ import annotations

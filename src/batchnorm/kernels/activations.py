@@ -72,10 +72,10 @@ def inverse(z: Tensor, act: str, alpha: float) -> Tensor:
     """y = act^-1(z), for invertible activations only."""
     if act == "identity":
         return z
-    # max(z, 0) plus the negative branch at min(z, 0): the same values as a torch.where,
-    # which on CPU costs several times these elementwise passes
-    if act == "leaky_relu":
-        return torch.relu(z) + z.clamp(max=0.0) / alpha
+    if act == "leaky_relu":  # ATen's one pass: z where z > 0, else z * (1 / alpha)
+        return torch.nn.functional.leaky_relu(z, 1.0 / alpha)
+    # elu: max(z, 0) plus the negative branch at min(z, 0): the same values as a
+    # torch.where, which on CPU costs several times these elementwise passes
     if act == "elu":
         return torch.relu(z) + torch.log1p((z / alpha).clamp_(ELU_FLOOR, 0.0))
     raise ValueError(f"activation {act!r} (alpha={alpha}) is not invertible")
@@ -115,8 +115,8 @@ def backward(dz: Tensor, y: Tensor, act: str, alpha: float) -> Tensor:
     """dz * act'(y) from the pre-activation y, by ATen's activation backward."""
     if act == "relu":
         return torch.ops.aten.threshold_backward(dz, y, 0.0)
-    if act == "leaky_relu":  # grad() takes slope 1 at y = 0; ATen's kernel takes alpha there
-        return torch.where(y >= 0, dz, dz * alpha)
+    if act == "leaky_relu":
+        return _leaky_backward(dz, y, alpha)
     if act == "elu":
         return torch.ops.aten.elu_backward(dz, alpha, 1.0, 1.0, False, y)
     if act == "silu":
@@ -130,6 +130,19 @@ def backward_from_output(dz: Tensor, z: Tensor, act: str, alpha: float) -> Tenso
     """dz * act'(y) through the output z = act(y), for invertible activations."""
     if act == "elu":
         return torch.ops.aten.elu_backward(dz, alpha, 1.0, 1.0, True, z)
+    if act == "leaky_relu":  # z >= 0 exactly where y >= 0
+        return _leaky_backward(dz, z, alpha)
     if act == "identity":
         return dz
     return dz * grad_from_output(z, act, alpha)
+
+
+def _leaky_backward(dz: Tensor, t: Tensor, alpha: float) -> Tensor:
+    """``dz`` where ``t >= 0`` (slope 1 at 0, as ``grad``; ATen's leaky_relu backward
+    takes alpha there), else ``alpha * dz``: the same values as ``torch.where(t >= 0, dz,
+    alpha * dz)`` in three vectorised ATen passes, which on CPU cost several times less
+    than that ``where``: ``n = dz`` where ``-inf < t < 0``, else 0 (``hardtanh_backward``
+    with the bounds -inf and 0), then ``(dz - n) + alpha * n`` (one of the two terms is 0
+    at every element: exact)."""
+    negative = torch.ops.aten.hardtanh_backward(dz, t, float("-inf"), 0.0)
+    return torch.add(dz - negative, negative, alpha=alpha)

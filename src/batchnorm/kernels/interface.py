@@ -5,8 +5,9 @@ A backend is a module (``torch_backend``, ``cpu_backend``, ``native_backend``,
 operations it implements (``OPS``, a subset of ``OPERATIONS``), where it runs
 (``supports``) and where ``auto`` mode prefers it (``prefers``), and what it does itself
 (``records_autograd``: its training forward may be recorded by ATen's autograd instead of
-our autograd Function; ``blends_running``: its training forward can blend the batch into
-the running buffers inside the kernel, ``accepts_running`` saying for which buffers). The
+our autograd Function; ``blends_running``: its training forwards (plain and with an
+activation) can blend the batch into the running buffers inside the kernel,
+``accepts_running`` saying for which buffers). The
 dispatcher (``batchnorm.kernels.pick``) reads these members, never probes for others; the
 pure-torch backend implements every operation, so a call never fails for want of one.
 
@@ -33,7 +34,7 @@ ALL = (True, True, True)
 OPERATIONS = (
     "batch_stats", "normalize", "forward_train", "forward_train_update", "forward_eval",
     "backward_reduce", "backward_elemt", "backward", "backward_eval", "forward_train_act",
-    "forward_eval_act", "backward_act", "backward_act_input",
+    "forward_train_act_update", "forward_eval_act", "backward_act", "backward_act_input",
 )
 
 
@@ -94,6 +95,13 @@ class Backend(Protocol):
     def forward_train_act(self, x: Tensor, weight: Vector, bias: Vector, eps: float,
                           act: str, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
         """Training forward of BN followed by an activation: (z, mean, invstd)."""
+
+    def forward_train_act_update(self, x: Tensor, weight: Vector, bias: Vector, eps: float,
+                                 act: str, alpha: float, running_mean: Tensor,
+                                 running_var: Tensor,
+                                 factor: float) -> tuple[Tensor, Tensor, Tensor]:
+        """``forward_train_act`` that also blends the batch into the running buffers in
+        place, as ``forward_train_update`` does, unguarded."""
 
     def forward_eval_act(self, x: Tensor, mean: Tensor, invstd: Tensor, weight: Vector,
                          bias: Vector, act: str, alpha: float) -> Tensor:

@@ -7,6 +7,13 @@ like our contract, computes its statistics stably (Welford), and its backward is
 closed form. On the CPU only float32/float64 tensors are taken; half types go to the
 pure-torch backend, which accumulates them in float32.
 
+BN + activation (``*_act``, CPU): ATen's BN kernel, then ATen's activation kernel in place
+on its fresh output (what torch.nn's BN followed by timm's in-place activation runs), and
+the backward from the output z through ATen's kernels (see ``backward_act``). They run
+inside the layer's autograd Function (``variants._act_autograd``), so the memory-saving
+backward holds below the fused kernels' crossover too, at a few ATen calls per layer
+instead of the pure-torch backend's dozen elementwise passes.
+
 On CUDA, plain float32/float64 BN (training forward, eval, backward) runs here too, by
 the function torch.nn's own call reaches (``torch._batch_norm_impl_index``: cuDNN or
 ATen's CUDA kernels, as ATen picks for torch.nn): torch.nn's speed and numbers. Measured
@@ -22,10 +29,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import activations, torch_backend
 from .interface import ALL, Grads, Mask, Vector
 
 name = "native"
-OPS = frozenset(("forward_train", "forward_train_update", "forward_eval", "backward"))
+OPS = frozenset((
+    "forward_train", "forward_train_update", "forward_eval", "backward", "forward_train_act",
+    "forward_train_act_update", "forward_eval_act", "backward_act", "backward_act_input",
+))
 #: Its training forward, called on tensors that require grad, is recorded by ATen's
 #: autograd (``batchnorm.plan`` decides when): the derivative then runs in C++.
 records_autograd = True
@@ -44,9 +55,14 @@ def supports(x: Tensor) -> bool:
     return x.is_cpu and x.dtype in _DTYPES and x.numel() > 0
 
 
+#: What ``auto`` gives this backend on CUDA: plain BN (BN + activation: Triton).
+_CUDA_OPS = frozenset(("forward_train", "forward_eval", "backward"))
+
+
 def prefers(op: str, x: Tensor) -> bool:
-    """In ``auto`` mode, take every training call the fused CPU kernels do not prefer."""
-    return op in ("forward_train", "backward", "forward_eval") and supports(x)
+    """In ``auto`` mode, take every CPU call the fused CPU kernels do not prefer (below
+    ``cpu.backend.PREFER_MIN``, channels_last, (N, C) input), and on CUDA plain BN."""
+    return (op in _CUDA_OPS if x.is_cuda else op in OPS) and supports(x)
 
 
 def accepts_running(x: Tensor, running_mean: Tensor, running_var: Tensor) -> bool:
@@ -129,3 +145,58 @@ def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Vector
     return torch.ops.aten.native_batch_norm_backward(
         dy, x, weight, None, None, mean, invstd, True, 0.0, list(output_mask)
     )
+
+
+def forward_train_act(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: str, alpha: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training forward of BN + activation: ATen's BN, then the activation in place on
+    its fresh output. (z, mean, invstd). Not recorded by autograd (the layer's Function
+    calls it)."""
+    y, mean, invstd = forward_train(x, weight, bias, eps)
+    return activations.apply_(y, act, alpha), mean, invstd
+
+
+def forward_train_act_update(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: str, alpha: float,
+    running_mean: Tensor, running_var: Tensor, factor: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``forward_train_act`` with ATen's blend of the batch into the running buffers
+    (``forward_train_update``: torch.nn's running statistics bit for bit, unguarded)."""
+    y, mean, invstd = forward_train_update(x, weight, bias, eps, running_mean, running_var, factor)
+    return activations.apply_(y, act, alpha), mean, invstd
+
+
+def forward_eval_act(
+    x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None,
+    act: str, alpha: float,
+) -> Tensor:
+    """Eval forward of BN (given statistics: one ``addcmul`` pass) + activation in place."""
+    return activations.apply_(torch_backend.normalize(x, mean, invstd, weight, bias), act, alpha)
+
+
+def backward_act(
+    dz: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
+    bias: Tensor | None, act: str, alpha: float, training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of BN + invertible activation from its output z alone: ATen's activation
+    backward and inverse, then ATen's BN backward in x_hat = (y - bias) / weight
+    (``torch_backend.backward_act_by_bn``; fixed statistics: the pure-torch one)."""
+    return torch_backend.backward_act_by_bn(
+        backward, torch_backend.backward_eval, dz, z, mean, invstd, weight, bias, act, alpha,
+        training,
+    )
+
+
+def backward_act_input(
+    dz: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
+    bias: Tensor | None, act: str, alpha: float, training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of BN + activation from its input x: y recomputed (one ``addcmul`` pass),
+    ``dy = dz * act'(y)`` by ATen's activation backward, then ATen's BN backward
+    (``training``) or the fixed-statistics one. Returns (dx, dweight, dbias)."""
+    y = torch_backend.normalize(x, mean, invstd, weight, bias)
+    dy = activations.backward(dz, y, act, alpha)
+    if training:
+        return backward(dy, x, mean, invstd, weight)
+    return torch_backend.backward_eval(dy, x, mean, invstd, weight)

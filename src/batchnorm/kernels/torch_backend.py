@@ -214,6 +214,25 @@ def backward_act(
     return dx.to(z.dtype), sum_dy_xhat, sum_dy
 
 
+def backward_act_by_bn(
+    backward, backward_eval, dz: Tensor, z: Tensor, mean: Tensor, invstd: Tensor,
+    weight: Tensor | None, bias: Tensor | None, act: str, alpha: float, training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``backward_act`` through a backend's plain BN ``backward`` / ``backward_eval``:
+    ``y = act^-1(z)`` and ``dy = dz * act'(y)`` (``activations``' vectorised ATen kernels),
+    then BN's backward in ``x_hat = (y - bias) / weight``, given mean' = bias and
+    invstd' = 1 / weight (so its x_hat is this one) and weight' = weight^2 * invstd (so its
+    ``weight' * invstd'`` is this ``weight * invstd``). ``dz`` has z's dtype and layout.
+    Returns (dx, dweight, dbias)."""
+    acc = mean.dtype
+    w = torch.ones_like(mean) if weight is None else weight.to(acc)
+    b = torch.zeros_like(mean) if bias is None else bias.to(acc)
+    y = activations.inverse(z, act, alpha)
+    dy = activations.backward_from_output(dz, z, act, alpha)
+    grads = (backward if training else backward_eval)(dy, y, b, w.reciprocal(), w * w * invstd)
+    return grads[0], grads[1], grads[2]
+
+
 def backward_act_input(
     dz: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
     bias: Tensor | None, act: str, alpha: float, training: bool,

@@ -35,18 +35,31 @@ from ..kernels.torch_backend import channel_view, reduce_dims
 
 
 def effective_weight(weight: Tensor | None, weight_eps: float) -> Tensor | None:
-    """``sign(w) * max(|w|, weight_eps)`` with sign(0) = +1 (no gradient)."""
+    """``sign(w) * max(|w|, weight_eps)`` with sign(0) = +1 (no gradient); core ATen ops
+    (the traced route exports them)."""
     if weight is None or weight_eps == 0:
         return None if weight is None else weight.detach()
     w = weight.detach()
     return torch.where(w >= 0, w.clamp(min=weight_eps), w.clamp(max=-weight_eps))
 
 
-def _forward(x, weight, bias, mean, invstd, eps, act, alpha):
+def _forward(x, weight, bias, mean, invstd, eps, act, alpha, running):
+    if running is not None:  # (running_mean, running_var, factor, backend that blends)
+        running_mean, running_var, factor, backend = running
+        return backend.forward_train_act_update(
+            x, weight, bias, eps, act, alpha, running_mean, running_var, factor
+        )
     if mean is None:
         return ops.forward_train_act(x, weight, bias, eps, act, alpha)
     z = ops.forward_eval_act(x, mean, invstd, weight, bias, act, alpha)
     return z, mean.view_as(mean), invstd.view_as(invstd)  # views: autograd forbids saving inputs returned as-is
+
+
+def _kernels(running):
+    """The backend whose kernel ran the forward with the running buffers (``running``'s
+    last item): the backward runs on it too (it implements every BN + activation
+    operation); None: ``ops`` picks."""
+    return None if running is None else running[3]
 
 
 def _grads(ctx, dx, dw, db, weight):
@@ -55,22 +68,28 @@ def _grads(ctx, dx, dw, db, weight):
         dx if need[0] else None,
         dw.to(weight.dtype) if need[1] and weight is not None else None,
         db.to(weight.dtype) if need[2] and weight is not None else None,
-    ) + (None,) * 6
+    ) + (None,) * 7
 
 
 class OutputSavingBNAct(torch.autograd.Function):
     """(z, mean, invstd) = act(BN(x)), saving z: for invertible activations only."""
 
     @staticmethod
-    def forward(x, weight, bias, mean, invstd, eps: float, act: str, alpha: float, weight_eps: float):
-        return _forward(x, effective_weight(weight, weight_eps), bias, mean, invstd, eps, act, alpha)
+    def forward(x, weight, bias, mean, invstd, eps: float, act: str, alpha: float, effective,
+                running=None):
+        """``effective``: the weight computed with, ``effective_weight(weight, weight_eps)``
+        (made once by the caller); its gradient goes to ``weight`` (straight-through).
+        ``running``: ``(running_mean, running_var, factor, backend)`` where the backend's
+        kernel blends the batch into the buffers (``plan.act_blender``), else None."""
+        return _forward(x, effective, bias, mean, invstd, eps, act, alpha, running)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _x, weight, bias, mean_in, _invstd, _eps, act, alpha, weight_eps = inputs
+        _x, _weight, bias, mean_in, _invstd, _eps, act, alpha, effective, running = inputs
         z, mean, invstd = output
-        ctx.save_for_backward(z, effective_weight(weight, weight_eps), bias, mean, invstd)
+        ctx.save_for_backward(z, effective, bias, mean, invstd)
         ctx.act, ctx.alpha, ctx.training = act, alpha, mean_in is None
+        ctx.kernels = _kernels(running)
         ctx.mark_non_differentiable(mean, invstd)
 
     @staticmethod
@@ -88,8 +107,8 @@ class OutputSavingBNAct(torch.autograd.Function):
             k = invstd if weight is None else weight.to(invstd.dtype) * invstd
             slope = activations.grad_from_output(z.to(invstd.dtype), ctx.act, ctx.alpha)
             dx = (dz.to(invstd.dtype) * slope * channel_view(k, z)).to(z.dtype)
-            return (dx,) + (None,) * 8
-        dx, dw, db = ops.backward_act(
+            return (dx,) + (None,) * 9
+        dx, dw, db = (ctx.kernels or ops).backward_act(
             like_layout(dz, z), z, mean, invstd, weight, bias, ctx.act, ctx.alpha, ctx.training
         )
         return _grads(ctx, dx, dw, db, weight)
@@ -99,15 +118,18 @@ class InputSavingBNAct(torch.autograd.Function):
     """(z, mean, invstd) = act(BN(x)), saving x and recomputing y in the backward."""
 
     @staticmethod
-    def forward(x, weight, bias, mean, invstd, eps: float, act: str, alpha: float):
-        return _forward(x, weight, bias, mean, invstd, eps, act, alpha)
+    def forward(x, weight, bias, mean, invstd, eps: float, act: str, alpha: float,
+                running=None):
+        """``running``: as for ``OutputSavingBNAct``."""
+        return _forward(x, weight, bias, mean, invstd, eps, act, alpha, running)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, mean_in, _invstd, eps, act, alpha = inputs
+        x, weight, bias, mean_in, _invstd, eps, act, alpha, running = inputs
         _z, mean, invstd = output
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps, ctx.act, ctx.alpha, ctx.training = eps, act, alpha, mean_in is None
+        ctx.kernels = _kernels(running)
         ctx.mark_non_differentiable(mean, invstd)
 
     @staticmethod
@@ -115,11 +137,11 @@ class InputSavingBNAct(torch.autograd.Function):
         x, weight, bias, mean, invstd = ctx.saved_tensors
         acc = mean.dtype
         if not torch.is_grad_enabled():
-            dx, dw, db = ops.backward_act_input(
+            dx, dw, db = (ctx.kernels or ops).backward_act_input(
                 like_layout(dz, x), x, mean, invstd, weight, bias, ctx.act, ctx.alpha,
                 ctx.training,
             )
-            return _grads(ctx, dx, dw, db, weight)[:8]
+            return _grads(ctx, dx, dw, db, weight)[:9]
         # double backward: differentiable torch, statistics recomputed from x
         if ctx.training:
             var, mean = torch.var_mean(x.to(acc), dim=reduce_dims(x), correction=0)
@@ -134,7 +156,7 @@ class InputSavingBNAct(torch.autograd.Function):
             x_hat = (x.to(acc) - channel_view(mean, x)) * channel_view(invstd, x)
             dims = reduce_dims(x)
             dw, db = (dy * x_hat).sum(dims), dy.sum(dims)
-        return _grads(ctx, dx, dw, db, weight)[:8]
+        return _grads(ctx, dx, dw, db, weight)[:9]
 
 
 def _affine(x: Tensor, mean: Tensor, invstd: Tensor, weight, bias) -> Tensor:

@@ -8,12 +8,14 @@ import torch
 from torch import Tensor, nn
 
 from ..core import plan, stats, traced
+from ..core.autograd import eager_apply
 from ..kernels import activations
 from ..kernels.torch_backend import acc_dtype
 from ..core.modules import EMPTY, RUNNING, UPDATE, _BatchNorm
 from ._act_autograd import InputSavingBNAct, OutputSavingBNAct, effective_weight
 
 DEFAULT_ALPHA = {"leaky_relu": 0.01, "elu": 1.0}
+_OUTPUT_SAVING, _INPUT_SAVING = eager_apply(OutputSavingBNAct), eager_apply(InputSavingBNAct)
 
 _DOC = r"""Batch Normalization followed by an activation, as one layer, over a {dims}
     input:
@@ -53,6 +55,15 @@ _DOC = r"""Batch Normalization followed by an activation, as one layer, over a {
       nothing for relu (torch.nn's ReLU keeps only its output: 2 tensors both ways).
     - ``memory_saving=False``: the input-saving path for every activation (exact to the
       last bit in x_hat, no effective weight, double backward works).
+
+    Kernels (``auto``, ``batchnorm.kernels``): on CPU the fused numba kernels from
+    ``PREFER_MIN`` (100,000) elements of a channel-major tensor, ATen's kernels below it
+    and for channels_last or (N, C) input (``native``: ATen's BN and activation forward,
+    the backward above through ATen's kernels), both inside this layer's autograd
+    Function, so what the backward keeps is the same at every size; Triton on CUDA. A
+    call that needs no backward (``torch.no_grad``, inference, nothing requiring grad)
+    keeps nothing: BN's own plan, then the activation in place on its output (as torch.nn's
+    BN with an in-place activation), with the same effective weight.
 
     Args:
         num_features: number of channels `C`.
@@ -112,26 +123,48 @@ class _BatchNormAct(_BatchNorm):
             return self.normalize_batch(input, self.weight, self.bias, mode)
         if traced.active(input):
             return self._traced(input, mode)
-        mean = invstd = None
+        weight, bias, running_mean, running_var = self._tensors()
+        eager = not plan.tracing(input)  # torch.func transforms: the Functions' own apply
+        if eager and not plan.wants_grad(input, weight, bias):
+            # No backward, so nothing to keep (the plan's shortcut 2): BN's own plan (on
+            # CPU below the crossover ATen's kernels, with torch.nn's running update), then
+            # the activation in place on its fresh output, as torch.nn + timm run it
+            y = self._normalize(input, mode, self.effective_weight())
+            return activations.apply_(y, self.act, self.alpha)
+        mean = invstd = running = aside = None
+        tracked = self._buffers.get("num_batches_tracked")
         if mode == RUNNING:
             acc = acc_dtype(input.dtype)
-            mean = self.running_mean.to(acc)
-            invstd = torch.rsqrt(self.running_var.to(acc) + self.eps)
-        if self.saves_output():
-            z, mean, invstd = OutputSavingBNAct.apply(
-                input, self.weight, self.bias, mean, invstd, self.eps, self.act, self.alpha,
-                self.weight_eps,
+            mean = running_mean.to(acc)
+            invstd = torch.rsqrt(running_var.to(acc) + self.eps)
+        elif mode == UPDATE and eager:
+            backend = plan.act_blender(input, running_mean, running_var)
+            if backend is not None:  # ATen's kernel blends the batch in; the guard around it
+                aside = stats.set_aside(running_mean, running_var, tracked, self._backup())
+                factor = stats.blend_factor(self.momentum, tracked, pending=1)
+                running = (running_mean, running_var, factor, backend)
+        if self.saves_output():  # eagerly the Functions' C entry (as plan.train's)
+            z, mean, invstd = (_OUTPUT_SAVING if eager else OutputSavingBNAct.apply)(
+                input, weight, bias, mean, invstd, self.eps, self.act, self.alpha,
+                effective_weight(weight, self.weight_eps), running,
             )
         else:
-            z, mean, invstd = InputSavingBNAct.apply(
-                input, self.weight, self.bias, mean, invstd, self.eps, self.act, self.alpha
+            z, mean, invstd = (_INPUT_SAVING if eager else InputSavingBNAct.apply)(
+                input, weight, bias, mean, invstd, self.eps, self.act, self.alpha, running
             )
         if mode == UPDATE:
             stats.update_running(
-                self.running_mean, self.running_var, mean, None, input.numel() // input.shape[1],
-                self.momentum, self.num_batches_tracked, invstd=invstd, eps=self.eps,
+                running_mean, running_var, mean, None, input.numel() // input.shape[1],
+                self.momentum, tracked, invstd=invstd, eps=self.eps, aside=aside,
             )
         return z
+
+    def _normalize(self, input: Tensor, mode: str, weight: Tensor | None) -> Tensor:
+        """BN alone through the plan: the running statistics (``RUNNING``) or the batch's."""
+        if mode == RUNNING:
+            return plan.evaluate(input, self.running_mean, self.running_var, weight, self.bias,
+                                 self.eps)
+        return self.normalize_batch(input, weight, self.bias, mode)
 
     def _traced(self, input: Tensor, mode: str) -> Tensor:
         """Under a tracer: BN through the plan's traced route (ATen's BN, the guarded
@@ -141,12 +174,7 @@ class _BatchNormAct(_BatchNorm):
         weight = self.weight
         if self.saves_output():  # the floor on |gamma| of the memory-saving path
             weight = traced.straight_through(weight, self.effective_weight())
-        if mode == RUNNING:
-            y = plan.evaluate(input, self.running_mean, self.running_var, weight, self.bias,
-                              self.eps)
-        else:
-            y = self.normalize_batch(input, weight, self.bias, mode)
-        return traced.activation(y, self.act, self.alpha)
+        return traced.activation(self._normalize(input, mode, weight), self.act, self.alpha)
 
     def activation_module(self) -> torch.nn.Module:
         """The torch.nn module of this layer's activation (for export to plain torch)."""

@@ -17,7 +17,7 @@ from ..kernels.torch_backend import acc_dtype, channel_view
 from ..core import functional, plan, traced
 from ..core.modules import TORCH_CLASSES, Family, _BatchNorm, check_layout, warn_running
 from ..core.tree import replace_modules
-from ._act_autograd import OutputSavingBNAct
+from ._act_autograd import OutputSavingBNAct, effective_weight
 from .act import DEFAULT_ALPHA, _BatchNormAct
 
 _DOC = r"""Batch Normalization with fixed statistics and affine parameters over a {dims}
@@ -131,7 +131,8 @@ class _FrozenBatchNorm(Family, nn.Module):
         invstd = torch.rsqrt(self.running_var.to(acc) + self.eps)
         if self.act != "identity" and activations.is_invertible(self.act, self.alpha):
             return OutputSavingBNAct.apply(
-                input, self.weight, self.bias, mean, invstd, self.eps, self.act, self.alpha, 0.0
+                input, self.weight, self.bias, mean, invstd, self.eps, self.act, self.alpha,
+                effective_weight(self.weight, 0.0),
             )[0]
         scale, shift = (v.to(acc) for v in self.scale_shift())
         y = input.to(acc) * channel_view(scale, input) + channel_view(shift, input)

@@ -469,19 +469,13 @@ def _backward_act_via_bn(
     dz: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
     bias: Tensor | None, act: str, alpha: float, training: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``backward_act`` for identity and elu: y = act^-1(z) and dy = dz * act'(y) (z and
-    dz themselves for identity; ATen's vectorised kernels for elu), then BN's backward in
-    x_hat = (y - bias) / weight by the fused kernels, given mean' = bias and invstd' =
-    1 / weight (so their x_hat is this one) and weight' = weight^2 * invstd (so their
-    weight' * invstd' is this k = weight * invstd). leaky_relu keeps its own kernels
-    (``act_reduce``, ``act_grad_x``): its inverse and slope are cheap inside the loop."""
-    acc = mean.dtype
-    w = torch.ones_like(mean) if weight is None else weight.to(acc)
-    b = torch.zeros_like(mean) if bias is None else bias.to(acc)
-    y = activations.inverse(z, act, alpha)
-    dy = activations.backward_from_output(_like(dz, z), z, act, alpha)
-    grads = (backward if training else backward_eval)(dy, y, b, 1.0 / w, w * w * invstd)
-    return grads[0], grads[1], grads[2]
+    """``backward_act`` for identity and elu: ``torch_backend.backward_act_by_bn`` with
+    these fused BN kernels. leaky_relu keeps its own kernels (``act_reduce``,
+    ``act_grad_x``): its inverse and slope are cheap inside the loop."""
+    return torch_backend.backward_act_by_bn(
+        backward, backward_eval, _like(dz, z), z, mean, invstd, weight, bias, act, alpha,
+        training,
+    )
 
 
 def _plain(t: Tensor) -> bool:
