@@ -82,10 +82,11 @@ def main(argv: list[str]) -> int:
 
         def half_weight_grad():
             """How far torch.nn's own weight gradient (ATen / cuDNN) is from float64 for
-            half-precision NCHW and channels-last input: the second GPU run found ATen's
-            route 0.5-16% off the float64 reference there (the Triton kernels within
-            float32 accumulation), so half types stay on Triton; this tells whether
-            torch.nn itself is that far (then ATen is not worse than a drop-in)."""
+            half-precision NCHW and channels-last input: the third GPU run of 2026-12-04
+            found batchnorm's ATen route 0.5-16% off the float64 reference there (the
+            Triton kernels within float32 accumulation), so half types stay on Triton;
+            this tells whether torch.nn itself is that far (then ATen is no worse than a
+            drop-in)."""
             out = {}
             for dtype in (torch.float16, torch.bfloat16):
                 for layout in ("nchw", "channels_last"):

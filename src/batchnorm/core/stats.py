@@ -97,7 +97,6 @@ class _Copy:
         running_var.copy_(self.saved[running_mean.numel():])
 
 
-
 def set_aside(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None,
               backup=None):
     """Keep the running buffers' values before a kernel blends the batch into them
@@ -135,9 +134,10 @@ def update_running(
     Guard: if any batch statistic is non-finite (NaN/Inf input, fp16 overflow) nothing is
     updated, ``num_batches_tracked`` included, and a warning names the channels. In eager
     mode on the CPU one host read decides; on CUDA ``update_on_device`` (no host read: the
-    warning comes when the GPU has got there, see ``report_pending``); under tracing (``torch.compile``, ``torch.export``, dispatch
-    modes: ``traced.active``) the update is ``traced.update_running``'s ``torch.where``,
-    which keeps the old values (no host read, no warning).
+    warning comes when the GPU has got there, see ``report_pending``); under tracing
+    (``torch.compile``, ``torch.export``, dispatch modes: ``traced.active``) the update is
+    ``traced.update_running``'s ``torch.where``, which keeps the old values (no host read,
+    no warning).
 
     ``aside`` (from ``set_aside``): the kernel has blended the batch into the buffers
     already (ATen's, for torch.nn's numbers bit for bit); the blend is kept if finite

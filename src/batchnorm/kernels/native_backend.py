@@ -21,7 +21,7 @@ on an H200 (benchmarks/gpu/, issue 19), cuDNN's training forward + backward beat
 Triton kernels at 83 of 96 ResNet-50 layer shapes. The running update is then ours
 (``stats.update_on_device``), outside cuDNN's kernel: its autograd node keeps the running
 buffers, which the guard may have to write. Half types and BN + activation stay on the
-Triton kernels (see ``_CUDA_DTYPES``).
+Triton kernels (see ``_DTYPES``).
 """
 
 from __future__ import annotations
@@ -41,18 +41,15 @@ OPS = frozenset((
 #: autograd (``batchnorm.plan`` decides when): the derivative then runs in C++.
 records_autograd = True
 blends_running = True
+# On CUDA too: half types stay on Triton there: on the H200, ATen's route (torch.nn's call)
+# gave weight gradients 0.5-16% off the float64 reference for float16/bfloat16 NCHW input,
+# where the Triton kernels stay within float32 accumulation (benchmarks/gpu/results/, the
+# third run; env_probe.py measures torch.nn's own error there on the next run).
 _DTYPES = (torch.float32, torch.float64)
-# Half types stay on Triton: on the H200, ATen's route (torch.nn's call) gave weight
-# gradients 0.5-16% off the float64 reference for float16/bfloat16 NCHW input, where the
-# Triton kernels stay within float32 accumulation (benchmarks/gpu/results/, second run;
-# env_probe.py measures torch.nn's own error there on the next run).
-_CUDA_DTYPES = (torch.float32, torch.float64)
 
 
 def supports(x: Tensor) -> bool:
-    if x.is_cuda:
-        return x.dtype in _CUDA_DTYPES and x.numel() > 0
-    return x.is_cpu and x.dtype in _DTYPES and x.numel() > 0
+    return (x.is_cpu or x.is_cuda) and x.dtype in _DTYPES and x.numel() > 0
 
 
 #: What ``auto`` gives this backend on CUDA: plain BN (BN + activation: Triton).
@@ -195,8 +192,7 @@ def backward_act_input(
     """Backward of BN + activation from its input x: y recomputed (one ``addcmul`` pass),
     ``dy = dz * act'(y)`` by ATen's activation backward, then ATen's BN backward
     (``training``) or the fixed-statistics one. Returns (dx, dweight, dbias)."""
-    y = torch_backend.normalize(x, mean, invstd, weight, bias)
-    dy = activations.backward(dz, y, act, alpha)
-    if training:
-        return backward(dy, x, mean, invstd, weight)
-    return torch_backend.backward_eval(dy, x, mean, invstd, weight)
+    return torch_backend.backward_act_input_by_bn(
+        backward, torch_backend.backward_eval, dz, x, mean, invstd, weight, bias, act, alpha,
+        training,
+    )

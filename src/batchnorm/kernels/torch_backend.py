@@ -241,6 +241,16 @@ def backward_act_input(
     recomputed, dy = dz * act'(y) (ATen's activation backward), then BN's closed form
     (``training``) or the fixed-statistics one. Returns (dx, dweight, dbias), the last two
     in the accumulation dtype."""
+    return backward_act_input_by_bn(backward, backward_eval, dz, x, mean, invstd, weight,
+                                    bias, act, alpha, training)
+
+
+def backward_act_input_by_bn(
+    backward, backward_eval, dz: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
+    weight: Tensor | None, bias: Tensor | None, act: str, alpha: float, training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``backward_act_input`` through a backend's plain BN ``backward`` / ``backward_eval``
+    (y recomputed by this module's one-pass ``normalize``)."""
     acc = mean.dtype
     y = normalize(x, mean, invstd, weight, bias).to(acc)
     dy = activations.backward(dz.to(acc), y, act, alpha)
