@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
 import compare_paths  # noqa: E402
 import model_step  # noqa: E402
 import summarize  # noqa: E402
+import tune  # noqa: E402
 
 
 def test_model_step_converts_every_bn_and_trains_the_same_model(tmp_path):
@@ -132,3 +133,28 @@ def test_compare_paths_refuses_a_run_of_the_wrong_path(tmp_path):
     (tmp_path / "bench-whole.json").write_text(json.dumps(dict(tuning=dict(path="auto"), rows=[])))
     with pytest.raises(ValueError, match="expected a run with BATCHNORM_TRITON_PATH=whole, got"):
         compare_paths.compare(str(tmp_path))
+
+
+def test_tune_sweeps_in_the_interpreter_and_keeps_only_agreeing_faster_tunings(tmp_path):
+    """tune.py's dry run (Triton's interpreter, one tiny shape): the base tuning of each
+    path is timed and checked against native BN, the budget leaves the rest out (listed),
+    the kept tuning is the base or a timed candidate, and the module's tuning is restored."""
+    pytest.importorskip("triton")
+    out = tmp_path / "tune.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT / "src"))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/gpu/tune.py"), "--dry-run", "--out", str(out),
+         "--layouts", "channels_last", "--dtypes", "float32", "--reps", "1",
+         "--budget-s", "0"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert set(result["sweeps"]) == {"channels_last split", "channels_last whole"}
+    for key, entry in result["sweeps"].items():
+        assert "error" not in entry["base"] and entry["base"]["objective"] > 0
+        assert entry["best"]["path"] == key.split()[1]
+        assert entry["candidates"] == []  # budget 0: every candidate left out, and listed
+    assert len(result["left_out"]) == sum(
+        len([v for v in tune.DRY_SPACE[p] if v != result["base"][p]])
+        for key in (("channels_last", "split"), ("channels_last", "whole"))
+        for p in tune.PARAMS[key])
