@@ -44,6 +44,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,7 @@ from . import _kernels as kern
 from .. import activations, torch_backend
 
 name = "triton"
-OPS = torch_backend.OPS - {"backward_act_input"}
+OPS = (torch_backend.OPS - {"backward_act_input"}) | {"update_running"}
 records_autograd = False
 blends_running = False
 
@@ -82,6 +83,7 @@ class Tuning:
     whole_large: int      # or at most this many when it gives at least
     whole_fill: float     # this many programs per SM (also the channels-last block's target)
     whole_min_cols_cl: int  # narrowest channel block of the whole-channel path (channels last)
+    update_block: int     # channels per step of the running update's one program
     path: str = "auto"    # PATHS: "auto" chooses per call; "split" / "whole" force one
 
 
@@ -101,12 +103,14 @@ def _forced_path() -> str:
 # (guessing ~25 GB/s per program: ~20 us a pass); up to 2^19 with at least one program per SM.
 GPU_TUNING = Tuning(tile=4096, max_cols_ncs=512, max_cols_cl=128, programs_per_sm=4,
                     merge_block=64, num_warps=8, whole_small=1 << 17, whole_large=1 << 19,
-                    whole_fill=1.0, whole_min_cols_cl=16, path=_forced_path())
+                    whole_fill=1.0, whole_min_cols_cl=16, update_block=1024,
+                    path=_forced_path())
 # Tiny blocks under the interpreter: small test shapes then cross many block edges and
 # split their reductions over several programs; the tests' shapes take both paths.
 INTERPRETER_TUNING = Tuning(tile=64, max_cols_ncs=16, max_cols_cl=8, programs_per_sm=4,
                             merge_block=2, num_warps=1, whole_small=128, whole_large=512,
-                            whole_fill=1.0, whole_min_cols_cl=2, path=_forced_path())
+                            whole_fill=1.0, whole_min_cols_cl=2, update_block=4,
+                            path=_forced_path())
 
 
 def _tuning(device: torch.device) -> Tuning:
@@ -526,3 +530,65 @@ def backward_act(
                                     2 if weight is not None else 0, True, act, alpha,
                                     "training" if training else "eval")
     return dx, sum_dy_xhat, sum_dy
+
+
+# --- the running statistics ---------------------------------------------------------
+
+
+def _vector(t: Tensor, c: int, dtypes: tuple, device: torch.device) -> bool:
+    return (t.dtype in dtypes and t.dim() == 1 and t.numel() == c and t.is_contiguous()
+            and t.device == device and not t.requires_grad)
+
+
+def _f64_bits(value: float) -> int:
+    """The bits of a float64 (a Triton float argument is float32)."""
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+def update_running(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, invstd: Tensor, eps: float,
+    correction: float, momentum: float | None, num_batches_tracked: Tensor | None = None,
+) -> Tensor | None:
+    """``batchnorm.stats``' guarded running update as one launch, without a host read
+    (the cpu backend's ``update_running`` on the GPU; ``running_update_kernel``): with
+    var = max(invstd^-2 - eps, 0) in float64, if every channel's mean and var is finite,
+    ``running_mean.lerp_(mean, f)``, ``running_var.lerp_(var * correction, f)`` and
+    ``num_batches_tracked += 1``, with f = ``momentum``, or 1 / num_batches_tracked (after
+    the increment) for ``momentum=None``; otherwise nothing is written.
+
+    Args: the buffers (float32/float16/bfloat16 vectors of C elements on the kernels'
+    device, not requiring grad), the batch's float32 ``mean`` and ``invstd`` (C each),
+    ``eps``, ``correction`` = count / (count - 1), ``momentum`` (None: the cumulative
+    average, which needs ``num_batches_tracked``), the int64 0-d ``num_batches_tracked``
+    or None.
+
+    Returns the verdict as a 0-d bool tensor on the device (True: applied), which the
+    host has not read; None where the kernel does not apply (the caller then runs torch
+    operations)."""
+    device, c = running_mean.device, running_mean.numel()
+    if not (
+        (device.type == "cuda" or (INTERPRETED and device.type == "cpu"))
+        and _vector(running_mean, c, _DTYPES, device)
+        and _vector(running_var, c, (running_mean.dtype,), device)
+        and _vector(mean, c, (torch.float32,), device)
+        and _vector(invstd, c, (torch.float32,), device)
+        and (num_batches_tracked is None or (
+            num_batches_tracked.dtype == torch.int64 and num_batches_tracked.numel() == 1
+            and num_batches_tracked.device == device))
+    ):
+        return None
+    if momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    ok = torch.empty((), dtype=torch.bool, device=device)
+    kern.running_update_kernel[(1,)](
+        running_mean, running_var, mean, invstd,
+        ok if num_batches_tracked is None else num_batches_tracked, ok, c,
+        _f64_bits(eps), _f64_bits(correction), 0.0 if momentum is None else float(momentum),
+        CUMULATIVE=momentum is None, HAS_NBT=num_batches_tracked is not None,
+        BLOCK=min(_pow2(c), _tuning(device).update_block), num_warps=4,
+    )
+    # written by the kernel: tell autograd, as torch's lerp_ / add_ would
+    torch.autograd.graph.increment_version((running_mean, running_var))
+    if num_batches_tracked is not None:
+        torch.autograd.graph.increment_version(num_batches_tracked)
+    return ok
