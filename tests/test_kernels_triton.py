@@ -607,20 +607,41 @@ def test_triton_backend_behind_the_module_matches_torch_nn():
     close(eval_o, theirs(x), rtol=1e-5, atol=1e-5)
 
 
-def test_the_bench_leaves_out_only_the_leaky_relu_kink():
-    """The agreement check of BN + leaky ReLU's backward skips the elements whose
-    normalised value sits at the kink (either side is a correct rounding), and nothing
-    in the other operations."""
+def _kink_case(n=64):
+    """One channel, weight 1, bias 0, values symmetric about 0 with one exactly at the
+    mean: its normalised value is exactly 0, where ours (slope from ``z >= 0``: 1) and
+    ATen (``y > 0``: alpha) take different sides of leaky ReLU's kink."""
+    half = torch.arange(1, n // 2 + 1) * 0.125  # exact sums: the mean is exactly 0
+    x = torch.cat([half, -half, torch.zeros(1)]).reshape(-1, 1, 1, 1)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    dy[-1] = 2.0  # the flipped element's gradient: its slope difference moves the sums
+    return x, torch.ones(1), torch.zeros(1), dy
+
+
+def test_the_bench_check_explains_the_leaky_relu_kink_channel_wide():
+    """One element at the kink changes its channel's two sums, so it moves every dx of
+    the channel (by weight * invstd / m * (1 - alpha) * dy_k * (1 + x_hat_i x_hat_k)), not
+    only its own (the GPU run's disagreement): the check leaves the flipped element out,
+    allows exactly that shift elsewhere (the measured difference equals it), and still
+    fails a difference beyond it; nothing is left out of the other operations."""
     from batchnorm import bench_gpu
 
-    x = torch.tensor([-1.0, 0.0, 1.0, 2.0, -2.0]).reshape(5, 1, 1, 1)  # the mean is 0
-    w, b = torch.ones(1), torch.zeros(1)
+    x, w, b, dy = _kink_case()
+    ours, native = (f() for f in bench_gpu.op_pair("train fwd+bwd leaky_relu", x, w, b, dy))
+    left_out, allowance = bench_gpu.kink("train fwd+bwd leaky_relu", x, w, b, dy)
+    assert left_out.flatten().nonzero().flatten().tolist() == [x.shape[0] - 1]
+    limit = bench_gpu.TOL[torch.float32] * (1 + native.abs().max().item())
+    diff = (ours - native).abs()[~left_out]
+    assert diff.max() > 10 * limit  # the shift of the whole channel, not a rounding
+    close(diff, allowance[~left_out], rtol=1e-4, atol=1e-6)  # the formula is the shift
+    check = bench_gpu.agreement("train fwd+bwd leaky_relu", x, w, b, dy, ours, native)
+    assert check["agrees"] and check["kink_elements"] == 1
+    wrong = ours.clone()
+    wrong[0] += torch.sign(ours[0] - native[0]) * 2 * limit  # 2 * limit beyond the shift
+    assert not bench_gpu.agreement("train fwd+bwd leaky_relu", x, w, b, dy, wrong, native)["agrees"]
     for op in bench_gpu.OP_NAMES:
-        left_out = bench_gpu.kink(op, x, w, b)
-        if op == "train fwd+bwd leaky_relu":
-            assert left_out.flatten().tolist() == [False, True, False, False, False]
-        else:
-            assert left_out is None
+        if op != "train fwd+bwd leaky_relu":
+            assert bench_gpu.kink(op, x, w, b, dy) is None
 
 
 # --- the fused running update (what CUDA buffers get: one launch, no host read) -------
