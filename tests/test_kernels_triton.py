@@ -838,10 +838,10 @@ def test_a_training_call_on_the_triton_route_is_a_few_launches(monkeypatch, act)
 
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_the_device_update_is_one_launch(monkeypatch, momentum):
-    """``stats.update_on_device`` with the Triton backend: one launch and an allocation
-    (the verdict) around it, besides the report of the previous verdict and two detaches
-    (on CUDA also the pinned copy of the verdict); with torch operations it was 20 / 27
-    operations (14 / 19 kernel launches on a GPU)."""
+    """``stats.update_on_device`` with the Triton backend: one launch, an allocation (the
+    verdict) and the host read of the previous verdict (on CUDA also the pinned copy of
+    the verdict); with torch operations it was 20 / 27 operations (14 / 19 kernel
+    launches on a GPU)."""
     from batchnorm.core import stats
 
     mean, invstd = _batch(8)
@@ -851,4 +851,4 @@ def test_the_device_update_is_one_launch(monkeypatch, momentum):
             rm, rv, mean, None, 100, momentum, nbt, invstd=invstd, eps=EPS))
     stats.report_pending()
     assert launches == 1 and int(nbt) == 2
-    assert sum(ops.values()) <= 4, ops
+    assert sum(ops.values()) <= 2, ops

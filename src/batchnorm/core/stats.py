@@ -247,8 +247,13 @@ def update_on_device(
             event.record()
         else:
             flag, event = ok, None
-    _pending.append(_Pending(flag, event, mean.detach(), None if var is None else var.detach(),
-                             None if invstd is None else invstd.detach(), eps))
+    _pending.append(_Pending(flag, event, _kept(mean), _kept(var), _kept(invstd), eps))
+
+
+def _kept(t: Tensor | None) -> Tensor | None:
+    """``t`` to keep for a later warning, without its autograd graph (a detach only where
+    there is one: the kernels' statistics have none)."""
+    return t.detach() if t is not None and t.requires_grad else t
 
 
 def _update_with_torch(running_mean, running_var, mean, var, correction, momentum,
