@@ -95,12 +95,20 @@ def _forced_path() -> str:
     return path
 
 
-# Not yet tuned on a GPU. The whole-channel thresholds (whole_*) are first guesses, to be
-# measured by the GPU check's kernel benchmark run once per path (BATCHNORM_TRITON_PATH=split
-# and =whole: `bash benchmarks/gpu/run.sh OUT --steps 2` each, or the one-call loop with
-# benchmarks/gpu/compare_paths.py in benchmarks/gpu/README.md): 2^17 elements (512 KiB of
+# The whole-channel thresholds (whole_*) were first guesses: 2^17 elements (512 KiB of
 # float32) is about what one program streams in the host cost of the two launches it saves
 # (guessing ~25 GB/s per program: ~20 us a pass); up to 2^19 with at least one program per SM.
+# Measured crossover (H200, 132 SMs, 2026-12-04 run 4: both paths forced, every ResNet-50
+# shape at batch 32 and 128, NCHW and channels last, float32 and bfloat16;
+# benchmarks/gpu/results/2026-12-04-run4/paths.json, compare_paths.py): of the 384 kernel
+# rows (train fwd, fwd+relu, fwd+bwd, fwd+bwd leaky_relu) the rule takes the faster path or
+# one within 1.3x in 371, and the faster one by more than 1.3x in 286. The 13 others (the
+# chosen whole path 1.31-1.91x slower) are forward-only or leaky rows at 6,272-100,352
+# elements per channel, 8 of them NCHW with 64-128 channels (32x64x56x56, 32x128x56x56,
+# 128x128x28x28) at 100,352; the same shapes' train fwd+bwd, which runs the same forward
+# kernel, is 1.5-2x FASTER on the whole path (32x64x56x56 float32: 0.13 vs 0.26 ms).
+# Launch-bound timings of 0.03-0.3 ms, not a repeatable margin: the rule is unchanged.
+# Rerun compare_paths (benchmarks/gpu/README.md) with more repetitions to move it.
 GPU_TUNING = Tuning(tile=4096, max_cols_ncs=512, max_cols_cl=128, programs_per_sm=4,
                     merge_block=64, num_warps=8, whole_small=1 << 17, whole_large=1 << 19,
                     whole_fill=1.0, whole_min_cols_cl=16, update_block=1024,
