@@ -106,9 +106,12 @@ class BatchNormTrain(torch.autograd.Function):
         ctx.eps, ctx.kernels = eps, kernels
         ctx.mark_non_differentiable(mean, invstd)
         ctx.set_materialize_grads(False)  # no zero tensors for mean's and invstd's None grads
+        # (on CUDA two allocations and fills per call)
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dinvstd):
+        if dy is None:  # no gradient reached y (grads are not materialised): all zero
+            return None, None, None, None, None
         x, weight, mean, invstd = ctx.saved_tensors
         if torch.is_grad_enabled():
             dx, dw, db = differentiable_backward(dy, x, weight, ctx.eps)

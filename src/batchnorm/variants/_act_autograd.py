@@ -99,6 +99,8 @@ class OutputSavingBNAct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dz, _dmean, _dinvstd):
+        if dz is None:  # no gradient reached z (grads are not materialised): all zero
+            return (None,) * 10
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "double backward through BatchNormAct in memory-saving mode is not "
@@ -140,6 +142,8 @@ class InputSavingBNAct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dz, _dmean, _dinvstd):
+        if dz is None:  # no gradient reached z (grads are not materialised): all zero
+            return (None,) * 9
         x, weight, bias, mean, invstd = ctx.saved_tensors
         acc = mean.dtype
         if not torch.is_grad_enabled():

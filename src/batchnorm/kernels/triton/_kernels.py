@@ -589,7 +589,7 @@ def _lerp(start, end, weight):
     return tl.where(tl.abs(weight) < 0.5, start + weight * diff, end - diff * (1.0 - weight))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["eps_bits", "correction_bits"])  # one compile for any values
 def running_update_kernel(
     rm_ptr, rv_ptr, mean_ptr, invstd_ptr, nbt_ptr, ok_ptr, C, eps_bits, correction_bits,
     momentum, CUMULATIVE: tl.constexpr, HAS_NBT: tl.constexpr, BLOCK: tl.constexpr,
