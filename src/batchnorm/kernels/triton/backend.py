@@ -548,8 +548,10 @@ def _vector(t: Tensor, c: int, dtypes: tuple, device: torch.device) -> bool:
             and t.device == device and not t.requires_grad)
 
 
+@functools.lru_cache(maxsize=256)
 def _f64_bits(value: float) -> int:
-    """The bits of a float64 (a Triton float argument is float32)."""
+    """The bits of a float64 (a Triton float argument is float32); a layer's eps and count
+    repeat, hence the cache."""
     return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
