@@ -573,7 +573,8 @@ _INF = tl.constexpr(float("inf"))
 @triton.jit
 def _batch_stat_block(mean_ptr, invstd_ptr, c, c_ok, eps, correction):
     """(mean, unbiased variance, finite) of channels ``c`` in float64: var = max(invstd^-2
-    - eps, 0) * correction (``batchnorm.stats.update_on_device``'s arithmetic); finite: mean and var neither NaN nor infinite."""
+    - eps, 0) * correction (``batchnorm.stats.update_on_device``'s arithmetic); finite:
+    mean and var neither NaN nor infinite."""
     mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(tl.float64)
     s = tl.load(invstd_ptr + c, mask=c_ok, other=1.0).to(tl.float64)
     var = 1.0 / (s * s) - eps  # float64 division: correctly rounded (div.rn.f64)
