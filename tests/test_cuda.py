@@ -263,6 +263,57 @@ def test_a_non_finite_batch_leaves_the_running_statistics(backend, act):
     assert len(messages) == 1 and "channel(s) [3]" in messages[0], messages
 
 
+# One rounding of the statistics and of the result to the buffers' dtype (values of order
+# 1), and float32's lerp one ulp apart where one side fuses it (FMA) and the other not.
+UPDATE_TOL = {
+    torch.float32: dict(rtol=2.5e-7, atol=1e-7),
+    torch.float16: dict(rtol=1e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=8e-3, atol=8e-3),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_the_fused_running_update_equals_the_torch_operations(dtype, momentum):
+    """The guarded running update of the device's buffers (``stats.update_on_device``)
+    as one Triton launch (``kernels.updater``) leaves the buffers and the count that its
+    torch operations leave (backend ``torch``), for buffers of each dtype and more
+    channels than one block of the kernel (1,024 on the GPU); a batch with one NaN mean
+    leaves everything as it was, and the warning naming the channel comes with
+    ``report_pending``."""
+    from batchnorm.core import stats
+
+    C = on_gpu(2500, 11)
+    gen = torch.Generator().manual_seed(4)
+    mean = torch.randn(C, generator=gen).to(DEVICE)
+    invstd = torch.rsqrt(torch.rand(C, generator=gen) + 0.5 + EPS).to(DEVICE)
+    start = (torch.randn(C, generator=gen).to(DEVICE, dtype),
+             (torch.rand(C, generator=gen) + 1.0).to(DEVICE, dtype),
+             torch.tensor(3, device=DEVICE))
+
+    def run(backend, mean):
+        rm, rv, nbt = (t.clone() for t in start)
+        with kernels.use_backend(backend), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert (kernels.updater(rm) is tb) == (backend == "triton")
+            stats.update_on_device(rm, rv, mean, None, 64, momentum, nbt, invstd=invstd,
+                                   eps=EPS)
+            stats.report_pending(wait=True)
+        return (rm, rv, nbt), [str(w.message) for w in caught if "not finite" in str(w.message)]
+
+    (fused, warned), (torch_ops, _) = run("triton", mean), run("torch", mean)
+    assert warned == [] and int(fused[2]) == int(torch_ops[2]) == 4
+    for a, b in zip(fused[:2], torch_ops[:2]):
+        assert a.dtype == dtype
+        close(a, b, **UPDATE_TOL[dtype])
+    bad = mean.clone()
+    bad[C - 2] = float("nan")  # in the last block of channels
+    fused, warned = run("triton", bad)
+    for a, b in zip(fused, start):
+        assert torch.equal(a, b)
+    assert len(warned) == 1 and f"channel(s) [{C - 2}]" in warned[0]
+
+
 def _training_step_matches(shape, layout, dtype):
     C = shape[1]
     m = math.prod(shape) // C

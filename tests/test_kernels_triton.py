@@ -537,13 +537,24 @@ VARIANTS = [
     ("whole_grad_kernel", "bf16", dict(DX=True, TRAINING=False, SCALE_MODE=0, FROM_OUTPUT=True, HAS_W=False, HAS_CENTER=False, ACT=2, CL=False, BLOCK_R=64, BLOCK_K=64)),
     ("whole_grad_kernel", "fp32", dict(DX=True, TRAINING=False, SCALE_MODE=1, FROM_OUTPUT=False, HAS_W=True, HAS_CENTER=True, ACT=0, CL=True, BLOCK_R=32, BLOCK_K=128)),
     ("whole_grad_kernel", "bf16", dict(DX=False, TRAINING=False, SCALE_MODE=1, FROM_OUTPUT=False, HAS_W=False, HAS_CENTER=True, ACT=0, CL=False, BLOCK_R=16, BLOCK_K=256)),
+    ("running_update_kernel", "bf16", dict(CUMULATIVE=True, HAS_NBT=True, BLOCK=1024)),
+    ("running_update_kernel", "fp32", dict(CUMULATIVE=False, HAS_NBT=True, BLOCK=64)),
+    ("running_update_kernel", "fp16", dict(CUMULATIVE=False, HAS_NBT=False, BLOCK=1024)),
 ]
+# running_update_kernel: buffers (rm, rv) of the variant's dtype, float32 statistics, the
+# int64 count, the bool verdict, float64 bits as int64
+TYPES = dict(mean_ptr="*fp32", invstd_ptr="*fp32", nbt_ptr="*i64", ok_ptr="*i1",
+             eps_bits="i64", correction_bits="i64", momentum="fp32")
 for name, dtype, const in VARIANTS:
     fn = getattr(k, name)
     sig = {}
     for arg in fn.arg_names:
         if arg in const:
             sig[arg] = "constexpr"
+        elif name == "running_update_kernel" and arg in TYPES:
+            sig[arg] = TYPES[arg]
+        elif name == "running_update_kernel" and arg in ("rm_ptr", "rv_ptr"):
+            sig[arg] = "*" + dtype
         elif arg.endswith(("_ptr", "_out")):
             sig[arg] = "*" + (dtype if arg in ("x_ptr", "y_ptr", "g_ptr", "v_ptr", "dx_ptr") else "fp32")
         else:
@@ -596,17 +607,248 @@ def test_triton_backend_behind_the_module_matches_torch_nn():
     close(eval_o, theirs(x), rtol=1e-5, atol=1e-5)
 
 
-def test_the_bench_leaves_out_only_the_leaky_relu_kink():
-    """The agreement check of BN + leaky ReLU's backward skips the elements whose
-    normalised value sits at the kink (either side is a correct rounding), and nothing
-    in the other operations."""
+def _kink_case(n=64):
+    """One channel, weight 1, bias 0, values symmetric about 0 with one exactly at the
+    mean: its normalised value is exactly 0, where ours (slope from ``z >= 0``: 1) and
+    ATen (``y > 0``: alpha) take different sides of leaky ReLU's kink."""
+    half = torch.arange(1, n // 2 + 1) * 0.125  # exact sums: the mean is exactly 0
+    x = torch.cat([half, -half, torch.zeros(1)]).reshape(-1, 1, 1, 1)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    dy[-1] = 2.0  # the flipped element's gradient: its slope difference moves the sums
+    return x, torch.ones(1), torch.zeros(1), dy
+
+
+def test_the_bench_check_explains_the_leaky_relu_kink_channel_wide():
+    """One element at the kink changes its channel's two sums, so it moves every dx of
+    the channel (by weight * invstd / m * (1 - alpha) * dy_k * (1 + x_hat_i x_hat_k)), not
+    only its own (the GPU run's disagreement): the check leaves the flipped element out,
+    allows exactly that shift elsewhere (the measured difference equals it), and still
+    fails a difference beyond it; nothing is left out of the other operations."""
     from batchnorm import bench_gpu
 
-    x = torch.tensor([-1.0, 0.0, 1.0, 2.0, -2.0]).reshape(5, 1, 1, 1)  # the mean is 0
-    w, b = torch.ones(1), torch.zeros(1)
+    x, w, b, dy = _kink_case()
+    ours, native = (f() for f in bench_gpu.op_pair("train fwd+bwd leaky_relu", x, w, b, dy))
+    left_out, allowance = bench_gpu.kink("train fwd+bwd leaky_relu", x, w, b, dy)
+    assert left_out.flatten().nonzero().flatten().tolist() == [x.shape[0] - 1]
+    limit = bench_gpu.TOL[torch.float32] * (1 + native.abs().max().item())
+    diff = (ours - native).abs()[~left_out]
+    assert diff.max() > 10 * limit  # the shift of the whole channel, not a rounding
+    close(diff, allowance[~left_out], rtol=1e-4, atol=1e-6)  # the formula is the shift
+    check = bench_gpu.agreement("train fwd+bwd leaky_relu", x, w, b, dy, ours, native)
+    assert check["agrees"] and check["kink_elements"] == 1
+    wrong = ours.clone()
+    wrong[0] += torch.sign(ours[0] - native[0]) * 2 * limit  # 2 * limit beyond the shift
+    assert not bench_gpu.agreement("train fwd+bwd leaky_relu", x, w, b, dy, wrong, native)["agrees"]
     for op in bench_gpu.OP_NAMES:
-        left_out = bench_gpu.kink(op, x, w, b)
-        if op == "train fwd+bwd leaky_relu":
-            assert left_out.flatten().tolist() == [False, True, False, False, False]
-        else:
-            assert left_out is None
+        if op != "train fwd+bwd leaky_relu":
+            assert bench_gpu.kink(op, x, w, b, dy) is None
+
+
+# --- the fused running update (what CUDA buffers get: one launch, no host read) -------
+
+
+def _batch(C, bad=None):
+    """A batch's (mean, invstd) of C channels; ``bad`` makes channels 2 and 9 (or 9) non-finite."""
+    gen = torch.Generator().manual_seed(1)
+    mean, var = torch.randn(C, generator=gen), torch.rand(C, generator=gen) + 0.5
+    invstd = torch.rsqrt(var + EPS)
+    if bad == "nan mean":
+        mean[[2, 9]] = float("nan")
+    elif bad == "inf mean":
+        mean[9] = float("-inf")
+    elif bad == "inf var":
+        invstd[9] = 0.0
+    elif bad == "nan var":
+        invstd[[2, 9]] = float("nan")
+    return mean, invstd
+
+
+def _update(backend, start, mean, invstd, count, momentum):
+    """``stats.update_on_device`` with ``backend`` chosen, on copies of ``start``; returns
+    the buffers and the messages of the guard's warnings (not the interpreter's numpy
+    ones: 1 / 0)."""
+    import warnings
+
+    from batchnorm.core import stats
+
+    rm, rv, nbt = (t.clone() for t in start)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with kernels.use_backend(backend):
+            assert (kernels.updater(rm) is tb) == (backend == "triton")
+            stats.update_on_device(rm, rv, mean, None, count, momentum, nbt, invstd=invstd,
+                                   eps=EPS)
+        stats.report_pending(wait=True)
+    return (rm, rv, nbt), [str(w.message) for w in caught if "not finite" in str(w.message)]
+
+
+# One rounding of the statistics and of the result to the buffers' dtype either way
+# (statistics and buffers of order 1: half-type atol one step at 1); the interpreter's
+# float32 -> bfloat16 conversion truncates where ATen rounds (one more bfloat16 step);
+# float32: ATen's CPU lerp_ is an FMA, the interpreter's is not (one ulp apart).
+UPDATE_TOL = {
+    torch.float32: dict(rtol=2.5e-7, atol=1e-7),
+    torch.float16: dict(rtol=1e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=8e-3, atol=8e-3),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("momentum", [0.1, 1.0, None])
+@pytest.mark.parametrize("count", [24, 1])
+def test_fused_running_update_matches_the_torch_ops_and_float64(dtype, momentum, count):
+    """Triton's ``update_running`` (one program looping over 11 channels in blocks of 4)
+    leaves the buffers and count that ``update_on_device``'s torch operations leave, and
+    the float64 formula's: mean and unbiased variance ``var * count / (count - 1)`` (count
+    1: the variance itself) blended with ``momentum`` or 1 / num_batches_tracked."""
+    from batchnorm.core import reference
+
+    C = 11
+    mean, invstd = _batch(C)
+    gen = torch.Generator().manual_seed(2)
+    start = (torch.randn(C, generator=gen).to(dtype),
+             (torch.rand(C, generator=gen) + 1.0).to(dtype), torch.tensor(3))
+    fused, fused_warnings = _update("triton", start, mean, invstd, count, momentum)
+    torch_ops, _ = _update("torch", start, mean, invstd, count, momentum)
+    assert fused_warnings == [] and int(fused[2]) == int(torch_ops[2]) == 4
+    for a, b in zip(fused[:2], torch_ops[:2]):
+        assert a.dtype == dtype
+        close(a, b, **UPDATE_TOL[dtype])
+    var64 = invstd.double().pow(-2) - EPS
+    rm64, rv64 = (t.double().numpy() for t in start[:2])
+    if count > 1:
+        want = reference.update_running(rm64, rv64, mean.double().numpy(), var64.numpy(),
+                                        count, momentum, 4)
+    else:
+        f = 0.25 if momentum is None else momentum
+        want = (rm64 + f * (mean.double().numpy() - rm64), rv64 + f * (var64.numpy() - rv64))
+    for a, b in zip(fused[:2], want):
+        close(a, torch.from_numpy(b), **{k: 2 * v for k, v in UPDATE_TOL[dtype].items()})
+
+
+@pytest.mark.parametrize("bad,channels", [("nan mean", [2, 9]), ("inf mean", [9]),
+                                          ("inf var", [9]), ("nan var", [2, 9])])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fused_running_update_writes_nothing_for_a_non_finite_batch(bad, channels, momentum):
+    """One non-finite statistic (in any block of channels) leaves every buffer and the
+    count as they were, and the warning of ``report_pending`` names the channels, as with
+    the torch operations; the kernel's verdict is a device tensor (False)."""
+    C = 11
+    mean, invstd = _batch(C, bad)
+    start = (torch.randn(C), torch.rand(C) + 1.0, torch.tensor(3))
+    fused, fused_warnings = _update("triton", start, mean, invstd, 24, momentum)
+    _, torch_warnings = _update("torch", start, mean, invstd, 24, momentum)
+    for a, b in zip(fused, start):
+        assert torch.equal(a, b)
+    assert len(fused_warnings) == 1 and f"channel(s) {channels}" in fused_warnings[0]
+    assert fused_warnings == torch_warnings
+    rm, rv, nbt = (t.clone() for t in start)
+    verdict = tb.update_running(rm, rv, mean, invstd, EPS, 24 / 23, momentum, nbt)
+    assert verdict.dtype == torch.bool and verdict.dim() == 0 and not bool(verdict)
+
+
+def test_fused_running_update_declines_what_it_cannot_write():
+    """None (the caller's torch operations run) for buffers or statistics the kernel does
+    not take; a clear error for the cumulative average without a count."""
+    mean, invstd = _batch(5)
+    rm, rv = torch.zeros(5), torch.ones(5)
+    assert tb.update_running(rm.double(), rv.double(), mean, invstd, EPS, 1.0, 0.1) is None
+    assert tb.update_running(rm, rv.half(), mean, invstd, EPS, 1.0, 0.1) is None
+    assert tb.update_running(rm, rv, mean.double(), invstd.double(), EPS, 1.0, 0.1) is None
+    assert tb.update_running(torch.zeros(10)[::2], rv, mean, invstd, EPS, 1.0, 0.1) is None
+    assert tb.update_running(rm.requires_grad_(), rv, mean, invstd, EPS, 1.0, 0.1) is None
+    assert tb.update_running(rm.detach(), rv, mean[:4], invstd[:4], EPS, 1.0, 0.1) is None
+    with pytest.raises(ValueError, match="needs num_batches_tracked"):
+        tb.update_running(rm.detach(), rv, mean, invstd, EPS, 1.0, None)
+    verdict = tb.update_running(rm.detach(), rv, mean, invstd, EPS, 1.0, 0.1)  # no count
+    assert bool(verdict)
+
+
+def _host_ops(monkeypatch, step):
+    """(Triton launches, top-level ATen ops outside them) of ``step()`` (its second run,
+    under torch.profiler; each launch is marked, as the interpreter's own torch calls
+    are no part of what a GPU runs)."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    class Marked:
+        def __init__(self, module):
+            self.module = module
+
+        def __getattr__(self, name):
+            kernel = getattr(self.module, name)
+
+            class Launcher:
+                def __getitem__(self, grid):
+                    def launch(*args, **kwargs):
+                        with record_function("triton launch"):
+                            return kernel[grid](*args, **kwargs)
+                    return launch
+            return Launcher()
+
+    monkeypatch.setattr(tb, "kern", Marked(tb.kern))
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    launches, ops = 0, collections.Counter()
+    for event in prof.events():
+        above, parent = [], event.cpu_parent
+        while parent is not None:
+            above.append(parent.name)
+            parent = parent.cpu_parent
+        if "triton launch" in above:
+            continue
+        if event.name == "triton launch":
+            launches += 1
+        elif event.name.startswith("aten::") and not any(a.startswith("aten::") for a in above):
+            ops[event.name] += 1
+    return launches, ops
+
+
+@pytest.mark.parametrize("act", [None, "leaky_relu"])
+def test_a_training_call_on_the_triton_route_is_a_few_launches(monkeypatch, act):
+    """The host cost of a layer's training forward + backward on the Triton route
+    (whole-channel path): 3 Triton launches (forward, the running update, backward) and
+    at most 12 ATen operations around them for BatchNorm2d (8 allocations, the verdict's
+    host read, which CUDA buffers replace by a pinned copy, the two gradient
+    accumulations, one detach), 5 more for BatchNormAct2d (the effective weight). Before
+    the fused update (2026-12-04): 2 launches and 29 / 34 ATen operations (the update as
+    14 torch operations; zero gradients made for mean and invstd; dtype casts)."""
+    import batchnorm
+
+    forced = dataclasses.replace(tb.INTERPRETER_TUNING, path="whole")
+    monkeypatch.setattr(tb, "_tuning", lambda device: forced)
+    C = 8
+    layer = (batchnorm.BatchNorm2d(C) if act is None
+             else batchnorm.BatchNormAct2d(C, act=act, alpha=0.01))
+    x = make((4, C, 5, 5)).requires_grad_()
+    dy = make((4, C, 5, 5))
+
+    def step():
+        x.grad = None
+        layer(x).backward(dy)
+
+    with kernels.use_backend("triton"):
+        launches, ops = _host_ops(monkeypatch, step)
+    assert launches == 3, ops
+    assert sum(ops.values()) <= (12 if act is None else 17), ops
+    assert int(layer.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_the_device_update_is_one_launch(monkeypatch, momentum):
+    """``stats.update_on_device`` with the Triton backend: one launch, an allocation (the
+    verdict) and the host read of the previous verdict (on CUDA also the pinned copy of
+    the verdict); with torch operations it was 20 / 27 operations (14 / 19 kernel
+    launches on a GPU)."""
+    from batchnorm.core import stats
+
+    mean, invstd = _batch(8)
+    rm, rv, nbt = torch.zeros(8), torch.ones(8), torch.tensor(0)
+    with kernels.use_backend("triton"):
+        launches, ops = _host_ops(monkeypatch, lambda: stats.update_on_device(
+            rm, rv, mean, None, 100, momentum, nbt, invstd=invstd, eps=EPS))
+    stats.report_pending()
+    assert launches == 1 and int(nbt) == 2
+    assert sum(ops.values()) <= 2, ops

@@ -216,14 +216,17 @@ def test_functional_batch_norm_guards_without_a_layer_backup():
     assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("given", ["invstd", "var"])
 @pytest.mark.parametrize("finite", [True, False, "inf"])
-def test_the_device_guard_equals_the_host_guard(finite, given, momentum):
-    """``stats.update_on_device`` (what CUDA buffers get: the guard as ``torch.where``, no
-    host read) leaves the same buffers and count as the host-read guard, with the batch
-    given as ``invstd`` (the kernels') or as its variance; its warning comes from
-    ``report_pending`` (here at once: CPU tensors need no wait), naming the channel."""
+def test_the_device_guard_equals_the_host_guard(finite, given, momentum, backend):
+    """``stats.update_on_device`` (what CUDA buffers get: no host read) leaves the same
+    buffers and count as the host-read guard, with the batch given as ``invstd`` (the
+    kernels') or as its variance, through a backend's fused update (``auto``: the numba
+    one on CPU; Triton's on CUDA: tests/test_kernels_triton.py) or the torch operations
+    (``torch``: the guard as ``torch.where``); its warning comes from ``report_pending``
+    (here at once: CPU tensors need no wait), naming the channel."""
     from batchnorm.core import stats
 
     torch.manual_seed(0)
@@ -249,8 +252,9 @@ def test_the_device_guard_equals_the_host_guard(finite, given, momentum):
             stats.report_pending()
         return (rm, rv, nbt), deferred, [str(w.message) for w in caught]
 
-    host, _, host_warnings = run(stats.update_running)
-    device, deferred, device_warnings = run(stats.update_on_device)
+    with kernels.use_backend(backend):
+        host, _, host_warnings = run(stats.update_running)
+        device, deferred, device_warnings = run(stats.update_on_device)
     for a, b in zip(host, device):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     ok = finite is True

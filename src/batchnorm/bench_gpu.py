@@ -133,7 +133,7 @@ def _triton():
 
 def op_pair(op: str, x: Tensor, w: Tensor, b: Tensor, dy: Tensor):
     """(ours, native) callables of ``op``, each returning the tensor the check compares
-    (the output, or the input gradient). See ``kink`` for what the check leaves out."""
+    (the output, or the input gradient); ``agreement`` compares them."""
     tb = _triton()
 
     var, mean = torch.var_mean(x.float(), dim=[0, 2, 3], correction=0)
@@ -172,17 +172,53 @@ def op_pair(op: str, x: Tensor, w: Tensor, b: Tensor, dy: Tensor):
     raise ValueError(f"unknown op {op!r}: expected one of {OP_NAMES}")
 
 
-def kink(op: str, x: Tensor, w: Tensor, b: Tensor) -> Tensor | None:
-    """The elements the agreement check leaves out of ``op``'s comparison, or None: for BN +
-    leaky ReLU's backward, those whose normalised value is within the output dtype's
-    rounding of 0. There the activation's slope jumps (1 vs 0.01), and two correct
-    implementations round the value to either side: dx differs by ~|dy * weight * invstd|
-    at those few elements (the first GPU run found 1 to 4 of 25M-51M). The row counts them
-    (``kink_elements``)."""
+def agreement(op: str, x: Tensor, w: Tensor, b: Tensor, dy: Tensor, ours: Tensor,
+              native: Tensor) -> dict:
+    """Whether ``ours`` and ``native`` (what ``op_pair``'s callables return) agree:
+    ``|ours - native| <= TOL * (1 + max|native|)`` at every element, beyond what the
+    kink of BN + leaky ReLU explains (``kink``). Returns ``agrees``, ``max_abs_diff`` (the
+    largest difference beyond that allowance), and for the leaky op ``kink_elements``
+    (elements left out) and ``kink_allowance`` (the largest allowance)."""
+    diff = (ours.float() - native.float()).abs()
+    scale = 1.0 + native.float().abs().max().item()
+    out = {}
+    explained = kink(op, x, w, b, dy)
+    if explained is not None:
+        left_out, allowance = explained
+        diff = (diff - allowance).clamp_(min=0).masked_fill_(left_out, 0.0)
+        out.update(kink_elements=int(left_out.sum()), kink_allowance=allowance.max().item())
+    err = diff.max().item()
+    return dict(out, max_abs_diff=err, agrees=err <= TOL[x.dtype] * scale)
+
+
+def kink(op: str, x: Tensor, w: Tensor, b: Tensor, dy: Tensor) -> tuple[Tensor, Tensor] | None:
+    """What the kink of BN + leaky ReLU explains in the backward's dx, as (elements left
+    out, allowance per element); None for the other ops.
+
+    Where the normalised value y is within rounding of 0, two correct implementations put
+    it on either side (slope 1 vs alpha): ours decides from its output z (``z >= 0``),
+    ATen from its y (``y > 0``). Such a flipped element k differs in dx by about
+    ``|dy * weight * invstd|`` (left out), and it changes the channel's two sums by
+    ``d = (1 - alpha) * dy_k`` and ``d * x_hat_k``, which moves EVERY dx_i of the channel
+    by ``weight * invstd / m * d * (1 + x_hat_i * x_hat_k)`` (dx = g (dy' - mean(dy') -
+    x_hat mean(dy' x_hat)) is linear in the sums; m elements per channel). The allowance is
+    the sum of these over the channel's flipped elements (the 2026-12-04 GPU run's one
+    disagreement, 9e-5 at 128x256x28x28 float32: one flip in 25.7M elements)."""
     if op != "train fwd+bwd leaky_relu":
         return None
-    y = F.batch_norm(x.float(), None, None, w.float(), b.float(), True, 0.1, EPS)
-    return y.abs() <= 4 * TOL[x.dtype] * (1.0 + y.abs().max())
+    alpha = 0.01
+    ours_pos = _triton().forward_train_act(x, w, b, EPS, "leaky_relu", alpha)[0] >= 0
+    native_pos = F.batch_norm(x, None, None, w, b, True, 0.1, EPS) > 0
+    flipped = ours_pos != native_pos
+    var, mean = torch.var_mean(x.float(), dim=[0, 2, 3], correction=0)
+    invstd = torch.rsqrt(var + EPS)
+    x_hat = (x.float() - mean[:, None, None]) * invstd[:, None, None]
+    d = dy.float().abs().masked_fill_(~flipped, 0.0) * (1.0 - alpha)
+    sum_d = d.sum(dim=[0, 2, 3])
+    sum_dx = (d * x_hat.abs()).sum(dim=[0, 2, 3])
+    g = (w.float() * invstd).abs() / (x.numel() // x.shape[1])
+    allowance = g[:, None, None] * (sum_d[:, None, None] + x_hat.abs() * sum_dx[:, None, None])
+    return flipped, allowance
 
 
 def _layer_pair(x: Tensor, w: Tensor, b: Tensor, dy: Tensor):
@@ -294,14 +330,7 @@ def run_cases(
             try:
                 with _triton_on(dev):
                     ours, native = op_pair(op.name, x, weight, bias, dy)
-                    want = native().float()
-                    diff = (ours().float() - want).abs()
-                    left_out = kink(op.name, x, weight, bias)
-                    if left_out is not None:
-                        diff = diff.masked_fill(left_out, 0.0)
-                        row["kink_elements"] = int(left_out.sum())
-                    err = diff.max().item()
-                    scale = 1.0 + want.abs().max().item()
+                    row.update(agreement(op.name, x, weight, bias, dy, ours(), native()))
                     ours_ms = timer.ms(ours, reps, warmup)
                     native_ms = timer.ms(native, reps, warmup)
             except Exception as e:  # noqa: BLE001  recorded in the row; the next case runs
@@ -309,8 +338,7 @@ def run_cases(
             else:
                 gbps = op.bytes_per_element * x.numel() * x.element_size() / ours_ms / 1e6
                 row.update(native_ms=native_ms, ours_ms=ours_ms, speedup=native_ms / ours_ms,
-                           gbps=gbps, pct_of_bound=100 * gbps / bound, max_abs_diff=err,
-                           agrees=err <= TOL[dtype] * scale)
+                           gbps=gbps, pct_of_bound=100 * gbps / bound)
             rows.append(row)
             if on_row is not None:
                 on_row(row, meta)

@@ -48,7 +48,7 @@ def like_layout(t: Tensor, x: Tensor) -> Tensor:
 def _cast(grad: Tensor | None, like: Tensor | None, needed: bool) -> Tensor | None:
     if grad is None or like is None or not needed:
         return None
-    return grad.to(like.dtype)
+    return grad if grad.dtype == like.dtype else grad.to(like.dtype)
 
 
 def differentiable_backward(
@@ -105,9 +105,13 @@ class BatchNormTrain(torch.autograd.Function):
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.eps, ctx.kernels = eps, kernels
         ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)  # no zero tensors for mean's and invstd's None grads
+        # (on CUDA two allocations and fills per call)
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dinvstd):
+        if dy is None:  # no gradient reached y (grads are not materialised): all zero
+            return None, None, None, None, None
         x, weight, mean, invstd = ctx.saved_tensors
         if torch.is_grad_enabled():
             dx, dw, db = differentiable_backward(dy, x, weight, ctx.eps)

@@ -168,17 +168,15 @@ def update_running(
         with torch.no_grad():
             return traced.update_running(running_mean, running_var, mean, var * correction,
                                          momentum, num_batches_tracked, inplace)
-    if invstd is not None and kernels.get_backend() in ("auto", "cpu"):
-        # CPU buffers: the variance recovery, the check and both blends in one compiled
-        # call instead of a dozen small torch operations
-        cpu = kernels.load("cpu")
-        applied = None if cpu is None else cpu.update_running(
-            running_mean, running_var, mean, invstd, eps, correction,
-            blend_factor(momentum, num_batches_tracked, pending=1),
+    if invstd is not None:
+        # the variance recovery, the check and both blends in one call of a backend (the
+        # numba kernels on CPU) instead of a dozen small torch operations
+        backend = kernels.updater(running_mean)
+        verdict = None if backend is None else backend.update_running(
+            running_mean, running_var, mean, invstd, eps, correction, momentum,
+            num_batches_tracked,
         )
-        if applied:
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)  # an integer buffer: autograd never records it
+        if verdict is not None and bool(verdict):  # (a device verdict: one host read)
             return None
     with torch.no_grad():
         unbiased = (var_from_invstd(invstd, eps) if var is None else var) * correction
@@ -200,7 +198,7 @@ def update_running(
 class _Pending(NamedTuple):
     """A guarded update on a GPU whose verdict the host has not read yet."""
 
-    ok: Tensor  # 0-d bool: pinned host memory (CUDA), or the verdict itself elsewhere
+    ok: Tensor | bool  # 0-d bool: pinned host memory (CUDA), or the verdict itself elsewhere
     event: object  # torch.cuda.Event recorded after the copy of ``ok``; None: ready
     mean: Tensor
     var: Tensor | None
@@ -218,42 +216,66 @@ def update_on_device(
     invstd: Tensor | None = None, eps: float = 0.0,
 ) -> None:
     """``update_running`` without a host read (eager CUDA; any device works): the same
-    guard as ``torch.where`` on the device, so that a training step never waits for the
-    GPU (a host read per BN layer serialises the CPU and the GPU: several times slower
-    steps, measured in benchmarks/gpu/). The verdict is copied to pinned host memory
-    without blocking; ``report_pending`` warns (naming the channels) once the GPU has got
-    there: at a later update, or at once with ``report_pending(wait=True)``.
+    guard on the device, so that a training step never waits for the GPU (a host read per
+    BN layer serialises the CPU and the GPU: several times slower steps, measured in
+    benchmarks/gpu/). The verdict is copied to pinned host memory without blocking;
+    ``report_pending`` warns (naming the channels) once the GPU has got there: at a later
+    update, or at once with ``report_pending(wait=True)``.
 
-    Few operations, as each is a kernel launch: the variance in float64, one verdict from
-    float64 sums (finite iff every statistic is: float32 values cannot overflow them), and
-    ``lerp_`` towards ``where(ok, statistic, running)`` (exactly the old value when not ok)."""
+    Each operation is a kernel launch and host time: the batch given as ``invstd`` goes to
+    the backend's fused update (``kernels.updater``: Triton's, one launch) where there is
+    one; otherwise (no Triton, a forced backend without one, the batch given as ``var``)
+    torch operations do the same: the variance in float64, one verdict from float64 sums
+    (finite iff every statistic is: float32 values cannot overflow them), and ``lerp_``
+    towards ``where(ok, statistic, running)`` (exactly the old value when not ok)."""
     report_pending()
+    correction = count / (count - 1) if count > 1 else 1.0
     with torch.no_grad():
+        ok = None
         if var is None:
-            var64 = invstd.double().pow_(-2).sub_(eps).clamp_(min=0)
-        else:
-            var64 = var.to(torch.float64, copy=True)
-        total = mean.sum(dtype=torch.float64) + var64.sum()
-        ok = (total - total) == 0  # False for NaN and +-inf
-        unbiased = var64.mul_(count / (count - 1) if count > 1 else 1.0)
-        if momentum is None:
-            traced.blend(running_mean, running_var, mean, unbiased, ok, None, num_batches_tracked)
-        else:
-            running_mean.lerp_(torch.where(ok, mean.to(running_mean.dtype), running_mean),
-                               momentum)
-            running_var.lerp_(torch.where(ok, unbiased.to(running_var.dtype), running_var),
-                              momentum)
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(ok)
-        if ok.is_cuda:
+            backend = kernels.updater(running_mean)
+            if backend is not None:
+                ok = backend.update_running(running_mean, running_var, mean, invstd, eps,
+                                            correction, momentum, num_batches_tracked)
+        if ok is None:
+            ok = _update_with_torch(running_mean, running_var, mean, var, correction,
+                                    momentum, num_batches_tracked, invstd, eps)
+        if isinstance(ok, Tensor) and ok.is_cuda:
             flag = torch.empty((), dtype=torch.bool, pin_memory=True)
             flag.copy_(ok, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
         else:
             flag, event = ok, None
-    _pending.append(_Pending(flag, event, mean.detach(), None if var is None else var.detach(),
-                             None if invstd is None else invstd.detach(), eps))
+    _pending.append(_Pending(flag, event, _kept(mean), _kept(var), _kept(invstd), eps))
+
+
+def _kept(t: Tensor | None) -> Tensor | None:
+    """``t`` to keep for a later warning, without its autograd graph (a detach only where
+    there is one: the kernels' statistics have none)."""
+    return t.detach() if t is not None and t.requires_grad else t
+
+
+def _update_with_torch(running_mean, running_var, mean, var, correction, momentum,
+                       num_batches_tracked, invstd, eps) -> Tensor:
+    """``update_on_device``'s update as torch operations; returns the 0-d bool verdict."""
+    if var is None:
+        var64 = invstd.double().pow_(-2).sub_(eps).clamp_(min=0)
+    else:
+        var64 = var.to(torch.float64, copy=True)
+    total = mean.sum(dtype=torch.float64) + var64.sum()
+    ok = (total - total) == 0  # False for NaN and +-inf
+    unbiased = var64.mul_(correction)
+    if momentum is None:
+        traced.blend(running_mean, running_var, mean, unbiased, ok, None, num_batches_tracked)
+    else:
+        running_mean.lerp_(torch.where(ok, mean.to(running_mean.dtype), running_mean),
+                           momentum)
+        running_var.lerp_(torch.where(ok, unbiased.to(running_var.dtype), running_var),
+                          momentum)
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(ok)
+    return ok
 
 
 def report_pending(wait: bool = False) -> None:

@@ -118,6 +118,18 @@ def pick(op: str, x: Tensor) -> ModuleType:
     return torch_backend
 
 
+def updater(buffer: Tensor) -> ModuleType | None:
+    """The backend whose fused guarded running update (``update_running``: the variance
+    recovery, the finite check and both blends in one call, see ``interface.Backend``)
+    ``batchnorm.stats`` tries on running buffers like ``buffer``: the first backend in the
+    order of preference that implements it (``auto``: the numba kernels on CPU, Triton's
+    on CUDA; a forced backend: its own), or None (stats then runs torch operations; the
+    pure-torch backend has no fused update). The backend itself declines (returns None)
+    buffers it cannot write."""
+    listed = _listed("update_running", buffer.is_cuda)
+    return listed[0] if listed else None
+
+
 def call(op: str, *args, **kwargs):
     """Run kernel function ``op``; its first argument (a tensor) guides the choice."""
     return getattr(pick(op, args[0]), op)(*args, **kwargs)

@@ -9,7 +9,10 @@ our autograd Function; ``blends_running``: its training forwards (plain and with
 activation) can blend the batch into the running buffers inside the kernel,
 ``accepts_running`` saying for which buffers). The
 dispatcher (``batchnorm.kernels.pick``) reads these members, never probes for others; the
-pure-torch backend implements every operation, so a call never fails for want of one.
+pure-torch backend implements every operation but ``update_running``, so a call never
+fails for want of one (``update_running``, the one operation that writes into its
+arguments, is an optional fusion: ``batchnorm.stats`` runs torch operations where no
+backend offers it, ``kernels.updater``).
 
 Conventions of every operation: tensors have their channel axis at 1, shape ``(N, C, *)``;
 statistics (``mean``, ``invstd``, sums) are 1-d tensors of length C in the accumulation
@@ -35,6 +38,7 @@ OPERATIONS = (
     "batch_stats", "normalize", "forward_train", "forward_train_update", "forward_eval",
     "backward_reduce", "backward_elemt", "backward", "backward_eval", "forward_train_act",
     "forward_train_act_update", "forward_eval_act", "backward_act", "backward_act_input",
+    "update_running",
 )
 
 
@@ -116,3 +120,13 @@ class Backend(Protocol):
                            weight: Vector, bias: Vector, act: str, alpha: float,
                            training: bool) -> tuple[Tensor, Tensor, Tensor]:
         """Backward of BN + activation from its input x."""
+
+    def update_running(self, running_mean: Tensor, running_var: Tensor, mean: Tensor,
+                       invstd: Tensor, eps: float, correction: float, momentum: float | None,
+                       num_batches_tracked: Tensor | None = None) -> bool | Tensor | None:
+        """``batchnorm.stats``' guarded running update fused: var = max(invstd^-2 - eps, 0)
+        in float64; if every channel's mean and var is finite, the buffers blend towards
+        (mean, var * correction) with weight ``momentum`` (None: 1 / num_batches_tracked
+        after the increment) and ``num_batches_tracked`` counts the batch, else nothing is
+        written. Returns the verdict (a bool read on the host, or a 0-d bool tensor on the
+        device that the host has not read), or None where it does not apply."""

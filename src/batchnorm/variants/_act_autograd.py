@@ -66,9 +66,13 @@ def _grads(ctx, dx, dw, db, weight):
     need = ctx.needs_input_grad
     return (
         dx if need[0] else None,
-        dw.to(weight.dtype) if need[1] and weight is not None else None,
-        db.to(weight.dtype) if need[2] and weight is not None else None,
+        _as(dw, weight) if need[1] and weight is not None else None,
+        _as(db, weight) if need[2] and weight is not None else None,
     ) + (None,) * 7
+
+
+def _as(grad: Tensor, weight: Tensor) -> Tensor:
+    return grad if grad.dtype == weight.dtype else grad.to(weight.dtype)
 
 
 class OutputSavingBNAct(torch.autograd.Function):
@@ -91,9 +95,12 @@ class OutputSavingBNAct(torch.autograd.Function):
         ctx.act, ctx.alpha, ctx.training = act, alpha, mean_in is None
         ctx.kernels = _kernels(running)
         ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)  # no zero tensors for mean's and invstd's None grads
 
     @staticmethod
     def backward(ctx, dz, _dmean, _dinvstd):
+        if dz is None:  # no gradient reached z (grads are not materialised): all zero
+            return (None,) * 10
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "double backward through BatchNormAct in memory-saving mode is not "
@@ -131,9 +138,12 @@ class InputSavingBNAct(torch.autograd.Function):
         ctx.eps, ctx.act, ctx.alpha, ctx.training = eps, act, alpha, mean_in is None
         ctx.kernels = _kernels(running)
         ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)  # no zero tensors for mean's and invstd's None grads
 
     @staticmethod
     def backward(ctx, dz, _dmean, _dinvstd):
+        if dz is None:  # no gradient reached z (grads are not materialised): all zero
+            return (None,) * 9
         x, weight, bias, mean, invstd = ctx.saved_tensors
         acc = mean.dtype
         if not torch.is_grad_enabled():

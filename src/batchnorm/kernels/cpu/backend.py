@@ -55,7 +55,7 @@ except (OSError, RuntimeError) as err:  # numba: "cannot cache function ..."
     raise ImportError(f"numba kernels unavailable ({err}); set NUMBA_CACHE_DIR") from err
 
 name = "cpu"
-OPS = torch_backend.OPS  # every operation but ATen's own two
+OPS = torch_backend.OPS | {"update_running"}  # every operation but ATen's own two
 records_autograd = False
 blends_running = False
 
@@ -504,18 +504,29 @@ def finite_batch(mean: Tensor, invstd: Tensor, eps: float) -> bool | None:
 
 def update_running(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, invstd: Tensor, eps: float,
-    correction: float, factor: float,
+    correction: float, momentum: float | None, num_batches_tracked: Tensor | None = None,
 ) -> bool | None:
     """The running-statistic update of ``batchnorm.stats`` in one compiled call (a dozen
-    small torch operations otherwise): True if applied, False if a statistic is not
-    finite (nothing written), None where it does not apply (the caller then uses torch)."""
+    small torch operations otherwise; ``interface.Backend.update_running``): True if
+    applied (``num_batches_tracked`` incremented), False if a statistic is not finite
+    (nothing written), None where it does not apply (the caller then uses torch).
+    ``momentum=None``: the cumulative average, factor 1 / num_batches_tracked after the
+    increment (one host read of the count: CPU tensors)."""
     if not (_plain(running_mean) and _plain(running_var) and _plain(mean) and _plain(invstd)):
         return None
     _check(mean[None], running_mean=running_mean, running_var=running_var, invstd=invstd)
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        factor = 1.0 / max(int(num_batches_tracked) + 1, 1)
+    else:
+        factor = momentum
     ok = P.running_update(
         running_mean.numpy(), running_var.numpy(), mean.numpy(), invstd.numpy(),
         float(eps), float(correction), float(factor),
     )
     if ok:  # written through numpy: tell autograd the buffers changed, as torch's add_ would
         torch.autograd.graph.increment_version((running_mean, running_var))
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)  # an integer buffer: autograd never records it
     return ok

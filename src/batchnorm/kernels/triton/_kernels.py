@@ -563,3 +563,73 @@ def whole_grad_kernel(
             dx = _dx(g, v, center, invstd, w, mean_dy, mean_dy_xhat, alpha, TRAINING,
                      FROM_OUTPUT, ACT)
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# --- the running statistics ---------------------------------------------------------
+
+_INF = tl.constexpr(float("inf"))
+
+
+@triton.jit
+def _batch_stat_block(mean_ptr, invstd_ptr, c, c_ok, eps, correction):
+    """(mean, unbiased variance, finite) of channels ``c`` in float64: var = max(invstd^-2
+    - eps, 0) * correction (``batchnorm.stats.update_on_device``'s arithmetic); finite:
+    mean and var neither NaN nor infinite."""
+    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(tl.float64)
+    s = tl.load(invstd_ptr + c, mask=c_ok, other=1.0).to(tl.float64)
+    var = 1.0 / (s * s) - eps  # float64 division: correctly rounded (div.rn.f64)
+    finite = (tl.abs(mean) < _INF) & (tl.abs(var) < _INF)  # False for NaN too
+    var = tl.where(var < 0.0, 0.0, var) * correction  # a NaN stays NaN (torch's clamp)
+    return mean, var, finite
+
+
+@triton.jit
+def _lerp(start, end, weight):
+    """ATen's ``lerp``: start + w (end - start) for |w| < 0.5, else end - (end - start)(1 - w)."""
+    diff = end - start
+    return tl.where(tl.abs(weight) < 0.5, start + weight * diff, end - diff * (1.0 - weight))
+
+
+@triton.jit(do_not_specialize=["eps_bits", "correction_bits"])  # one compile for any values
+def running_update_kernel(
+    rm_ptr, rv_ptr, mean_ptr, invstd_ptr, nbt_ptr, ok_ptr, C, eps_bits, correction_bits,
+    momentum, CUMULATIVE: tl.constexpr, HAS_NBT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The guarded running update, one program (grid (1,)) looping over the C channels
+    twice: first the verdict, every channel's mean and variance finite (the whole layer's:
+    one bad channel leaves every buffer as it was), then, if it holds,
+    ``running = lerp(running, stat, factor)`` with the batch's mean and unbiased variance
+    rounded to the buffers' dtype, in float32 (ATen's ``lerp_``), ``num_batches_tracked``
+    incremented (HAS_NBT) and ``factor`` = momentum, or with CUMULATIVE
+    1 / num_batches_tracked after the increment (rounded to the buffers' dtype, as
+    ``traced.blend``'s). The verdict is stored in ``ok_ptr`` either way. ``eps`` and
+    ``correction`` arrive as the bits of float64 values (a float argument is float32)."""
+    eps = eps_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    correction = correction_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    bad = tl.zeros([BLOCK], tl.int32)
+    for c0 in range(0, C, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        c_ok = c < C
+        _, _, finite = _batch_stat_block(mean_ptr, invstd_ptr, c, c_ok, eps, correction)
+        bad += (c_ok & ~finite).to(tl.int32)
+    ok = tl.sum(bad, axis=0) == 0
+    tl.store(ok_ptr, ok)
+    dtype = rm_ptr.dtype.element_ty
+    factor = momentum
+    if HAS_NBT:
+        n = tl.load(nbt_ptr) + ok.to(tl.int64)
+        tl.store(nbt_ptr, n)
+        if CUMULATIVE:
+            n_buf = tl.maximum(n, 1).to(tl.float32).to(dtype).to(tl.float32)
+            factor = tl.math.div_rn(tl.full([], 1.0, tl.float32), n_buf).to(dtype).to(tl.float32)
+    written = tl.where(ok, C, 0)  # channels to write: all or none
+    for c0 in range(0, C, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        write = c < written
+        mean, var, _ = _batch_stat_block(mean_ptr, invstd_ptr, c, write, eps, correction)
+        rm = tl.load(rm_ptr + c, mask=write, other=0.0).to(tl.float32)
+        rv = tl.load(rv_ptr + c, mask=write, other=0.0).to(tl.float32)
+        new_m = _lerp(rm, mean.to(tl.float32).to(dtype).to(tl.float32), factor)
+        new_v = _lerp(rv, var.to(tl.float32).to(dtype).to(tl.float32), factor)
+        tl.store(rm_ptr + c, new_m.to(dtype), mask=write)
+        tl.store(rv_ptr + c, new_v.to(dtype), mask=write)

@@ -44,6 +44,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,7 @@ from . import _kernels as kern
 from .. import activations, torch_backend
 
 name = "triton"
-OPS = torch_backend.OPS - {"backward_act_input"}
+OPS = (torch_backend.OPS - {"backward_act_input"}) | {"update_running"}
 records_autograd = False
 blends_running = False
 
@@ -82,6 +83,7 @@ class Tuning:
     whole_large: int      # or at most this many when it gives at least
     whole_fill: float     # this many programs per SM (also the channels-last block's target)
     whole_min_cols_cl: int  # narrowest channel block of the whole-channel path (channels last)
+    update_block: int     # channels per step of the running update's one program
     path: str = "auto"    # PATHS: "auto" chooses per call; "split" / "whole" force one
 
 
@@ -93,20 +95,30 @@ def _forced_path() -> str:
     return path
 
 
-# Not yet tuned on a GPU. The whole-channel thresholds (whole_*) are first guesses, to be
-# measured by the GPU check's kernel benchmark run once per path (BATCHNORM_TRITON_PATH=split
-# and =whole: `bash benchmarks/gpu/run.sh OUT --steps 2` each, or the one-call loop with
-# benchmarks/gpu/compare_paths.py in benchmarks/gpu/README.md): 2^17 elements (512 KiB of
+# The whole-channel thresholds (whole_*) were first guesses: 2^17 elements (512 KiB of
 # float32) is about what one program streams in the host cost of the two launches it saves
 # (guessing ~25 GB/s per program: ~20 us a pass); up to 2^19 with at least one program per SM.
+# Measured crossover (H200, 132 SMs, 2026-12-04 run 4: both paths forced, every ResNet-50
+# shape at batch 32 and 128, NCHW and channels last, float32 and bfloat16;
+# benchmarks/gpu/results/2026-12-04-run4/paths.json, compare_paths.py): of the 384 kernel
+# rows (train fwd, fwd+relu, fwd+bwd, fwd+bwd leaky_relu) the rule takes the faster path or
+# one within 1.3x in 371, and the faster one by more than 1.3x in 286. The 13 others (the
+# chosen whole path 1.31-1.91x slower) are forward-only or leaky rows at 6,272-100,352
+# elements per channel, 8 of them NCHW with 64-128 channels (32x64x56x56, 32x128x56x56,
+# 128x128x28x28) at 100,352; the same shapes' train fwd+bwd, which runs the same forward
+# kernel, is 1.5-2x FASTER on the whole path (32x64x56x56 float32: 0.13 vs 0.26 ms).
+# Launch-bound timings of 0.03-0.3 ms, not a repeatable margin: the rule is unchanged.
+# Rerun compare_paths (benchmarks/gpu/README.md) with more repetitions to move it.
 GPU_TUNING = Tuning(tile=4096, max_cols_ncs=512, max_cols_cl=128, programs_per_sm=4,
                     merge_block=64, num_warps=8, whole_small=1 << 17, whole_large=1 << 19,
-                    whole_fill=1.0, whole_min_cols_cl=16, path=_forced_path())
+                    whole_fill=1.0, whole_min_cols_cl=16, update_block=1024,
+                    path=_forced_path())
 # Tiny blocks under the interpreter: small test shapes then cross many block edges and
 # split their reductions over several programs; the tests' shapes take both paths.
 INTERPRETER_TUNING = Tuning(tile=64, max_cols_ncs=16, max_cols_cl=8, programs_per_sm=4,
                             merge_block=2, num_warps=1, whole_small=128, whole_large=512,
-                            whole_fill=1.0, whole_min_cols_cl=2, path=_forced_path())
+                            whole_fill=1.0, whole_min_cols_cl=2, update_block=4,
+                            path=_forced_path())
 
 
 def _tuning(device: torch.device) -> Tuning:
@@ -526,3 +538,67 @@ def backward_act(
                                     2 if weight is not None else 0, True, act, alpha,
                                     "training" if training else "eval")
     return dx, sum_dy_xhat, sum_dy
+
+
+# --- the running statistics ---------------------------------------------------------
+
+
+def _vector(t: Tensor, c: int, dtypes: tuple, device: torch.device) -> bool:
+    return (t.dtype in dtypes and t.dim() == 1 and t.numel() == c and t.is_contiguous()
+            and t.device == device and not t.requires_grad)
+
+
+@functools.lru_cache(maxsize=256)
+def _f64_bits(value: float) -> int:
+    """The bits of a float64 (a Triton float argument is float32); a layer's eps and count
+    repeat, hence the cache."""
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+def update_running(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, invstd: Tensor, eps: float,
+    correction: float, momentum: float | None, num_batches_tracked: Tensor | None = None,
+) -> Tensor | None:
+    """``batchnorm.stats``' guarded running update as one launch, without a host read
+    (the cpu backend's ``update_running`` on the GPU; ``running_update_kernel``): with
+    var = max(invstd^-2 - eps, 0) in float64, if every channel's mean and var is finite,
+    ``running_mean.lerp_(mean, f)``, ``running_var.lerp_(var * correction, f)`` and
+    ``num_batches_tracked += 1``, with f = ``momentum``, or 1 / num_batches_tracked (after
+    the increment) for ``momentum=None``; otherwise nothing is written.
+
+    Args: the buffers (float32/float16/bfloat16 vectors of C elements on the kernels'
+    device, not requiring grad), the batch's float32 ``mean`` and ``invstd`` (C each),
+    ``eps``, ``correction`` = count / (count - 1), ``momentum`` (None: the cumulative
+    average, which needs ``num_batches_tracked``), the int64 0-d ``num_batches_tracked``
+    or None.
+
+    Returns the verdict as a 0-d bool tensor on the device (True: applied), which the
+    host has not read; None where the kernel does not apply (the caller then runs torch
+    operations)."""
+    device, c = running_mean.device, running_mean.numel()
+    if not (
+        (device.type == "cuda" or (INTERPRETED and device.type == "cpu"))
+        and _vector(running_mean, c, _DTYPES, device)
+        and _vector(running_var, c, (running_mean.dtype,), device)
+        and _vector(mean, c, (torch.float32,), device)
+        and _vector(invstd, c, (torch.float32,), device)
+        and (num_batches_tracked is None or (
+            num_batches_tracked.dtype == torch.int64 and num_batches_tracked.numel() == 1
+            and num_batches_tracked.device == device))
+    ):
+        return None
+    if momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    ok = torch.empty((), dtype=torch.bool, device=device)
+    kern.running_update_kernel[(1,)](
+        running_mean, running_var, mean, invstd,
+        ok if num_batches_tracked is None else num_batches_tracked, ok, c,
+        _f64_bits(eps), _f64_bits(correction), 0.0 if momentum is None else float(momentum),
+        CUMULATIVE=momentum is None, HAS_NBT=num_batches_tracked is not None,
+        BLOCK=min(_pow2(c), _tuning(device).update_block), num_warps=4,
+    )
+    # written by the kernel: tell autograd, as torch's lerp_ / add_ would
+    torch.autograd.graph.increment_version((running_mean, running_var))
+    if num_batches_tracked is not None:
+        torch.autograd.graph.increment_version(num_batches_tracked)
+    return ok
