@@ -456,7 +456,7 @@ def backward_act_input(
             grads = (backward if training else backward_eval)(dy, x, mean, invstd, weight)
             return grads[0], grads[1], grads[2]
         out = torch.empty_like(x)
-        low = _ACC[x.dtype](alpha if act == "leaky_relu" else 0.0)  # the slope below 0
+        low = _ACC[x.dtype](alpha if act == "leaky_relu" else 0.0)  # the slope at y <= 0
         sd, sdx = NCHW.act_backward_fused(
             _view(_like(dz, x), layout), _view(x, layout), _vec(mean, x), _vec(invstd, x),
             _vec(weight, x), _vec(bias, x), _view(out, layout), activations.CODES[act], low, training,
