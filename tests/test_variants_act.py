@@ -107,6 +107,22 @@ def test_gamma_near_zero_gives_finite_gradients_of_the_effective_weight(act, alp
         torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-7)
 
 
+def test_effective_weight_keeps_the_weight_and_floors_its_magnitude():
+    """sign(w) * max(|w|, weight_eps), the sign of a zero its sign bit; NaN stays NaN;
+    in the weight's dtype, without gradient."""
+    from batchnorm.variants._act_autograd import effective_weight
+
+    for dtype in (torch.float32, torch.float64):
+        w = torch.tensor([0.0, -0.0, 3e-6, -3e-6, 1e-4, -1e-4, 0.7, -2.5, float("inf"),
+                          float("nan")], dtype=dtype, requires_grad=True)
+        got = effective_weight(w, 1e-4)
+        want = torch.tensor([1e-4, -1e-4, 1e-4, -1e-4, 1e-4, -1e-4, 0.7, -2.5, float("inf"),
+                             float("nan")], dtype=dtype)
+        assert got.dtype == dtype and not got.requires_grad
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(w.detach()[6:9], got[6:9])  # |w| >= weight_eps: w itself
+
+
 def test_zero_gamma_in_float32_stays_finite_and_learns():
     layer = batchnorm.BatchNormAct2d(2, act="leaky_relu")
     with torch.no_grad():

@@ -9,7 +9,7 @@ Two ways to keep what the backward needs:
     (InPlace-ABN's idea, Rota Bulo et al. 2018), through the ``batchnorm::backward_act``
     custom op so fused kernels run when present. Division by gamma needs gamma away from
     0: the layer uses the *effective weight* ``sign(gamma) * max(|gamma|, weight_eps)``
-    (sign(0) = +1) in the forward and backward, and hands the gradient with respect to
+    (the sign of a zero its sign bit: +0 -> +weight_eps) in the forward and backward, and hands the gradient with respect to
     the effective weight to gamma unchanged (straight-through), so a weight near zero
     still learns. The recovered x_hat carries a relative error of about
     ``ulp(|y|) / |gamma_eff|``. Double backward is not available (it would need x).
@@ -29,18 +29,20 @@ import torch
 from torch import Tensor
 
 from ..core import ops
-from ..core.autograd import like_layout, differentiable_backward
+from ..core.autograd import cast_grad, like_layout, differentiable_backward
 from ..kernels import activations
 from ..kernels.torch_backend import channel_view, reduce_dims
 
 
 def effective_weight(weight: Tensor | None, weight_eps: float) -> Tensor | None:
-    """``sign(w) * max(|w|, weight_eps)`` with sign(0) = +1 (no gradient); core ATen ops
-    (the traced route exports them)."""
+    """``copysign(max(|w|, weight_eps), w)``: ``sign(w) * max(|w|, weight_eps)`` with the
+    sign of a zero its sign bit (+0 -> +weight_eps, -0 -> -weight_eps), no gradient. Three
+    core ATen ops (the traced route exports them), in place after the first: it runs on
+    every training call, where each op's dispatch counts."""
     if weight is None or weight_eps == 0:
         return None if weight is None else weight.detach()
     w = weight.detach()
-    return torch.where(w >= 0, w.clamp(min=weight_eps), w.clamp(max=-weight_eps))
+    return w.abs().clamp_min_(weight_eps).copysign_(w)
 
 
 def _forward(x, weight, bias, mean, invstd, eps, act, alpha, running):
@@ -65,9 +67,7 @@ def _kernels(running):
 def _grads(ctx, dx, dw, db, weight):
     need = ctx.needs_input_grad
     return (
-        dx if need[0] else None,
-        dw.to(weight.dtype) if need[1] and weight is not None else None,
-        db.to(weight.dtype) if need[2] and weight is not None else None,
+        dx if need[0] else None, cast_grad(dw, weight, need[1]), cast_grad(db, weight, need[2]),
     ) + (None,) * 7
 
 
@@ -91,9 +91,12 @@ class OutputSavingBNAct(torch.autograd.Function):
         ctx.act, ctx.alpha, ctx.training = act, alpha, mean_in is None
         ctx.kernels = _kernels(running)
         ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)  # no zero tensors for mean and invstd per call
 
     @staticmethod
     def backward(ctx, dz, _dmean, _dinvstd):
+        if dz is None:  # no gradient reached z (set_materialize_grads(False)): zero
+            return (None,) * 10
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "double backward through BatchNormAct in memory-saving mode is not "
@@ -131,9 +134,12 @@ class InputSavingBNAct(torch.autograd.Function):
         ctx.eps, ctx.act, ctx.alpha, ctx.training = eps, act, alpha, mean_in is None
         ctx.kernels = _kernels(running)
         ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, dz, _dmean, _dinvstd):
+        if dz is None:  # as OutputSavingBNAct's
+            return (None,) * 9
         x, weight, bias, mean, invstd = ctx.saved_tensors
         acc = mean.dtype
         if not torch.is_grad_enabled():
