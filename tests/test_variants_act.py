@@ -108,15 +108,15 @@ def test_gamma_near_zero_gives_finite_gradients_of_the_effective_weight(act, alp
 
 
 def test_effective_weight_keeps_the_weight_and_floors_its_magnitude():
-    """sign(w) * max(|w|, weight_eps), the sign of a zero its sign bit; NaN stays NaN;
-    in the weight's dtype, without gradient."""
+    """sign(w) * max(|w|, weight_eps) with sign(0) = +1 (-0.0 too); NaN stays NaN; in the
+    weight's dtype, without gradient."""
     from batchnorm.variants._act_autograd import effective_weight
 
     for dtype in (torch.float32, torch.float64):
         w = torch.tensor([0.0, -0.0, 3e-6, -3e-6, 1e-4, -1e-4, 0.7, -2.5, float("inf"),
                           float("nan")], dtype=dtype, requires_grad=True)
         got = effective_weight(w, 1e-4)
-        want = torch.tensor([1e-4, -1e-4, 1e-4, -1e-4, 1e-4, -1e-4, 0.7, -2.5, float("inf"),
+        want = torch.tensor([1e-4, 1e-4, 1e-4, -1e-4, 1e-4, -1e-4, 0.7, -2.5, float("inf"),
                              float("nan")], dtype=dtype)
         assert got.dtype == dtype and not got.requires_grad
         torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)

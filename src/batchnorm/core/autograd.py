@@ -168,7 +168,8 @@ class BatchNormEval(torch.autograd.Function):
         db = dyf.sum(dims) if need[4] or need[1] else None
         if need[1]:  # statistics that are learned (meta-learning, test-time adaptation)
             dmean = -g * db
-        return dx, dmean, dinvstd, cast_grad(dw, weight, need[3]), cast_grad(db, weight, need[4]), None
+        return (dx, dmean, dinvstd, cast_grad(dw, weight, need[3]),
+                cast_grad(db, weight, need[4]), None)
 
     @staticmethod
     def vmap(info, in_dims, x, mean, invstd, weight, bias, kernels=None):

@@ -116,7 +116,9 @@ def forward_eval(
     """ATen eval forward with the running variance (torch.nn's own eval kernel, one pass).
     Only this backend takes the variance; others get ``invstd`` through ``normalize``.
     Vectors in another dtype than x are brought to x's (ATen wants them alike)."""
-    weight, bias, running_mean, running_var = vectors_as(x.dtype, weight, bias, running_mean, running_var)
+    weight, bias, running_mean, running_var = vectors_as(
+        x.dtype, weight, bias, running_mean, running_var
+    )
     return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, False)
 
 

@@ -9,7 +9,7 @@ Two ways to keep what the backward needs:
     (InPlace-ABN's idea, Rota Bulo et al. 2018), through the ``batchnorm::backward_act``
     custom op so fused kernels run when present. Division by gamma needs gamma away from
     0: the layer uses the *effective weight* ``sign(gamma) * max(|gamma|, weight_eps)``
-    (the sign of a zero its sign bit: +0 -> +weight_eps) in the forward and backward, and hands the gradient with respect to
+    (sign(0) = +1) in the forward and backward, and hands the gradient with respect to
     the effective weight to gamma unchanged (straight-through), so a weight near zero
     still learns. The recovered x_hat carries a relative error of about
     ``ulp(|y|) / |gamma_eff|``. Double backward is not available (it would need x).
@@ -35,14 +35,12 @@ from ..kernels.torch_backend import channel_view, reduce_dims
 
 
 def effective_weight(weight: Tensor | None, weight_eps: float) -> Tensor | None:
-    """``copysign(max(|w|, weight_eps), w)``: ``sign(w) * max(|w|, weight_eps)`` with the
-    sign of a zero its sign bit (+0 -> +weight_eps, -0 -> -weight_eps), no gradient. Three
-    core ATen ops (the traced route exports them), in place after the first: it runs on
-    every training call, where each op's dispatch counts."""
+    """``sign(w) * max(|w|, weight_eps)`` with sign(0) = +1 (no gradient); core ATen ops
+    (the traced route exports them)."""
     if weight is None or weight_eps == 0:
         return None if weight is None else weight.detach()
     w = weight.detach()
-    return w.abs().clamp_min_(weight_eps).copysign_(w)
+    return torch.where(w >= 0, w.clamp(min=weight_eps), w.clamp(max=-weight_eps))
 
 
 def _forward(x, weight, bias, mean, invstd, eps, act, alpha, running):

@@ -42,8 +42,7 @@ _DOC = r"""Batch Normalization followed by an activation, as one layer, over a {
       (``benchmarks/bn_act_memory.py`` measures it).
       Gamma near zero: :math:`\hat x` divides by gamma, so the layer computes with the
       *effective weight* :math:`\gamma_{{eff}} = \mathrm{{sign}}(\gamma)\max(|\gamma|,
-      \mathrm{{weight\_eps}})` (the sign of a zero its sign bit: +0 gives
-      +weight_eps) in the forward and backward; for
+      \mathrm{{weight\_eps}})` (sign(0) = +1) in the forward and backward; for
       :math:`|\gamma| \ge` ``weight_eps`` it is :math:`\gamma` itself. The gradient with
       respect to :math:`\gamma_{{eff}}` is passed to :math:`\gamma` unchanged
       (straight-through), so a zero-initialised gamma still learns. Recovered values
