@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core import ops
+from .. import kernels
+from ..core import ops, traced
 from ..core.autograd import cast_grad, like_layout, differentiable_backward
 from ..kernels import activations
 from ..kernels.torch_backend import channel_view, reduce_dims
@@ -36,10 +37,20 @@ from ..kernels.torch_backend import channel_view, reduce_dims
 
 def effective_weight(weight: Tensor | None, weight_eps: float) -> Tensor | None:
     """``sign(w) * max(|w|, weight_eps)`` with sign(0) = +1 (no gradient); core ATen ops
-    (the traced route exports them)."""
+    (the traced route exports them). Where every ``|w| >= weight_eps`` (what training
+    keeps almost always) that is ``w`` itself, ``weight.detach()``: on the CPU one compiled
+    check says so (``kernels.cpu``'s ``magnitudes_at_least``), which saves the four ATen
+    ops and their wrapped scalar on every training call (about a fifth of a small layer's
+    step, benchmarks/README.md). Its values are then the weight's storage, saved for the
+    backward as torch.nn saves its weight (an in-place change before the backward is
+    refused by autograd, as there)."""
     if weight is None or weight_eps == 0:
         return None if weight is None else weight.detach()
     w = weight.detach()
+    if not traced.active(w):
+        cpu = kernels.load("cpu")
+        if cpu is not None and cpu.magnitudes_at_least(w, weight_eps):
+            return w
     return torch.where(w >= 0, w.clamp(min=weight_eps), w.clamp(max=-weight_eps))
 
 

@@ -502,6 +502,20 @@ def finite_batch(mean: Tensor, invstd: Tensor, eps: float) -> bool | None:
     return P.finite_batch(m, s, float(eps))
 
 
+def magnitudes_at_least(w: Tensor, floor: float) -> bool | None:
+    """Whether every ``|w|`` is at least ``floor`` (NaN counts as at least), in one compiled
+    call with the comparison in w's dtype, as ``clamp`` makes it; None where it does not
+    apply. As ``finite_batch``, ``.numpy()`` is simply tried (it refuses tensors that
+    require grad, live elsewhere than on the CPU or are wrapped by torch.func)."""
+    if w.dtype not in _EMPTY or w.dim() != 1:
+        return None
+    try:
+        view = w.numpy()
+    except (RuntimeError, TypeError):
+        return None
+    return P.at_least(view, _ACC[w.dtype](floor))
+
+
 def update_running(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, invstd: Tensor, eps: float,
     correction: float, factor: float,
