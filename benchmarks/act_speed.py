@@ -10,10 +10,18 @@ both sides at random, see benchmarks/README.md):
 
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \\
         .venv/bin/python benchmarks/act_speed.py
+
+Other shapes and activations (e.g. the small BN + leaky ReLU layers of timm's
+cspdarknet53 at batch 4, 96x96, against torch.nn's BN + in-place leaky ReLU as timm's
+layers run it)::
+
+    PYTHONPATH=src .venv/bin/python benchmarks/act_speed.py --acts leaky_relu --inplace \\
+        --alpha 0.01 --rounds 200 --shapes 4x512x3x3 4x256x6x6 4x1024x3x3 4x128x12x12
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -27,22 +35,25 @@ SHAPE = (8, 256, 28, 28)
 ACTS = {"identity": 0.0, "relu": 0.0, "leaky_relu": 0.01, "elu": 1.0, "silu": 0.0, "gelu": 0.0}
 
 
-def _torch_act(act: str, alpha: float):
+def _torch_act(act: str, alpha: float, inplace: bool = False):
     return {
         "identity": lambda y: y,
-        "relu": F.relu,
-        "leaky_relu": lambda y: F.leaky_relu(y, alpha),
-        "elu": lambda y: F.elu(y, alpha),
-        "silu": F.silu,
+        "relu": lambda y: F.relu(y, inplace),
+        "leaky_relu": lambda y: F.leaky_relu(y, alpha, inplace),
+        "elu": lambda y: F.elu(y, alpha, inplace),
+        "silu": lambda y: F.silu(y, inplace),
         "gelu": F.gelu,
     }[act]
 
 
-def step_ms(act: str, alpha: float, rounds: int = 30) -> tuple[float, float]:
-    x = torch.randn(SHAPE, requires_grad=True)
-    dz = torch.randn(SHAPE)
-    ours = batchnorm.BatchNormAct2d(SHAPE[1], act=act, alpha=alpha)
-    bn, f = torch.nn.BatchNorm2d(SHAPE[1]), _torch_act(act, alpha)
+def step_ms(act: str, alpha: float, rounds: int = 30, shape: tuple[int, ...] = SHAPE,
+            inplace: bool = False) -> tuple[float, float]:
+    """Median ms of one forward + backward: (BatchNormAct2d, torch.nn BN -> activation,
+    in place on BN's output with ``inplace``)."""
+    x = torch.randn(shape, requires_grad=True)
+    dz = torch.randn(shape)
+    ours = batchnorm.BatchNormAct2d(shape[1], act=act, alpha=alpha)
+    bn, f = torch.nn.BatchNorm2d(shape[1]), _torch_act(act, alpha, inplace)
 
     def run_ours():
         x.grad = None
@@ -65,14 +76,28 @@ def step_ms(act: str, alpha: float, rounds: int = 30) -> tuple[float, float]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=["x".join(map(str, SHAPE))],
+                        help="input shapes NxCxHxW (default: %(default)s)")
+    parser.add_argument("--acts", nargs="+", default=list(ACTS), choices=list(ACTS))
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="leaky_relu's slope or elu's alpha (default: 0.01 and 1.0)")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--inplace", action="store_true",
+                        help="torch.nn's activation in place on BN's output (as timm's)")
+    args = parser.parse_args()
     torch.set_num_threads(2)
     numba.set_num_threads(2)
-    print(f"{'x'.join(map(str, SHAPE))} float32, training step (forward + backward), 2 threads")
-    print("| activation | BatchNormAct2d ms | torch.nn BN -> act ms | speed-up |")
-    print("|---|--:|--:|--:|")
-    for act, alpha in ACTS.items():
-        ours, ref = step_ms(act, alpha)
-        print(f"| {act} | {ours:.3f} | {ref:.3f} | {ref / ours:.2f}x |")
+    print(f"float32, training step (forward + backward), 2 threads, {args.rounds} rounds, "
+          f"torch.nn's activation {'in place' if args.inplace else 'out of place'}")
+    print("| shape | activation | BatchNormAct2d ms | torch.nn BN -> act ms | speed-up |")
+    print("|---|---|--:|--:|--:|")
+    for text in args.shapes:
+        shape = tuple(int(n) for n in text.split("x"))
+        for act in args.acts:
+            alpha = ACTS[act] if args.alpha is None else args.alpha
+            ours, ref = step_ms(act, alpha, args.rounds, shape, args.inplace)
+            print(f"| {text} | {act} | {ours:.3f} | {ref:.3f} | {ref / ours:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -526,7 +526,7 @@ def test_frozen_matches_the_batchnorm_it_froze(act, layout, dtype):
     y.backward(dy)
     rm, rv = np64(bn.running_mean), np64(bn.running_var)
     pre = reference.forward_eval(np64(x), rm, rv, np64(bn.weight), np64(bn.bias), EPS)
-    slope = np.where(pre >= 0, 1.0, 0.1) if act == "leaky_relu" else np.ones_like(pre)
+    slope = np.where(pre > 0, 1.0, 0.1) if act == "leaky_relu" else np.ones_like(pre)
     close(y, pre * slope, **TOL[dtype])
     k = (np64(bn.weight) / np.sqrt(rv + EPS)).reshape(1, 7, 1, 1)
     close(x.grad, np64(dy) * slope * k, **TOL[dtype])

@@ -175,14 +175,19 @@ def test_eval_with_buffers_in_another_dtype_computes_in_the_input_dtype():
 
 
 @pytest.mark.parametrize("saving", [True, False])
-def test_leaky_relu_slope_at_zero_is_the_same_on_every_backend(saving):
+def test_leaky_relu_slope_at_zero_is_torchs_on_every_backend(saving):
     """A constant channel with bias 0 puts its whole output at exactly 0, where leaky
-    ReLU's slope is a convention: every backend takes 1 there (activations.grad), so the
-    layer's gradients do not change with the route its size picks."""
+    ReLU's slope is a convention: every backend takes torch's (alpha, ATen's
+    leaky_relu_backward), so the layer's gradients equal torch.nn's BN + leaky ReLU and
+    do not change with the route its size picks."""
     pytest.importorskip("numba")
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
     x[:, 1] = 2.0  # channel 1 constant: x_hat = 0, y = bias = 0, z = 0
-    grads = {}
+    dz = torch.linspace(-1, 1, x.numel(), dtype=torch.float64).view_as(x)
+    bn = torch.nn.BatchNorm2d(3, dtype=torch.float64)
+    xt = x.clone().requires_grad_()
+    torch.nn.functional.leaky_relu(bn(xt), 0.1).backward(dz)
+    want = (xt.grad, bn.weight.grad, bn.bias.grad)
     for name in ("torch", "cpu", "native"):
         layer = batchnorm.BatchNormAct2d(3, act="leaky_relu", alpha=0.1, memory_saving=saving,
                                          dtype=torch.float64)
@@ -190,11 +195,9 @@ def test_leaky_relu_slope_at_zero_is_the_same_on_every_backend(saving):
         with kernels.use_backend(name):
             z = layer(xi)
             assert torch.equal(z[:, 1], torch.zeros_like(z[:, 1]))
-            z.backward(torch.linspace(-1, 1, z.numel(), dtype=torch.float64).view_as(z))
-        grads[name] = (xi.grad, layer.weight.grad, layer.bias.grad)
-    for name in ("cpu", "native"):
-        for got, want in zip(grads[name], grads["torch"]):
-            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    # slope 1 on channel 1: its bias gradient is the plain sum of dz there
-    dz = torch.linspace(-1, 1, x.numel(), dtype=torch.float64).view_as(x)
-    torch.testing.assert_close(grads["native"][2][1], dz[:, 1].sum(), rtol=1e-10, atol=1e-10)
+            z.backward(dz)
+        for got, expected in zip((xi.grad, layer.weight.grad, layer.bias.grad), want):
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+        # slope alpha on channel 1: its bias gradient is 0.1 times the sum of dz there
+        torch.testing.assert_close(layer.bias.grad[1], 0.1 * dz[:, 1].sum(), rtol=1e-10,
+                                   atol=1e-10)

@@ -107,6 +107,48 @@ def test_gamma_near_zero_gives_finite_gradients_of_the_effective_weight(act, alp
         torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-7)
 
 
+def test_effective_weight_keeps_the_weight_and_floors_its_magnitude():
+    """sign(w) * max(|w|, weight_eps) with sign(0) = +1 (-0.0 too); NaN stays NaN; in the
+    weight's dtype, without gradient."""
+    from batchnorm.variants._act_autograd import effective_weight
+
+    for dtype in (torch.float32, torch.float64):
+        w = torch.tensor([0.0, -0.0, 3e-6, -3e-6, 1e-4, -1e-4, 0.7, -2.5, float("inf"),
+                          float("nan")], dtype=dtype, requires_grad=True)
+        got = effective_weight(w, 1e-4)
+        want = torch.tensor([1e-4, 1e-4, 1e-4, -1e-4, 1e-4, -1e-4, 0.7, -2.5, float("inf"),
+                             float("nan")], dtype=dtype)
+        assert got.dtype == dtype and not got.requires_grad
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(w.detach()[6:9], got[6:9])  # |w| >= weight_eps: w itself
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_effective_weight_is_the_weight_itself_exactly_when_no_magnitude_is_floored(dtype):
+    """Where every |w| >= weight_eps (compared in w's dtype, as clamp does) the effective
+    weight is the weight's own storage (no ATen op per call); one value below the floor,
+    and it is the where-form: equal values either way, NaN and inf included."""
+    from batchnorm.variants._act_autograd import effective_weight
+
+    eps = 1e-5
+    floor = torch.tensor(eps, dtype=dtype)  # eps rounded to the dtype: the boundary
+    base = torch.tensor([0.3, -1.7, float("inf"), float("nan"), 2.0], dtype=dtype)
+    cases = {
+        "all above": (base, True),
+        "at the floor": (torch.cat([base, floor.view(1), -floor.view(1)]), True),
+        "just below": (torch.cat([base, torch.nextafter(floor, torch.zeros(())).view(1)]),
+                       False),
+        "zero": (torch.cat([base, torch.zeros(1, dtype=dtype)]), False),
+    }
+    for name, (values, kept) in cases.items():
+        w = values.clone().requires_grad_()
+        got = effective_weight(w, eps)
+        d = w.detach()
+        want = torch.where(d >= 0, d.clamp(min=eps), d.clamp(max=-eps))
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=name)
+        assert (got.data_ptr() == w.data_ptr()) is kept, name
+
+
 def test_zero_gamma_in_float32_stays_finite_and_learns():
     layer = batchnorm.BatchNormAct2d(2, act="leaky_relu")
     with torch.no_grad():
@@ -324,3 +366,18 @@ def test_non_finite_batch_leaves_the_running_statistics_on_both_sides(shape, bac
     assert ours.num_batches_tracked == theirs.num_batches_tracked == 3
     torch.testing.assert_close(ours.running_mean, theirs.running_mean, **TOL[torch.float32])
     torch.testing.assert_close(ours.running_var, theirs.running_var, **TOL[torch.float32])
+
+
+def test_weight_changed_in_place_before_the_backward_is_refused_as_by_torch_nn():
+    """The memory-saving path saves the weight's own storage as its effective weight (every
+    |w| >= weight_eps): an optimizer step between forward and backward is refused by
+    autograd's version check, as for torch.nn's BN (which saves its weight), never run
+    silently with other values."""
+    x = torch.randn(4, 3, 5, 5)
+    for layer in (batchnorm.BatchNormAct2d(3, act="leaky_relu"),
+                  torch.nn.BatchNorm2d(3)):
+        z = layer(x.clone().requires_grad_())
+        with torch.no_grad():
+            layer.weight.mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            z.sum().backward()

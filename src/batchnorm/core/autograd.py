@@ -45,7 +45,10 @@ def like_layout(t: Tensor, x: Tensor) -> Tensor:
     return t.contiguous()
 
 
-def _cast(grad: Tensor | None, like: Tensor | None, needed: bool) -> Tensor | None:
+def cast_grad(grad: Tensor | None, like: Tensor | None, needed: bool) -> Tensor | None:
+    """``grad`` in ``like``'s dtype where it is ``needed`` (a parameter's gradient in the
+    parameter's dtype), else None; no ``.to`` call where the dtype is already right (a
+    dispatch per call saved)."""
     if grad is None or like is None or not needed:
         return None
     return grad if grad.dtype == like.dtype else grad.to(like.dtype)
@@ -120,8 +123,8 @@ class BatchNormTrain(torch.autograd.Function):
         need = ctx.needs_input_grad
         return (
             dx if need[0] else None,
-            _cast(dw, weight, need[1]),
-            _cast(db, weight, need[2]),
+            cast_grad(dw, weight, need[1]),
+            cast_grad(db, weight, need[2]),
             None,
             None,
         )
@@ -169,7 +172,8 @@ class BatchNormEval(torch.autograd.Function):
         db = dyf.sum(dims) if need[4] or need[1] else None
         if need[1]:  # statistics that are learned (meta-learning, test-time adaptation)
             dmean = -g * db
-        return dx, dmean, dinvstd, _cast(dw, weight, need[3]), _cast(db, weight, need[4]), None
+        return (dx, dmean, dinvstd, cast_grad(dw, weight, need[3]),
+                cast_grad(db, weight, need[4]), None)
 
     @staticmethod
     def vmap(info, in_dims, x, mean, invstd, weight, bias, kernels=None):

@@ -4,6 +4,11 @@
 scale of elu (ignored by the others). An activation is *invertible* when its pre-image
 can be recovered from its output: then a BN + activation layer can keep only its output
 for the backward pass (InPlace-ABN's idea).
+
+At the kink (exactly 0) every derivative is torch's: relu's slope is 0, leaky_relu's is
+``alpha`` (ATen's ``leaky_relu_backward``: ``y > 0 ? dz : alpha * dz``, NaN included),
+elu's is ``alpha``. Every backend (numba, Triton, ATen, pure torch) takes the same, so a
+layer's gradients equal torch.nn's and do not change with the route its size picks.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ def apply(y: Tensor, act: str, alpha: float) -> Tensor:
     if act == "relu":
         return torch.relu(y)
     if act == "leaky_relu":
-        return torch.where(y >= 0, y, y * alpha)
+        return torch.where(y > 0, y, y * alpha)
     if act == "elu":
         return torch.where(y > 0, y, alpha * torch.expm1(y))
     if act == "silu":
@@ -58,7 +63,7 @@ def grad(y: Tensor, act: str, alpha: float) -> Tensor:
     if act == "relu":
         return (y > 0).to(y.dtype)
     if act == "leaky_relu":
-        return torch.where(y >= 0, torch.ones_like(y), torch.full_like(y, alpha))
+        return torch.where(y > 0, torch.ones_like(y), torch.full_like(y, alpha))
     if act == "elu":
         return torch.where(y > 0, torch.ones_like(y), alpha * torch.exp(y))
     if act == "silu":
@@ -85,8 +90,8 @@ def grad_from_output(z: Tensor, act: str, alpha: float) -> Tensor:
     """d act(y) / dy expressed through the output z = act(y), for invertible activations."""
     if act == "identity":
         return torch.ones_like(z)
-    if act == "leaky_relu":
-        return torch.where(z >= 0, torch.ones_like(z), torch.full_like(z, alpha))
+    if act == "leaky_relu":  # z > 0 exactly where y > 0
+        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, alpha))
     if act == "elu":
         return torch.where(z > 0, torch.ones_like(z), z + alpha)
     raise ValueError(f"activation {act!r} (alpha={alpha}) is not invertible")
@@ -116,7 +121,7 @@ def backward(dz: Tensor, y: Tensor, act: str, alpha: float) -> Tensor:
     if act == "relu":
         return torch.ops.aten.threshold_backward(dz, y, 0.0)
     if act == "leaky_relu":
-        return _leaky_backward(dz, y, alpha)
+        return torch.ops.aten.leaky_relu_backward(dz, y, alpha, False)
     if act == "elu":
         return torch.ops.aten.elu_backward(dz, alpha, 1.0, 1.0, False, y)
     if act == "silu":
@@ -130,19 +135,9 @@ def backward_from_output(dz: Tensor, z: Tensor, act: str, alpha: float) -> Tenso
     """dz * act'(y) through the output z = act(y), for invertible activations."""
     if act == "elu":
         return torch.ops.aten.elu_backward(dz, alpha, 1.0, 1.0, True, z)
-    if act == "leaky_relu":  # z >= 0 exactly where y >= 0
-        return _leaky_backward(dz, z, alpha)
+    if act == "leaky_relu":  # z > 0 exactly where y > 0 (alpha > 0)
+        return torch.ops.aten.leaky_relu_backward(dz, z, alpha, True)
     if act == "identity":
         return dz
     return dz * grad_from_output(z, act, alpha)
 
-
-def _leaky_backward(dz: Tensor, t: Tensor, alpha: float) -> Tensor:
-    """``dz`` where ``t >= 0`` (slope 1 at 0, as ``grad``; ATen's leaky_relu backward
-    takes alpha there), else ``alpha * dz``: the same values as ``torch.where(t >= 0, dz,
-    alpha * dz)`` in three vectorised ATen passes, which on CPU cost several times less
-    than that ``where``: ``n = dz`` where ``-inf < t < 0``, else 0 (``hardtanh_backward``
-    with the bounds -inf and 0), then ``(dz - n) + alpha * n`` (one of the two terms is 0
-    at every element: exact)."""
-    negative = torch.ops.aten.hardtanh_backward(dz, t, float("-inf"), 0.0)
-    return torch.add(dz - negative, negative, alpha=alpha)

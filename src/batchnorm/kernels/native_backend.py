@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from . import activations, torch_backend
+from .torch_backend import vectors_as
 from .interface import ALL, Grads, Mask, Vector
 
 name = "native"
@@ -72,22 +73,6 @@ def accepts_running(x: Tensor, running_mean: Tensor, running_var: Tensor) -> boo
     )
 
 
-def _alike(dtype: torch.dtype, *vectors: Tensor | None) -> bool:
-    """Whether every given vector has ``dtype`` (a loop: this runs on every call)."""
-    for v in vectors:
-        if v is not None and v.dtype != dtype:
-            return False
-    return True
-
-
-def _as(dtype: torch.dtype, *vectors: Tensor | None) -> tuple[Tensor | None, ...]:
-    """The vectors in ``dtype``: ATen's CPU kernels want them in x's (``.to`` is
-    differentiable, so a float32 weight on float64 input still gets its gradient)."""
-    if _alike(dtype, *vectors):
-        return vectors
-    return tuple(None if v is None else v.to(dtype) for v in vectors)
-
-
 def forward_train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -96,7 +81,7 @@ def forward_train(
     Called on tensors that require grad (``batchnorm.plan`` does so in eager mode, no
     torch.func transform active), ATen's autograd records it: its derivative (double
     backward included) runs in C++, as for ``torch.nn``."""
-    weight, bias = _as(x.dtype, weight, bias)
+    weight, bias = vectors_as(x.dtype, weight, bias)
     if x.is_cuda:
         return _cuda_train(x, weight, bias, eps)
     return torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
@@ -120,7 +105,7 @@ def forward_train_update(
     with the unbiased variance, in ATen's accumulation type): torch.nn's running
     statistics bit for bit. No guard: ``batchnorm.stats.update_running`` puts the buffers
     back for a non-finite batch."""
-    weight, bias = _as(x.dtype, weight, bias)
+    weight, bias = vectors_as(x.dtype, weight, bias)
     return torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, factor, eps)
 
 
@@ -131,14 +116,16 @@ def forward_eval(
     """ATen eval forward with the running variance (torch.nn's own eval kernel, one pass).
     Only this backend takes the variance; others get ``invstd`` through ``normalize``.
     Vectors in another dtype than x are brought to x's (ATen wants them alike)."""
-    weight, bias, running_mean, running_var = _as(x.dtype, weight, bias, running_mean, running_var)
+    weight, bias, running_mean, running_var = vectors_as(
+        x.dtype, weight, bias, running_mean, running_var
+    )
     return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, False)
 
 
 def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Vector,
              output_mask: Mask = ALL) -> Grads:
     """ATen training backward: (dx, dweight, dbias); eps is unused by ATen in training."""
-    (weight,) = _as(x.dtype, weight)
+    (weight,) = vectors_as(x.dtype, weight)
     return torch.ops.aten.native_batch_norm_backward(
         dy, x, weight, None, None, mean, invstd, True, 0.0, list(output_mask)
     )

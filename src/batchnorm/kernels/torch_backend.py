@@ -43,6 +43,17 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def vectors_as(dtype: torch.dtype, *vectors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The vectors in ``dtype``, as they are where they all have it already (no ``.to``
+    dispatch per call: this runs on every call; ATen's CPU kernels want the vectors in x's
+    dtype, and ``.to`` is differentiable, so a float32 weight on float64 input still gets
+    its gradient)."""
+    for v in vectors:
+        if v is not None and v.dtype != dtype:
+            return tuple(None if v is None else v.to(dtype) for v in vectors)
+    return vectors
+
+
 def reduce_dims(x: Tensor) -> list[int]:
     """Every axis except the channel axis 1."""
     return [0, *range(2, x.dim())]
@@ -225,8 +236,9 @@ def backward_act_by_bn(
     ``weight' * invstd'`` is this ``weight * invstd``). ``dz`` has z's dtype and layout.
     Returns (dx, dweight, dbias)."""
     acc = mean.dtype
-    w = torch.ones_like(mean) if weight is None else weight.to(acc)
-    b = torch.zeros_like(mean) if bias is None else bias.to(acc)
+    w, b = vectors_as(acc, weight, bias)
+    w = torch.ones_like(mean) if w is None else w
+    b = torch.zeros_like(mean) if b is None else b
     y = activations.inverse(z, act, alpha)
     dy = activations.backward_from_output(dz, z, act, alpha)
     grads = (backward if training else backward_eval)(dy, y, b, w.reciprocal(), w * w * invstd)

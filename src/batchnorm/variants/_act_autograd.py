@@ -28,18 +28,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core import ops
-from ..core.autograd import like_layout, differentiable_backward
+from .. import kernels
+from ..core import ops, traced
+from ..core.autograd import cast_grad, like_layout, differentiable_backward
 from ..kernels import activations
 from ..kernels.torch_backend import channel_view, reduce_dims
 
 
 def effective_weight(weight: Tensor | None, weight_eps: float) -> Tensor | None:
     """``sign(w) * max(|w|, weight_eps)`` with sign(0) = +1 (no gradient); core ATen ops
-    (the traced route exports them)."""
+    (the traced route exports them). Where every ``|w| >= weight_eps`` (what training
+    keeps almost always) that is ``w`` itself, ``weight.detach()``: on the CPU one compiled
+    check says so (``kernels.cpu``'s ``magnitudes_at_least``), which saves the four ATen
+    ops and their wrapped scalar on every training call (about a fifth of a small layer's
+    step, benchmarks/README.md). Its values are then the weight's storage, saved for the
+    backward as torch.nn saves its weight (an in-place change before the backward is
+    refused by autograd, as there)."""
     if weight is None or weight_eps == 0:
         return None if weight is None else weight.detach()
     w = weight.detach()
+    if not traced.active(w):
+        cpu = kernels.load("cpu")
+        if cpu is not None and cpu.magnitudes_at_least(w, weight_eps):
+            return w
     return torch.where(w >= 0, w.clamp(min=weight_eps), w.clamp(max=-weight_eps))
 
 
@@ -65,14 +76,8 @@ def _kernels(running):
 def _grads(ctx, dx, dw, db, weight):
     need = ctx.needs_input_grad
     return (
-        dx if need[0] else None,
-        _as(dw, weight) if need[1] and weight is not None else None,
-        _as(db, weight) if need[2] and weight is not None else None,
+        dx if need[0] else None, cast_grad(dw, weight, need[1]), cast_grad(db, weight, need[2]),
     ) + (None,) * 7
-
-
-def _as(grad: Tensor, weight: Tensor) -> Tensor:
-    return grad if grad.dtype == weight.dtype else grad.to(weight.dtype)
 
 
 class OutputSavingBNAct(torch.autograd.Function):
@@ -95,11 +100,11 @@ class OutputSavingBNAct(torch.autograd.Function):
         ctx.act, ctx.alpha, ctx.training = act, alpha, mean_in is None
         ctx.kernels = _kernels(running)
         ctx.mark_non_differentiable(mean, invstd)
-        ctx.set_materialize_grads(False)  # no zero tensors for mean's and invstd's None grads
+        ctx.set_materialize_grads(False)  # no zero tensors for mean and invstd per call
 
     @staticmethod
     def backward(ctx, dz, _dmean, _dinvstd):
-        if dz is None:  # no gradient reached z (grads are not materialised): all zero
+        if dz is None:  # no gradient reached z (set_materialize_grads(False)): zero
             return (None,) * 10
         if torch.is_grad_enabled():
             raise RuntimeError(
@@ -138,11 +143,11 @@ class InputSavingBNAct(torch.autograd.Function):
         ctx.eps, ctx.act, ctx.alpha, ctx.training = eps, act, alpha, mean_in is None
         ctx.kernels = _kernels(running)
         ctx.mark_non_differentiable(mean, invstd)
-        ctx.set_materialize_grads(False)  # no zero tensors for mean's and invstd's None grads
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, dz, _dmean, _dinvstd):
-        if dz is None:  # no gradient reached z (grads are not materialised): all zero
+        if dz is None:  # as OutputSavingBNAct's
             return (None,) * 9
         x, weight, bias, mean, invstd = ctx.saved_tensors
         acc = mean.dtype

@@ -62,7 +62,8 @@ def inverse(z, code, alpha):
 
 @njit(error_model="numpy", cache=True, inline="always")
 def grad_from_output(z, code, alpha):
-    """d act(y) / dy written through the output z, for the invertible ones."""
+    """d act(y) / dy written through the output z, for the invertible ones (leaky_relu:
+    ``alpha`` at z = 0 and NaN, as torch's)."""
     if code == LEAKY_RELU:
-        return alpha if z < 0.0 else 1.0
+        return 1.0 if z > 0.0 else alpha
     return 1.0

@@ -31,7 +31,7 @@ CHUNK = 1024
 
 
 #: What ``_run_sums`` adds up (see there).
-MOMENTS, GRAD, GATED_STRICT, GATED = 0, 1, 2, 3
+MOMENTS, GRAD, GATED = 0, 1, 2
 
 
 @njit(error_model="numpy", cache=True, fastmath=_REDUCE)
@@ -40,9 +40,9 @@ def _run_sums(p, q, k, zero, mode, sg, t, low):
 
     * MOMENTS: (sum(q - k), sum((q - k)^2)) (p unused);
     * GRAD: (sum(p), sum(p * (q - k)));
-    * GATED(_STRICT): GRAD of g = p where float(q) * sg >= t (> t), p * low elsewhere:
-      dy = dz * act'(y) of relu (low 0, strict) or leaky_relu (low alpha) after BN,
-      decided on x itself (see ``_cpu_nchw.act_backward_fused``).
+    * GATED: GRAD of g = p where float(q) * sg > t, p * low elsewhere: dy = dz * act'(y)
+      of relu (low 0) or leaky_relu (low alpha) after BN, decided on x itself (see
+      ``_cpu_nchw.act_backward_fused``); y = 0 (and NaN) takes ``low``, as torch.
 
     One loop per mode, so that each does only its own arithmetic: a shared loop would
     subtract a shift from p too (zero in the backward), and the subtractions and additions
@@ -58,14 +58,9 @@ def _run_sums(p, q, k, zero, mode, sg, t, low):
         for i in range(q.shape[0]):
             s1 += p[i]
             s2 += p[i] * (q[i] - k)
-    elif mode == GATED_STRICT:
-        for i in range(q.shape[0]):
-            g = p[i] if float(q[i]) * sg > t else p[i] * low
-            s1 += g
-            s2 += g * (q[i] - k)
     else:
         for i in range(q.shape[0]):
-            g = p[i] if float(q[i]) * sg >= t else p[i] * low
+            g = p[i] if float(q[i]) * sg > t else p[i] * low
             s1 += g
             s2 += g * (q[i] - k)
     return s1, s2
@@ -109,10 +104,10 @@ def grad_sums(dy, x, k, zero):
 
 
 @njit(error_model="numpy", cache=True, inline="always")
-def gated_sums(dz, x, k, zero, strict, sg, t, low):
-    """``grad_sums`` of dy = dz where float(x) * sg > t (>= t unless ``strict``), dz * low
-    elsewhere (``low`` in x's dtype)."""
-    return _chunked(dz, x, k, zero, GATED_STRICT if strict else GATED, sg, t, low)
+def gated_sums(dz, x, k, zero, sg, t, low):
+    """``grad_sums`` of dy = dz where float(x) * sg > t, dz * low elsewhere (``low`` in x's
+    dtype)."""
+    return _chunked(dz, x, k, zero, GATED, sg, t, low)
 
 
 @njit(error_model="numpy", cache=True, fastmath=_REDUCE)
@@ -157,16 +152,11 @@ def grad_x(dy, x, out, a, hi, lo, b, c):
 
 
 @njit(error_model="numpy", cache=True, inline="always")
-def gated_grad_x(dz, x, out, a, hi, lo, b, c, strict, sg, t, low):
+def gated_grad_x(dz, x, out, a, hi, lo, b, c, sg, t, low):
     """``grad_x`` of the gated dy of ``gated_sums``."""
-    if strict:
-        for i in range(out.shape[0]):
-            g = dz[i] if float(x[i]) * sg > t else dz[i] * low
-            out[i] = a * g + (b * ((x[i] - hi) - lo) + c)
-    else:
-        for i in range(out.shape[0]):
-            g = dz[i] if float(x[i]) * sg >= t else dz[i] * low
-            out[i] = a * g + (b * ((x[i] - hi) - lo) + c)
+    for i in range(out.shape[0]):
+        g = dz[i] if float(x[i]) * sg > t else dz[i] * low
+        out[i] = a * g + (b * ((x[i] - hi) - lo) + c)
 
 
 @njit(error_model="numpy", cache=True, inline="always")

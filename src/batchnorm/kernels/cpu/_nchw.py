@@ -290,9 +290,9 @@ def backward_fused(dy, x, mean, invstd, weight, out, want_dx, block):
 
 
 @njit(error_model="numpy", cache=True)
-def _gate(mean, invstd, weight, bias, strict):
-    """Per channel (sg, t) such that y = (x - mean) * invstd * weight + bias > 0 (>= 0
-    unless ``strict``) exactly when float(x) * sg > t (>= t), in float64."""
+def _gate(mean, invstd, weight, bias):
+    """Per channel (sg, t) such that y = (x - mean) * invstd * weight + bias > 0 exactly
+    when float(x) * sg > t, in float64."""
     C = mean.shape[0]
     sg = np.empty(C)
     t = np.empty(C)
@@ -300,9 +300,8 @@ def _gate(mean, invstd, weight, bias, strict):
         scale = float(invstd[c]) * (float(weight[c]) if weight.size else 1.0)
         shift = float(bias[c]) if bias.size else 0.0
         if scale == 0.0:  # y = shift everywhere
-            on = shift > 0.0 if strict else shift >= 0.0
             sg[c] = 1.0
-            t[c] = -math.inf if on else math.inf
+            t[c] = -math.inf if shift > 0.0 else math.inf
         else:
             sg[c] = 1.0 if scale > 0.0 else -1.0
             t[c] = sg[c] * (float(mean[c]) - shift / scale)
@@ -315,7 +314,7 @@ def act_backward_fused(dz, x, mean, invstd, weight, bias, out, code, low, traini
     ``backward_fused``: a pass reads dz and x only, dy = dz * act'(y) is made on the way.
 
     * relu (``low`` 0) and leaky_relu (``low`` alpha): the slope is decided on x
-      (``_gate``: y's sign without computing y);
+      (``_gate``: y's sign without computing y; y = 0 takes ``low``, as torch);
     * silu and gelu: y is recomputed from x and dy written to a scratch copy of the block
       (``_cpu_loops.smooth_dy``, compiled without fast-math), which the sums and then dx
       read: the derivative, a dozen times the cost of a plain pass, is evaluated once.
@@ -328,9 +327,8 @@ def act_backward_fused(dz, x, mean, invstd, weight, bias, out, code, low, traini
     sdx = np.zeros(C)
     par = np.empty((C, 3), x.dtype)
     hi, lo, scale, shift = P.affine(mean, invstd, weight, bias, x)
-    strict = code == A.RELU
     smooth = code == A.SILU or code == A.GELU
-    sg, t = _gate(mean, invstd, weight, bias, strict)
+    sg, t = _gate(mean, invstd, weight, bias)
     zero = np.zeros(1, x.dtype)[0]
     for blk in prange((C + block - 1) // block):
         c0 = blk * block
@@ -343,8 +341,7 @@ def act_backward_fused(dz, x, mean, invstd, weight, bias, out, code, low, traini
                                 shift[c], code)
                     r1, r2 = L.grad_sums(dy[n, c - c0], x[n, c], hi[c], zero)
                 else:
-                    r1, r2 = L.gated_sums(dz[n, c], x[n, c], hi[c], zero, strict, sg[c], t[c],
-                                          low)
+                    r1, r2 = L.gated_sums(dz[n, c], x[n, c], hi[c], zero, sg[c], t[c], low)
                 sd[c] += r1
                 sdx[c] += r2
         for c in range(c0, c1):
@@ -357,7 +354,7 @@ def act_backward_fused(dz, x, mean, invstd, weight, bias, out, code, low, traini
                              par[c, 1], par[c, 2])
                 else:
                     L.gated_grad_x(dz[n, c], x[n, c], out[n, c], par[c, 0], hi[c], lo[c],
-                                   par[c, 1], par[c, 2], strict, sg[c], t[c], low)
+                                   par[c, 1], par[c, 2], sg[c], t[c], low)
     for c in range(C):
         sdx[c] *= float(invstd[c])
     return sd, sdx

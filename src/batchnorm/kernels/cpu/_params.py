@@ -89,6 +89,16 @@ def finite_batch(mean, invstd, eps):
 
 
 @njit(error_model="numpy", cache=True)
+def at_least(w, floor):
+    """Whether no |w| is below ``floor`` (a NaN is not below), compared in w's dtype (floor
+    is a scalar of it). Counts without an early exit, so the loop vectorises."""
+    below = 0
+    for c in range(w.shape[0]):
+        below += abs(w[c]) < floor
+    return below == 0
+
+
+@njit(error_model="numpy", cache=True)
 def running_update(running_mean, running_var, mean, invstd, eps, correction, factor):
     """Fold one batch into the running buffers in place, from (mean, invstd); False, and
     nothing written, if any statistic is not finite.

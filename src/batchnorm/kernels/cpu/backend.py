@@ -456,7 +456,7 @@ def backward_act_input(
             grads = (backward if training else backward_eval)(dy, x, mean, invstd, weight)
             return grads[0], grads[1], grads[2]
         out = torch.empty_like(x)
-        low = _ACC[x.dtype](alpha if act == "leaky_relu" else 0.0)  # the slope below 0
+        low = _ACC[x.dtype](alpha if act == "leaky_relu" else 0.0)  # the slope at y <= 0
         sd, sdx = NCHW.act_backward_fused(
             _view(_like(dz, x), layout), _view(x, layout), _vec(mean, x), _vec(invstd, x),
             _vec(weight, x), _vec(bias, x), _view(out, layout), activations.CODES[act], low, training,
@@ -500,6 +500,20 @@ def finite_batch(mean: Tensor, invstd: Tensor, eps: float) -> bool | None:
     except (RuntimeError, TypeError):
         return None
     return P.finite_batch(m, s, float(eps))
+
+
+def magnitudes_at_least(w: Tensor, floor: float) -> bool | None:
+    """Whether every ``|w|`` is at least ``floor`` (NaN counts as at least), in one compiled
+    call with the comparison in w's dtype, as ``clamp`` makes it; None where it does not
+    apply. As ``finite_batch``, ``.numpy()`` is simply tried (it refuses tensors that
+    require grad, live elsewhere than on the CPU or are wrapped by torch.func)."""
+    if w.dtype not in _EMPTY or w.dim() != 1:
+        return None
+    try:
+        view = w.numpy()
+    except (RuntimeError, TypeError):
+        return None
+    return P.at_least(view, _ACC[w.dtype](floor))
 
 
 def update_running(

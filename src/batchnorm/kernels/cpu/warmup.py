@@ -54,6 +54,7 @@ def _run(x: torch.Tensor) -> None:
     cpu.forward_eval_act(x, mean, invstd, w, b, "leaky_relu", 0.01)
     cpu.backward_act_input(dy, x, mean, invstd, w, b, "relu", 0.0, True)
     cpu.finite_batch(mean, invstd, 1e-5)
+    cpu.magnitudes_at_least(w, 1e-5)  # BatchNormAct's effective weight
     running = (torch.zeros(c, dtype=x.dtype), torch.ones(c, dtype=x.dtype))
     cpu.update_running(*running, mean, invstd, 1e-5, 1.0, 0.1)
     backup = cpu_backup.RunningBackup()  # the guard of the ATen path

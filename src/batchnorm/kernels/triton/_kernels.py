@@ -59,7 +59,7 @@ def _act(y, alpha, ACT: tl.constexpr):
     if ACT == 1:
         z = tl.maximum(y, 0.0)
     elif ACT == 2:
-        z = tl.where(y >= 0, y, y * alpha)
+        z = tl.where(y > 0, y, y * alpha)
     elif ACT == 3:
         z = y * tl.sigmoid(y)
     elif ACT == 4:
@@ -74,7 +74,7 @@ def _act_inverse(z, alpha, ACT: tl.constexpr):
     """y = act^-1(z) for the invertible activations (identity, leaky_relu, elu)."""
     y = z
     if ACT == 2:
-        y = tl.where(z >= 0, z, z / alpha)
+        y = tl.where(z > 0, z, z / alpha)
     elif ACT == 5:
         # clamp at activations.ELU_FLOOR = -1 + 2^-23 (saturated elu: see activations.py)
         y = tl.where(z > 0, z, tl.log(1.0 + tl.maximum(tl.minimum(z, 0.0) / alpha, -1.0 + 1.1920928955078125e-07)))
@@ -83,10 +83,11 @@ def _act_inverse(z, alpha, ACT: tl.constexpr):
 
 @triton.jit
 def _act_grad_from_output(z, alpha, ACT: tl.constexpr):
-    """d act(y) / dy through the output z (invertible activations)."""
+    """d act(y) / dy through the output z (invertible activations; torch's slope at
+    z = 0: leaky_relu's alpha, elu's alpha)."""
     g = tl.full(z.shape, 1.0, tl.float32)
     if ACT == 2:
-        g = tl.where(z >= 0, 1.0, alpha + 0.0 * z)
+        g = tl.where(z > 0, 1.0, alpha + 0.0 * z)
     elif ACT == 5:
         g = tl.where(z > 0, 1.0, z + alpha)
     return g
