@@ -21,6 +21,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 _previous = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
@@ -609,36 +610,49 @@ def test_triton_backend_behind_the_module_matches_torch_nn():
 
 def _kink_case(n=64):
     """One channel, weight 1, bias 0, values symmetric about 0 with one exactly at the
-    mean: its normalised value is exactly 0, where ours (slope from ``z >= 0``: 1) and
-    ATen (``y > 0``: alpha) take different sides of leaky ReLU's kink."""
+    mean: its normalised value is exactly 0, leaky ReLU's kink."""
     half = torch.arange(1, n // 2 + 1) * 0.125  # exact sums: the mean is exactly 0
     x = torch.cat([half, -half, torch.zeros(1)]).reshape(-1, 1, 1, 1)
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
-    dy[-1] = 2.0  # the flipped element's gradient: its slope difference moves the sums
+    dy[-1] = 2.0  # the kink element's gradient: a slope difference there moves the sums
     return x, torch.ones(1), torch.zeros(1), dy
 
 
 def test_the_bench_check_explains_the_leaky_relu_kink_channel_wide():
-    """One element at the kink changes its channel's two sums, so it moves every dx of
-    the channel (by weight * invstd / m * (1 - alpha) * dy_k * (1 + x_hat_i x_hat_k)), not
-    only its own (the GPU run's disagreement): the check leaves the flipped element out,
-    allows exactly that shift elsewhere (the measured difference equals it), and still
-    fails a difference beyond it; nothing is left out of the other operations."""
+    """Both sides take torch's slope (alpha) at exactly 0, so the kink element itself
+    agrees. An element put on the other side of the kink (as a rounding to the other sign
+    does; the GPU run's disagreement) changes its channel's two sums, so it moves every dx
+    of the channel by weight * invstd / m * (1 - alpha) * dy_k * (1 + x_hat_i x_hat_k), not
+    only its own: the check leaves the flipped element out, allows exactly that shift
+    elsewhere (the measured difference equals it), and still fails a difference beyond
+    it; nothing is left out of the other operations."""
     from batchnorm import bench_gpu
 
     x, w, b, dy = _kink_case()
+    k = x.shape[0] - 1
     ours, native = (f() for f in bench_gpu.op_pair("train fwd+bwd leaky_relu", x, w, b, dy))
-    left_out, allowance = bench_gpu.kink("train fwd+bwd leaky_relu", x, w, b, dy)
-    assert left_out.flatten().nonzero().flatten().tolist() == [x.shape[0] - 1]
     limit = bench_gpu.TOL[torch.float32] * (1 + native.abs().max().item())
-    diff = (ours - native).abs()[~left_out]
+    left_out, _ = bench_gpu.kink("train fwd+bwd leaky_relu", x, w, b, dy)
+    assert not left_out.any() and (ours - native).abs().max() <= limit
+    # native with element k on the other side: its slope 1 instead of alpha
+    xg = x.clone().requires_grad_()
+    y = F.batch_norm(xg, None, None, w, b, True, 0.1, bench_gpu.EPS)
+    slope = torch.where(y > 0, 1.0, bench_gpu.LEAKY_ALPHA)
+    slope[k] = 1.0
+    (flipped_native,) = torch.autograd.grad(y, xg, dy * slope)
+    flipped = torch.zeros_like(x, dtype=torch.bool)
+    flipped[k] = True
+    allowance = bench_gpu.kink_allowance(flipped, x, w, dy)
+    diff = (ours - flipped_native).abs()[~flipped]
     assert diff.max() > 10 * limit  # the shift of the whole channel, not a rounding
-    close(diff, allowance[~left_out], rtol=1e-4, atol=1e-6)  # the formula is the shift
-    check = bench_gpu.agreement("train fwd+bwd leaky_relu", x, w, b, dy, ours, native)
+    close(diff, allowance[~flipped], rtol=1e-4, atol=1e-6)  # the formula is the shift
+    check = bench_gpu.agreement("train fwd+bwd leaky_relu", x, w, b, dy, ours,
+                                flipped_native, flipped=flipped)
     assert check["agrees"] and check["kink_elements"] == 1
     wrong = ours.clone()
-    wrong[0] += torch.sign(ours[0] - native[0]) * 2 * limit  # 2 * limit beyond the shift
-    assert not bench_gpu.agreement("train fwd+bwd leaky_relu", x, w, b, dy, wrong, native)["agrees"]
+    wrong[0] += torch.sign(ours[0] - flipped_native[0]) * 2 * limit  # beyond the shift
+    assert not bench_gpu.agreement("train fwd+bwd leaky_relu", x, w, b, dy, wrong,
+                                   flipped_native, flipped=flipped)["agrees"]
     for op in bench_gpu.OP_NAMES:
         if op != "train fwd+bwd leaky_relu":
             assert bench_gpu.kink(op, x, w, b, dy) is None

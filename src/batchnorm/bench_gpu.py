@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 EPS = 1e-5
+LEAKY_ALPHA = 0.01  # the negative slope of the BN + leaky ReLU op
 # (C, H, W) of the BatchNorm inputs of torchvision's ResNet-50 (one of each distinct shape).
 RESNET50_SHAPES = [
     (64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (128, 28, 28),
@@ -162,27 +163,30 @@ def op_pair(op: str, x: Tensor, w: Tensor, b: Tensor, dy: Tensor):
         return _layer_pair(x, w, b, dy)
     if op == "train fwd+bwd leaky_relu":
         def ours_act():
-            z, m, i = tb.forward_train_act(x, w, b, EPS, "leaky_relu", 0.01)
-            return tb.backward_act(dy, z, m, i, w, b, "leaky_relu", 0.01, True)[0]
+            z, m, i = tb.forward_train_act(x, w, b, EPS, "leaky_relu", LEAKY_ALPHA)
+            return tb.backward_act(dy, z, m, i, w, b, "leaky_relu", LEAKY_ALPHA, True)[0]
 
         def native_act():
-            z = F.leaky_relu(F.batch_norm(xg, None, None, wg, bg, True, 0.1, EPS), 0.01)
+            z = F.leaky_relu(F.batch_norm(xg, None, None, wg, bg, True, 0.1, EPS), LEAKY_ALPHA)
             return torch.autograd.grad(z, (xg, wg, bg), dy)[0]
         return ours_act, native_act
     raise ValueError(f"unknown op {op!r}: expected one of {OP_NAMES}")
 
 
 def agreement(op: str, x: Tensor, w: Tensor, b: Tensor, dy: Tensor, ours: Tensor,
-              native: Tensor) -> dict:
+              native: Tensor, flipped: Tensor | None = None) -> dict:
     """Whether ``ours`` and ``native`` (what ``op_pair``'s callables return) agree:
     ``|ours - native| <= TOL * (1 + max|native|)`` at every element, beyond what the
     kink of BN + leaky ReLU explains (``kink``). Returns ``agrees``, ``max_abs_diff`` (the
     largest difference beyond that allowance), and for the leaky op ``kink_elements``
-    (elements left out) and ``kink_allowance`` (the largest allowance)."""
+    (elements left out) and ``kink_allowance`` (the largest allowance). ``flipped``: the
+    elements the two forwards put on different sides of the kink, if known (else
+    ``kink`` finds them)."""
     diff = (ours.float() - native.float()).abs()
     scale = 1.0 + native.float().abs().max().item()
     out = {}
-    explained = kink(op, x, w, b, dy)
+    explained = (kink(op, x, w, b, dy) if flipped is None or op != "train fwd+bwd leaky_relu"
+                 else (flipped, kink_allowance(flipped, x, w, dy)))
     if explained is not None:
         left_out, allowance = explained
         diff = (diff - allowance).clamp_(min=0).masked_fill_(left_out, 0.0)
@@ -196,8 +200,9 @@ def kink(op: str, x: Tensor, w: Tensor, b: Tensor, dy: Tensor) -> tuple[Tensor, 
     out, allowance per element); None for the other ops.
 
     Where the normalised value y is within rounding of 0, two correct implementations put
-    it on either side (slope 1 vs alpha): ours decides from its output z (``z >= 0``),
-    ATen from its y (``y > 0``). Such a flipped element k differs in dx by about
+    it on either side (slope 1 vs alpha): both take slope 1 only where their own value is
+    above 0 (ours from its output z, ATen from its y), and the two values may round to
+    different signs. Such a flipped element k differs in dx by about
     ``|dy * weight * invstd|`` (left out), and it changes the channel's two sums by
     ``d = (1 - alpha) * dy_k`` and ``d * x_hat_k``, which moves EVERY dx_i of the channel
     by ``weight * invstd / m * d * (1 + x_hat_i * x_hat_k)`` (dx = g (dy' - mean(dy') -
@@ -206,10 +211,17 @@ def kink(op: str, x: Tensor, w: Tensor, b: Tensor, dy: Tensor) -> tuple[Tensor, 
     disagreement, 9e-5 at 128x256x28x28 float32: one flip in 25.7M elements)."""
     if op != "train fwd+bwd leaky_relu":
         return None
-    alpha = 0.01
-    ours_pos = _triton().forward_train_act(x, w, b, EPS, "leaky_relu", alpha)[0] >= 0
+    ours_pos = _triton().forward_train_act(x, w, b, EPS, "leaky_relu", LEAKY_ALPHA)[0] > 0
     native_pos = F.batch_norm(x, None, None, w, b, True, 0.1, EPS) > 0
     flipped = ours_pos != native_pos
+    return flipped, kink_allowance(flipped, x, w, dy)
+
+
+def kink_allowance(flipped: Tensor, x: Tensor, w: Tensor, dy: Tensor,
+                   alpha: float = LEAKY_ALPHA) -> Tensor:
+    """Per element, the largest shift of dx that the ``flipped`` elements explain (see
+    ``kink``): ``|weight * invstd| / m * (sum_k d_k + |x_hat_i| * sum_k d_k |x_hat_k|)``
+    over the channel's flipped k, ``d_k = (1 - alpha) |dy_k|``."""
     var, mean = torch.var_mean(x.float(), dim=[0, 2, 3], correction=0)
     invstd = torch.rsqrt(var + EPS)
     x_hat = (x.float() - mean[:, None, None]) * invstd[:, None, None]
@@ -217,8 +229,7 @@ def kink(op: str, x: Tensor, w: Tensor, b: Tensor, dy: Tensor) -> tuple[Tensor, 
     sum_d = d.sum(dim=[0, 2, 3])
     sum_dx = (d * x_hat.abs()).sum(dim=[0, 2, 3])
     g = (w.float() * invstd).abs() / (x.numel() // x.shape[1])
-    allowance = g[:, None, None] * (sum_d[:, None, None] + x_hat.abs() * sum_dx[:, None, None])
-    return flipped, allowance
+    return g[:, None, None] * (sum_d[:, None, None] + x_hat.abs() * sum_dx[:, None, None])
 
 
 def _layer_pair(x: Tensor, w: Tensor, b: Tensor, dy: Tensor):
