@@ -67,14 +67,7 @@ def test_equals_separate_batchnorm_and_activation(act, memory_saving, mode, dtyp
         x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
         z1, z2 = ours(x1), TORCH_ACT[name](theirs(x2), a)
         torch.testing.assert_close(z1, z2, **tol)
-        g = torch.randn_like(z1)
-        z1.backward(g)
-        z2.backward(g)
-        torch.testing.assert_close(x1.grad, x2.grad, **tol)
-        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, **tol)
-        torch.testing.assert_close(ours.bias.grad, theirs.bias.grad, **tol)
-        for m in (ours, theirs):
-            m.weight.grad = m.bias.grad = None
+        _same_gradients(ours, theirs, z1, z2, x1, x2, tol, tol)
     torch.testing.assert_close(ours.running_mean, theirs.running_mean, **tol)
     torch.testing.assert_close(ours.running_var, theirs.running_var, **tol)
 
@@ -319,14 +312,7 @@ def test_both_sides_of_the_cpu_crossover_equal_torch_nn(shape, backend, act, alp
         kept = z1 if ours.saves_output() else x1
         assert list(seen) == [kept.untyped_storage().data_ptr()]
         torch.testing.assert_close(z1, z2, **tol)
-        g = torch.randn_like(z1)
-        z1.backward(g)
-        z2.backward(g)
-        torch.testing.assert_close(x1.grad, x2.grad, **tol)
-        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, **sums)
-        torch.testing.assert_close(ours.bias.grad, theirs.bias.grad, **sums)
-        for m in (ours, theirs):
-            m.weight.grad = m.bias.grad = None
+        _same_gradients(ours, theirs, z1, z2, x1, x2, tol, sums)
         torch.testing.assert_close(ours.running_mean, theirs.running_mean, **tol)
         torch.testing.assert_close(ours.running_var, theirs.running_var, **tol)
         if backend == "native":  # ATen's kernel blends the batch in, as torch.nn's does
@@ -381,3 +367,16 @@ def test_weight_changed_in_place_before_the_backward_is_refused_as_by_torch_nn()
             layer.weight.mul_(2.0)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             z.sum().backward()
+
+
+def _same_gradients(ours, theirs, z1, z2, x1, x2, tol, sums):
+    """Backward of one upstream gradient through both layers: equal input gradients
+    (``tol``) and parameter gradients (``sums``), then the parameter gradients cleared."""
+    g = torch.randn_like(z1)
+    z1.backward(g)
+    z2.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, **tol)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, **sums)
+    torch.testing.assert_close(ours.bias.grad, theirs.bias.grad, **sums)
+    for m in (ours, theirs):
+        m.weight.grad = m.bias.grad = None
