@@ -16,8 +16,9 @@ Passes over memory (m = elements per channel):
 * training forward: one read of x for the statistics (shifted sums), one
   write of y. Channel-major tensors with many channels are cut into blocks of channels
   that fit in a core's cache; one thread computes a block's statistics and then its
-  output, so the second read of x comes from cache (``FUSE_BYTES``). Channels-last
-  tensors and channel-major ones with few, large channels take two passes;
+  output, so the second read of x comes from cache (``FUSE_BYTES``,
+  ``FUSE_BLOCK_BYTES``). Channels-last tensors and channel-major ones with few, large
+  channels take two passes;
 * training backward: one read of (dy, x) for sum(dy) and sum(dy * x_hat), one write of
   dx, fused per block in the same way;
 * eval forward: one read, one write.
@@ -63,8 +64,14 @@ blends_running = False
 MIN_TASK = 16384
 #: Below this many elements a call runs on one thread: waking the others costs more.
 PARALLEL_MIN = 32768
-#: Bytes of one fused task's arrays (inputs and output) that still fit in a core's cache.
+#: Bytes of one channel's arrays (inputs and output) up to which the fused kernels apply:
+#: one channel still fits in a core's cache (2 MiB of L2 here).
 FUSE_BYTES = 2 << 20
+#: Bytes of one fused task's arrays the channel blocks aim for: a quarter of a core's L2,
+#: leaving room for what else the cache holds between the task's two passes. Blocks of a
+#: whole L2 (2 MiB) made a layer's training forward + backward 1.11x-1.27x slower at
+#: 8x512x28x28, 8x1024x14x14 and 8x2048x7x7 (benchmarks/fuse_block.py, 2026-12-04).
+FUSE_BLOCK_BYTES = 512 << 10
 
 _EMPTY = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
 #: numpy dtype of the accumulation dtype of each supported dtype (float32 -> float32:
@@ -180,7 +187,10 @@ def _block(x: Tensor, layout: str, parts: int, arrays: int) -> int:
     if layout != "nchw" or parts != 1 or per_channel > FUSE_BYTES:
         return 0
     most = -(-x.shape[1] // (2 * numba.get_num_threads()))  # >= 2 tasks per thread
-    return max(1, min(FUSE_BYTES // per_channel, most))
+    # channels below the block target are grouped up to it; larger ones (up to
+    # FUSE_BYTES) as many as fit in FUSE_BYTES, as before the target existed
+    per_task = FUSE_BLOCK_BYTES // per_channel or FUSE_BYTES // per_channel
+    return max(1, min(per_task, most))
 
 
 def accepts_running(x: Tensor, running_mean: Tensor, running_var: Tensor) -> bool:
