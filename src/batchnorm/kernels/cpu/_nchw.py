@@ -160,11 +160,13 @@ def forward_fused(x, weight, bias, eps, out, code, alpha, block):
 
     A block is walked batch row by batch row, so each row is one contiguous run of
     block * M values (short spatial rows alone would defeat the hardware prefetcher).
-    ``weight``/``bias`` are float vectors, empty for none. Returns float64 (mean, var)."""
+    ``weight``/``bias`` are float vectors, empty for none. Returns (mean, invstd =
+    1 / sqrt(var + eps)), formed in float64 and rounded to x's dtype (the accumulation
+    dtype of the contract for float32/float64)."""
     N, C, M = x.shape
     count = N * M
-    mean = np.empty(C)
-    var = np.empty(C)
+    mean = np.empty(C, x.dtype)
+    invstd = np.empty(C, x.dtype)
     s1 = np.zeros(C)
     s2 = np.zeros(C)
     # per-channel scalars rounded to x's dtype: hi + lo carries the float64 mean
@@ -184,9 +186,9 @@ def forward_fused(x, weight, bias, eps, out, code, alpha, block):
                 s2[c] += r2
         for c in range(c0, c1):
             mu, v = _moments(s1[c], s2[c], float(x[0, c, 0]), count)
-            mean[c] = mu
-            var[c] = v
             scale = 1.0 / math.sqrt(v + eps)
+            mean[c] = mu
+            invstd[c] = scale
             if weight.size:
                 scale *= weight[c]
             hi[c] = mu
@@ -196,7 +198,7 @@ def forward_fused(x, weight, bias, eps, out, code, alpha, block):
         for n in range(N):
             L.affine_rows(x[n, c0:c1], out[n, c0:c1], hi[c0:c1], lo[c0:c1], scales[c0:c1],
                           shifts[c0:c1], code, alpha)
-    return mean, var
+    return mean, invstd
 
 
 @njit(parallel=True, error_model="numpy", cache=True)
@@ -253,12 +255,26 @@ def _dx_coefficients(invstd, weight, sd, sdx, count, c, training, par):
     par[c, 2] = -k * sd[c] / count if training else 0.0
 
 
+@njit(error_model="numpy", cache=True)
+def _rounded(sd, sdx, invstd, like):
+    """(sum(dy), sum(dy * x_hat)) in like's dtype from the float64 sum(dy) and
+    sum(dy * (x - mean))."""
+    C = sd.shape[0]
+    a = np.empty(C, like.dtype)
+    b = np.empty(C, like.dtype)
+    for c in range(C):
+        a[c] = sd[c]
+        b[c] = sdx[c] * float(invstd[c])
+    return a, b
+
+
 @njit(parallel=True, error_model="numpy", cache=True)
 def backward_fused(dy, x, mean, invstd, weight, out, want_dx, block):
     """Training backward, one task per block of channels (walked as in ``forward_fused``):
     the two sums, then dx while the block is still in cache.
 
-    Returns float64 (sum(dy), sum(dy * x_hat)); writes dx into ``out`` if ``want_dx``."""
+    Returns (sum(dy), sum(dy * x_hat)), summed in float64 and rounded to x's dtype; writes
+    dx into ``out`` if ``want_dx``."""
     N, C, M = x.shape
     count = N * M
     sd = np.zeros(C)
@@ -284,9 +300,7 @@ def backward_fused(dy, x, mean, invstd, weight, out, want_dx, block):
             for c in range(c0, c1):
                 L.grad_x(dy[n, c], x[n, c], out[n, c], par[c, 0], hi[c], lo[c],
                          par[c, 1], par[c, 2])
-    for c in range(C):
-        sdx[c] *= float(invstd[c])
-    return sd, sdx
+    return _rounded(sd, sdx, invstd, x)
 
 
 @njit(error_model="numpy", cache=True)

@@ -168,9 +168,9 @@ def _acc(v: np.ndarray, x: Tensor) -> Tensor:
     return torch.from_numpy(v.astype(_ACC[x.dtype], copy=False))
 
 
-def _parts(x: Tensor, layout: str) -> int:
-    """How many tasks to cut each channel (nchw) or the rows (nhwc) into."""
-    threads = numba.get_num_threads()
+def _parts(x: Tensor, layout: str, threads: int) -> int:
+    """How many tasks to cut each channel (nchw) or the rows (nhwc) into, for ``threads``
+    numba threads."""
     c = x.shape[1]
     per_channel = x.numel() // c
     if layout == "nchw":
@@ -180,13 +180,13 @@ def _parts(x: Tensor, layout: str) -> int:
     return max(1, min(4 * threads, x.numel() // MIN_TASK))
 
 
-def _block(x: Tensor, layout: str, parts: int, arrays: int) -> int:
+def _block(x: Tensor, layout: str, parts: int, arrays: int, threads: int) -> int:
     """Channels per task of a fused kernel (whose ``arrays`` tensors of one block must stay
     in cache between its two passes), or 0 where the fused kernels do not apply."""
     per_channel = x.numel() // x.shape[1] * x.element_size() * arrays
     if layout != "nchw" or parts != 1 or per_channel > FUSE_BYTES:
         return 0
-    most = -(-x.shape[1] // (2 * numba.get_num_threads()))  # >= 2 tasks per thread
+    most = -(-x.shape[1] // (2 * threads))  # >= 2 tasks per thread
     # channels below the block target are grouped up to it; larger ones (up to
     # FUSE_BYTES) as many as fit in FUSE_BYTES, as before the target existed
     per_task = FUSE_BLOCK_BYTES // per_channel or FUSE_BYTES // per_channel
@@ -198,18 +198,22 @@ def accepts_running(x: Tensor, running_mean: Tensor, running_var: Tensor) -> boo
 
 
 class _sized:
-    """``with _sized(x):`` runs the block's kernels on one numba thread when ``x`` is
-    small (a context, not a decorator: no extra frame between a caller and a kernel)."""
+    """``with _sized(x) as threads:`` runs the block's kernels on one numba thread when
+    ``x`` is small (a context, not a decorator: no extra frame between a caller and a
+    kernel); ``threads`` is the number in effect (numba's setting is read once a call)."""
 
-    __slots__ = ("threads",)
+    __slots__ = ("threads", "used")
 
     def __init__(self, x: Tensor) -> None:
         threads = numba.get_num_threads()
-        self.threads = threads if threads > 1 and x.numel() < PARALLEL_MIN else 0
+        small = threads > 1 and x.numel() < PARALLEL_MIN
+        self.threads = threads if small else 0
+        self.used = 1 if small else threads
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> int:
         if self.threads:
             numba.set_num_threads(1)
+        return self.used
 
     def __exit__(self, *exc) -> None:
         if self.threads:
@@ -232,24 +236,26 @@ def _fused_backward(act: str, x: Tensor) -> bool:
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance (float64 shifted sums, one pass)."""
-    with _sized(x):
+    with _sized(x) as threads:
         layout = _layout(x)
         if layout is None:
             return torch_backend.batch_stats(x)
         kernels = NCHW if layout == "nchw" else NHWC
-        mean, var = kernels.stats(_view(x, layout), _parts(x, layout))
+        mean, var = kernels.stats(_view(x, layout), _parts(x, layout, threads))
         return _acc(mean, x), _acc(var, x)
 
 
 def _affine(
     x: Tensor, layout: str, mean: np.ndarray, invstd: np.ndarray,
-    weight: Tensor | None, bias: Tensor | None, code: int, alpha: float,
+    weight: Tensor | None, bias: Tensor | None, code: int, alpha: float, threads: int,
 ) -> Tensor:
     xn = _view(x, layout)
     out = torch.empty_like(x)
     hi, lo, scale, shift = P.affine(mean, invstd, _vec(weight, x), _vec(bias, x), xn)
     kernels = NCHW if layout == "nchw" else NHWC
-    kernels.affine(xn, _view(out, layout), hi, lo, scale, shift, _parts(x, layout), code, alpha)
+    kernels.affine(
+        xn, _view(out, layout), hi, lo, scale, shift, _parts(x, layout, threads), code, alpha
+    )
     return out
 
 
@@ -265,7 +271,7 @@ def forward_eval_act(
     act: str, alpha: float,
 ) -> Tensor:
     """Eval forward of BN (given statistics) followed by an activation, one pass."""
-    with _sized(x):
+    with _sized(x) as threads:
         layout = _layout(x)
         if layout is None:
             return torch_backend.forward_eval_act(x, mean, invstd, weight, bias, act, alpha)
@@ -274,7 +280,8 @@ def forward_eval_act(
         if act not in LINEAR:
             return activations.apply_(normalize(x, mean, invstd, weight, bias), act, alpha)
         return _affine(
-            x, layout, _vec(mean, x), _vec(invstd, x), weight, bias, activations.CODES[act], alpha
+            x, layout, _vec(mean, x), _vec(invstd, x), weight, bias, activations.CODES[act], alpha,
+            threads,
         )
 
 
@@ -290,7 +297,7 @@ def forward_train_act(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: str, alpha: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training forward of BN followed by an activation. Returns (z, mean, invstd)."""
-    with _sized(x):
+    with _sized(x) as threads:
         layout = _layout(x)
         if layout is None:
             return torch_backend.forward_train_act(x, weight, bias, eps, act, alpha)
@@ -300,32 +307,33 @@ def forward_train_act(
             y, mean, invstd = forward_train(x, weight, bias, eps)
             return activations.apply_(y, act, alpha), mean, invstd
         code = activations.CODES[act]
-        parts = _parts(x, layout)
-        block = _block(x, layout, parts, 2)
+        parts = _parts(x, layout, threads)
+        block = _block(x, layout, parts, 2, threads)
         if block:
             out = torch.empty_like(x)
-            mean, var = NCHW.forward_fused(
+            mean, invstd = NCHW.forward_fused(
                 _view(x, layout), _vec(weight, x), _vec(bias, x), eps, _view(out, layout),
                 code, alpha, block,
             )
-            return out, _acc(mean, x), _acc(P.invstd(var, eps), x)
+            return out, torch.from_numpy(mean), torch.from_numpy(invstd)
         kernels = NCHW if layout == "nchw" else NHWC
         mean, var = kernels.stats(_view(x, layout), parts)
         invstd = P.invstd(var, eps)
-        out = _affine(x, layout, mean, invstd, weight, bias, code, alpha)
+        out = _affine(x, layout, mean, invstd, weight, bias, code, alpha, threads)
         return out, _acc(mean, x), _acc(invstd, x)
 
 
 def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
     """sum(dy) and sum(dy * x_hat) per channel, one pass over (dy, x)."""
-    with _sized(dy):
+    with _sized(dy) as threads:
         layout = _layout(x)
         if layout is None:
             return torch_backend.backward_reduce(dy, x, mean, invstd)
         _check(x, dy, mean=mean, invstd=invstd)
         kernels = NCHW if layout == "nchw" else NHWC
         sd, sdx = kernels.reduce(
-            _view(_like(dy, x), layout), _view(x, layout), _vec(mean, x), _parts(x, layout)
+            _view(_like(dy, x), layout), _view(x, layout), _vec(mean, x),
+            _parts(x, layout, threads),
         )
         return _acc(sd, x), _acc(sdx * _vec(invstd, x), x)
 
@@ -335,7 +343,7 @@ def backward_elemt(
     sum_dy: Tensor, sum_dy_xhat: Tensor, count: float,
 ) -> Tensor:
     """dx = weight * invstd * (dy - sum_dy / m - x_hat * sum_dy_xhat / m), one pass."""
-    with _sized(dy):
+    with _sized(dy) as threads:
         layout = _layout(x)
         if layout is None:
             return torch_backend.backward_elemt(
@@ -352,7 +360,7 @@ def backward_elemt(
         kernels = NCHW if layout == "nchw" else NHWC
         kernels.grad_x(
             _view(_like(dy, x), layout), xn, _view(out, layout), ga, hi, lo, gb, gc,
-            _parts(x, layout),
+            _parts(x, layout, threads),
         )
         return out
 
@@ -360,13 +368,13 @@ def backward_elemt(
 def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Vector,
              output_mask: Mask = ALL) -> Grads:
     """Closed-form training backward: (dx, dweight, dbias), None where masked off."""
-    with _sized(dy):
+    with _sized(dy) as threads:
         layout = _layout(x)
         if layout is None:
             return torch_backend.backward(dy, x, mean, invstd, weight, output_mask)
         _check(x, dy, mean=mean, invstd=invstd, weight=weight)
-        parts = _parts(x, layout)
-        block = _block(x, layout, parts, 3)
+        parts = _parts(x, layout, threads)
+        block = _block(x, layout, parts, 3, threads)
         if block:
             xn = _view(x, layout)
             out = torch.empty_like(x) if output_mask[0] else None
@@ -375,7 +383,8 @@ def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Vector
                 np.empty((0, 0, 0), xn.dtype) if out is None else _view(out, layout), out is not None,
                 block,
             )
-            return torch_backend.masked(output_mask, out, _acc(sdx, x), _acc(sd, x))
+            return torch_backend.masked(output_mask, out, torch.from_numpy(sdx),
+                                        torch.from_numpy(sd))
         return torch_backend.backward_by_parts(
             backward_reduce, backward_elemt, dy, x, mean, invstd, weight, output_mask
         )
@@ -384,7 +393,7 @@ def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Vector
 def backward_eval(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Vector,
                   output_mask: Mask = ALL) -> Grads:
     """Backward of the eval forward (fixed statistics): dx = dy * weight * invstd."""
-    with _sized(dy):
+    with _sized(dy) as threads:
         layout = _layout(x)
         if layout is None:
             return torch_backend.backward_eval(dy, x, mean, invstd, weight, output_mask)
@@ -398,7 +407,7 @@ def backward_eval(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: V
             zero = torch.zeros_like(mean)
             dx = _affine(
                 _like(dy, x), layout, _vec(zero, x), _vec(invstd, x), weight, None,
-                activations.CODES["identity"], 0.0,
+                activations.CODES["identity"], 0.0, threads,
             )
         return torch_backend.masked(output_mask, dx, sums[1], sums[0])
 
@@ -409,7 +418,7 @@ def backward_act(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of BN + invertible activation from its output z alone: one pass for the
     sums, one for dx (see ``torch_backend.backward_act``)."""
-    with _sized(dz):
+    with _sized(dz) as threads:
         layout = _layout(z)
         if layout is None:
             return torch_backend.backward_act(
@@ -428,7 +437,7 @@ def backward_act(
         rscale = 1.0 / w
         zn, dzn = _view(z, layout), _view(_like(dz, z), layout)
         kernels = NCHW if layout == "nchw" else NHWC
-        parts = _parts(z, layout)
+        parts = _parts(z, layout, threads)
         sd, sdx = kernels.act_reduce(dzn, zn, shift, rscale, parts, code, alpha)
         k = w * _vec(invstd, z)
         if training:
@@ -450,7 +459,7 @@ def backward_act_input(
     the plain backward (relu's slope decided on x, silu's and gelu's derivative at y
     recomputed from x); otherwise y, then dy by ATen's activation backward, then BN's
     backward."""
-    with _sized(dz):
+    with _sized(dz) as threads:
         layout = _layout(x)
         if layout is None:
             return torch_backend.backward_act_input(
@@ -459,7 +468,8 @@ def backward_act_input(
         _check(x, dz, mean=mean, invstd=invstd, weight=weight, bias=bias)
         activations.check(act, alpha)
         # dz, x and dx stay in cache between the two passes; silu and gelu add a scratch dy
-        block = _block(x, layout, _parts(x, layout), 4 if act in SMOOTH else 3)
+        arrays = 4 if act in SMOOTH else 3
+        block = _block(x, layout, _parts(x, layout, threads), arrays, threads)
         if not block or not _fused_backward(act, x):
             y = normalize(x, mean, invstd, weight, bias)
             dy = activations.backward(_like(dz, x), y, act, alpha)
