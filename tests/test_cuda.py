@@ -201,12 +201,12 @@ def shape_id(s):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_the_layers_run_on_the_device_kernels(dtype, layout):
     """Every kernel call of a layer on this device goes to a device backend, never
-    silently to the pure-torch fallback: on CUDA ("auto") plain float32 BN to ATen's
-    kernels (torch.nn's cuDNN call, measured faster), half types and BN + activation to
-    Triton; with Triton forced (and in the interpreter) everything to Triton."""
+    silently to the pure-torch fallback: on CUDA ("auto") plain BN of every dtype to
+    ATen's kernels (torch.nn's cuDNN call, measured faster), BN + activation to Triton;
+    with Triton forced (and in the interpreter) everything to Triton."""
     x = make((2, 3, 4, 5), layout, dtype)
     assert tb.INTERPRETED == (not CUDA)
-    plain = "native" if CUDA and dtype == torch.float32 else "triton"
+    plain = "native" if CUDA else "triton"
     want = {"forward_train": plain, "forward_eval": plain, "backward": plain,
             "normalize": "triton", "forward_train_act": "triton", "backward_act": "triton"}
     for op, name in want.items():
@@ -321,6 +321,13 @@ def _training_step_matches(shape, layout, dtype):
     theirs = torch.nn.BatchNorm2d(C).to(DEVICE)
     theirs.load_state_dict(ours.state_dict())
     rm, rv = np.zeros(C), np.ones(C)
+    # Half input on ATen's route (auto on CUDA) has torch.nn's own numbers: its parameter
+    # gradients are held to the dtype's tolerance against float64 (an H200 measured
+    # torch.nn's NCHW bfloat16 weight gradient 0.4% of the largest off) and to float32
+    # accumulation against torch.nn's; the Triton kernels to float32 accumulation.
+    half_aten = dtype != torch.float32 and kernels.pick(
+        "forward_train", make(shape, layout, dtype)).name == "native"
+    sums_tol = TOL[dtype] if half_aten else None
     for step in range(2):
         x, dy = make(shape, layout, dtype), make(shape, layout, dtype, 1.0, 0.0)
         xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -331,8 +338,8 @@ def _training_step_matches(shape, layout, dtype):
         assert y.dtype == dtype and y.is_contiguous(memory_format=fmt(layout, 4))
         close(y, want, **TOL[dtype])
         close(xo.grad, dx64, **TOL[dtype])
-        close_sums(ours.weight.grad, dw64, m)
-        close_sums(ours.bias.grad, db64, m)
+        close_sums(ours.weight.grad, dw64, m, sums_tol)
+        close_sums(ours.bias.grad, db64, m, sums_tol)
         rm, rv = reference.update_running(rm, rv, cache.mean, cache.var, m, 0.1)
         close(ours.running_mean, rm, **STATS_TOL)
         close(ours.running_var, rv, **STATS_TOL)
@@ -343,6 +350,9 @@ def _training_step_matches(shape, layout, dtype):
         twice = {k: 2 * v for k, v in TOL[dtype].items()}
         close(y, yt, **twice)
         close(xo.grad, xt.grad, **twice)
+        if half_aten:
+            close_sums(ours.weight.grad, theirs.weight.grad, m)
+            close_sums(ours.bias.grad, theirs.bias.grad, m)
         ours.weight.grad = ours.bias.grad = None
         theirs.weight.grad = theirs.bias.grad = None
     ours.eval()
@@ -355,8 +365,8 @@ def _training_step_matches(shape, layout, dtype):
     k = np64(ours.weight) / np.sqrt(rv + EPS)
     close(x.grad, np64(dy) * k.reshape(1, C, 1, 1), **TOL[dtype])
     x_hat = (np64(x) - rm.reshape(1, C, 1, 1)) / np.sqrt(rv + EPS).reshape(1, C, 1, 1)
-    close_sums(ours.bias.grad, np64(dy).sum(axis=(0, 2, 3)), m)
-    close_sums(ours.weight.grad, (np64(dy) * x_hat).sum(axis=(0, 2, 3)), m)
+    close_sums(ours.bias.grad, np64(dy).sum(axis=(0, 2, 3)), m, sums_tol)
+    close_sums(ours.weight.grad, (np64(dy) * x_hat).sum(axis=(0, 2, 3)), m, sums_tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

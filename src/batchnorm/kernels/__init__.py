@@ -18,8 +18,8 @@ Choosing by hand::
 the fused numba kernels where they beat PyTorch (channel-major tensors of moderate and
 large size), PyTorch's own ATen kernels for the other float32/float64 training calls and
 BN + activation calls (``native``), and the pure-torch backend for the rest (half types,
-eval with autograd); on CUDA, ATen's (cuDNN) kernels for plain float32/float64 BN and the
-Triton kernels for the rest (half types, BN + activation).
+eval with autograd); on CUDA, ATen's (cuDNN) kernels for plain BN (torch.nn's own call,
+every float dtype) and the Triton kernels for BN + activation.
 """
 
 from __future__ import annotations

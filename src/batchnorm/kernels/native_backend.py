@@ -14,14 +14,23 @@ inside the layer's autograd Function (``variants._act_autograd``), so the memory
 backward holds below the fused kernels' crossover too, at a few ATen calls per layer
 instead of the pure-torch backend's dozen elementwise passes.
 
-On CUDA, plain float32/float64 BN (training forward, eval, backward) runs here too, by
-the function torch.nn's own call reaches (``torch._batch_norm_impl_index``: cuDNN or
+On CUDA, plain BN (training forward, eval, backward) of every float dtype runs here too,
+by the function torch.nn's own call reaches (``torch._batch_norm_impl_index``: cuDNN or
 ATen's CUDA kernels, as ATen picks for torch.nn): torch.nn's speed and numbers. Measured
 on an H200 (benchmarks/gpu/, issue 19), cuDNN's training forward + backward beat the
-Triton kernels at 83 of 96 ResNet-50 layer shapes. The running update is then ours
-(``stats.update_on_device``), outside cuDNN's kernel: its autograd node keeps the running
-buffers, which the guard may have to write. Half types and BN + activation stay on the
-Triton kernels (see ``_DTYPES``).
+Triton kernels at 83 of 96 ResNet-50 layer shapes (float32), and an eager ResNet-50 step
+on the Triton kernels took 3x torch.nn's, host-bound by the launches. The running update
+is then ours (``stats.update_on_device``), outside cuDNN's kernel: its autograd node keeps
+the running buffers, which the guard may have to write. BN + activation stays on the
+Triton kernels (the memory-saving backward).
+
+Per-channel vectors (weight, bias, running statistics) go to ATen in the accumulation
+dtype of x (``torch_backend.acc_dtype``): x's own for float32/float64, float32 for
+float16/bfloat16 input, as torch.nn's float32 parameters do under autocast (cuDNN takes
+half input only with float32 vectors). The third H200 run of 2026-12-04 cast them to x's
+half type instead and found weight gradients 0.5-16% off the float64 reference; torch.nn's
+own call (float32 vectors) is within 0.4% (run 4's env probe: 0 for float16 and for
+channels-last bfloat16, 0.004 for NCHW bfloat16, relative to the largest gradient).
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ import torch
 from torch import Tensor
 
 from . import activations, torch_backend
-from .torch_backend import vectors_as
+from .torch_backend import acc_dtype, vectors_as
 from .interface import ALL, Grads, Mask, Vector
 
 name = "native"
@@ -42,18 +51,19 @@ OPS = frozenset((
 #: autograd (``batchnorm.plan`` decides when): the derivative then runs in C++.
 records_autograd = True
 blends_running = True
-# On CUDA too: half types stay on Triton there: on the H200, ATen's route (torch.nn's call)
-# gave weight gradients 0.5-16% off the float64 reference for float16/bfloat16 NCHW input,
-# where the Triton kernels stay within float32 accumulation (benchmarks/gpu/results/, the
-# third run; env_probe.py measures torch.nn's own error there on the next run).
 _DTYPES = (torch.float32, torch.float64)
+#: On CUDA the half types too (the vectors in float32, see above).
+_CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def supports(x: Tensor) -> bool:
-    return (x.is_cpu or x.is_cuda) and x.dtype in _DTYPES and x.numel() > 0
+    if x.is_cuda:
+        return x.dtype in _CUDA_DTYPES and x.numel() > 0
+    return x.is_cpu and x.dtype in _DTYPES and x.numel() > 0
 
 
-#: What ``auto`` gives this backend on CUDA: plain BN (BN + activation: Triton).
+#: What ``auto`` gives this backend on CUDA: plain BN, every float dtype (BN + activation:
+#: Triton).
 _CUDA_OPS = frozenset(("forward_train", "forward_eval", "backward"))
 
 
@@ -81,7 +91,7 @@ def forward_train(
     Called on tensors that require grad (``batchnorm.plan`` does so in eager mode, no
     torch.func transform active), ATen's autograd records it: its derivative (double
     backward included) runs in C++, as for ``torch.nn``."""
-    weight, bias = vectors_as(x.dtype, weight, bias)
+    weight, bias = vectors_as(acc_dtype(x.dtype), weight, bias)
     if x.is_cuda:
         return _cuda_train(x, weight, bias, eps)
     return torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
@@ -105,7 +115,7 @@ def forward_train_update(
     with the unbiased variance, in ATen's accumulation type): torch.nn's running
     statistics bit for bit. No guard: ``batchnorm.stats.update_running`` puts the buffers
     back for a non-finite batch."""
-    weight, bias = vectors_as(x.dtype, weight, bias)
+    weight, bias = vectors_as(acc_dtype(x.dtype), weight, bias)
     return torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, factor, eps)
 
 
@@ -115,9 +125,10 @@ def forward_eval(
 ) -> Tensor:
     """ATen eval forward with the running variance (torch.nn's own eval kernel, one pass).
     Only this backend takes the variance; others get ``invstd`` through ``normalize``.
-    Vectors in another dtype than x are brought to x's (ATen wants them alike)."""
+    Vectors in another dtype than x's accumulation dtype are brought to it (ATen wants
+    them alike; half input on CUDA: float32, as torch.nn's)."""
     weight, bias, running_mean, running_var = vectors_as(
-        x.dtype, weight, bias, running_mean, running_var
+        acc_dtype(x.dtype), weight, bias, running_mean, running_var
     )
     return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, False)
 
@@ -125,7 +136,7 @@ def forward_eval(
 def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Vector,
              output_mask: Mask = ALL) -> Grads:
     """ATen training backward: (dx, dweight, dbias); eps is unused by ATen in training."""
-    (weight,) = vectors_as(x.dtype, weight)
+    (weight,) = vectors_as(acc_dtype(x.dtype), weight)
     return torch.ops.aten.native_batch_norm_backward(
         dy, x, weight, None, None, mean, invstd, True, 0.0, list(output_mask)
     )
