@@ -14,7 +14,7 @@ def _name(op, x):
 
 
 def test_auto_choices_follow_the_measured_crossovers():
-    big = torch.randn(8, 64, 16, 16)
+    big = torch.randn(8, 64, 32, 32)
     assert _name("forward_train", big) == "cpu"
     assert _name("normalize", big) == "cpu"
     small = torch.randn(4, 8, 5, 5)

@@ -226,7 +226,9 @@ def test_dispatcher_uses_the_cpu_kernels_for_supported_tensors():
     with kernels.use_backend("cpu"):
         assert kernels.pick("forward_train", x) is C
     with kernels.use_backend("auto"):  # auto takes them from PREFER_MIN elements on
-        assert kernels.pick("forward_train", torch.randn(4, 64, 20, 20)) is C
+        assert kernels.pick("forward_train", torch.randn(8, 64, 32, 32)) is C
+        assert kernels.pick("forward_train", torch.randn(4, 64, 20, 20)) is not C
+        assert kernels.pick("forward_train_act", torch.randn(4, 64, 20, 20)) is C
     with kernels.use_backend("torch"):
         assert kernels.pick("forward_train", x) is T
 

@@ -275,7 +275,7 @@ def test_network_saves_at_most_055x_of_torch_nn_activation_bytes():
     assert ours / theirs <= 0.55
 
 
-# either side of the fused CPU kernels' crossover (cpu.backend.PREFER_MIN = 100,000
+# either side of the fused CPU kernels' crossover (cpu.backend.PREFER_MIN_ACT = 100,000
 # elements): 73,728 elements run ATen's kernels (native), 100,352 the fused numba ones
 CROSSOVER = [((2, 64, 24, 24), "native"), ((2, 64, 28, 28), "cpu")]
 
@@ -290,10 +290,10 @@ def test_both_sides_of_the_cpu_crossover_equal_torch_nn(shape, backend, act, alp
     bias gradients, sums over 1,152 values per channel, at 1e-4); the backward keeps only
     z (invertible activations) or only x (silu) on both sides."""
     pytest.importorskip("numba")
-    from batchnorm.kernels.cpu.backend import PREFER_MIN
+    from batchnorm.kernels.cpu.backend import PREFER_MIN_ACT
 
     c = shape[1]
-    assert (torch.Size(shape).numel() >= PREFER_MIN) == (backend == "cpu")
+    assert (torch.Size(shape).numel() >= PREFER_MIN_ACT) == (backend == "cpu")
     ours = batchnorm.BatchNormAct2d(c, momentum=0.2, act=act, alpha=alpha, dtype=dtype)
     theirs = torch.nn.BatchNorm2d(c, momentum=0.2, dtype=dtype)
     with torch.no_grad():

@@ -69,7 +69,8 @@ _CUDA_OPS = frozenset(("forward_train", "forward_eval", "backward"))
 
 def prefers(op: str, x: Tensor) -> bool:
     """In ``auto`` mode, take every CPU call the fused CPU kernels do not prefer (below
-    ``cpu.backend.PREFER_MIN``, channels_last, (N, C) input), and on CUDA plain BN."""
+    ``cpu.backend.PREFER_MIN`` or ``PREFER_MIN_ACT``, channels_last, (N, C) input), and
+    on CUDA plain BN."""
     return (op in _CUDA_OPS if x.is_cuda else op in OPS) and supports(x)
 
 

@@ -57,7 +57,7 @@ _DOC = r"""Batch Normalization followed by an activation, as one layer, over a {
       last bit in x_hat, no effective weight, double backward works).
 
     Kernels (``auto``, ``batchnorm.kernels``): on CPU the fused numba kernels from
-    ``PREFER_MIN`` (100,000) elements of a channel-major tensor, ATen's kernels below it
+    ``PREFER_MIN_ACT`` (100,000) elements of a channel-major tensor, ATen's kernels below it
     and for channels_last or (N, C) input (``native``: ATen's BN and activation forward,
     the backward above through ATen's kernels), both inside this layer's autograd
     Function, so what the backward keeps is the same at every size; Triton on CUDA. A

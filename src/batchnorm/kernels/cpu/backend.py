@@ -101,17 +101,27 @@ def supports(x: Tensor) -> bool:
 
 
 #: Elements from which these kernels beat PyTorch's ATen kernels (training) and a single
-#: torch.addcmul pass (eval) on channel-major tensors. benchmarks/crossover.py on a 2-core
-#: Zen 4 (module steps, 2 threads): ATen wins at 65K elements, the shapes of 131K split
-#: (0.4x-1.06x), these kernels win every shape from 196K on.
-PREFER_MIN = 100_000
+#: torch.addcmul pass (eval) on channel-major tensors, on every machine measured
+#: (benchmarks/crossover.py, module steps, 2 threads): a 2-core Zen 4 had them win every
+#: shape from 196K elements on; a 2-core Intel Xeon (2 MiB L2, 2026-12-04) had ATen
+#: 1.13x-1.26x faster at 196K, 0.98x-1.13x at 262K, and these kernels faster at 8 of 9
+#: shapes of 327K-524K (0.80x-0.93x; 8x2560x4x4 1.05x).
+PREFER_MIN = 300_000
+#: The same for BN + activation (``*_act`` operations), where one fused kernel replaces
+#: ATen's BN and its separate activation pass: these kernels were faster from 131K
+#: elements on both machines (Xeon: 0.87x-0.94x of ATen's route at 131K-524K).
+PREFER_MIN_ACT = 100_000
+_ACT_OPS = frozenset(("forward_train_act", "forward_eval_act", "backward_act",
+                      "backward_act_input"))
 
 
 def prefers(op: str, x: Tensor) -> bool:
     """Where ``auto`` dispatch should use these kernels: channel-major tensors of at least
-    ``PREFER_MIN`` elements. Below that the per-call cost dominates, and for channels_last
-    and (N, C) input PyTorch's own kernels are faster (benchmarks/README.md)."""
-    return x.numel() >= PREFER_MIN and _layout(x) == "nchw" and x.dim() >= 3
+    ``PREFER_MIN`` elements (``PREFER_MIN_ACT`` for BN + activation). Below that the
+    per-call cost dominates, and for channels_last and (N, C) input PyTorch's own kernels
+    are faster (benchmarks/README.md)."""
+    least = PREFER_MIN_ACT if op in _ACT_OPS else PREFER_MIN
+    return x.numel() >= least and _layout(x) == "nchw" and x.dim() >= 3
 
 
 def _view(t: Tensor, layout: str) -> np.ndarray:
