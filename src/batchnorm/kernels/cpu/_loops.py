@@ -20,6 +20,7 @@ from __future__ import annotations
 from numba import njit
 
 from . import _act as A
+from ._math import like
 
 #: Reductions may split a sum over vector lanes (``reassoc``) and fuse a multiply into the
 #: following add (``contract``, one rounding instead of two); neither changes NaN/inf.
@@ -31,7 +32,7 @@ CHUNK = 1024
 
 
 #: What ``_run_sums`` adds up (see there).
-MOMENTS, GRAD, GATED = 0, 1, 2
+MOMENTS, GRAD, GATED, FROM_OUTPUT = 0, 1, 2, 3
 
 
 @njit(error_model="numpy", cache=True, fastmath=_REDUCE)
@@ -42,7 +43,10 @@ def _run_sums(p, q, k, zero, mode, sg, t, low):
     * GRAD: (sum(p), sum(p * (q - k)));
     * GATED: GRAD of g = p where float(q) * sg > t, p * low elsewhere: dy = dz * act'(y)
       of relu (low 0) or leaky_relu (low alpha) after BN, decided on x itself (see
-      ``_cpu_nchw.act_backward_fused``); y = 0 (and NaN) takes ``low``, as torch.
+      ``_cpu_nchw.act_backward_fused``); y = 0 (and NaN) takes ``low``, as torch;
+    * FROM_OUTPUT: (sum(g), sum(g * (y - k))) of leaky_relu from its output q = z: g = p
+      where z > 0, p * low elsewhere (z = 0 and NaN too, as torch), and y = act^-1(z) = z
+      * sg (sg = 1 / alpha, rounded once to q's dtype) where z < 0, z elsewhere.
 
     One loop per mode, so that each does only its own arithmetic: a shared loop would
     subtract a shift from p too (zero in the backward), and the subtractions and additions
@@ -58,16 +62,23 @@ def _run_sums(p, q, k, zero, mode, sg, t, low):
         for i in range(q.shape[0]):
             s1 += p[i]
             s2 += p[i] * (q[i] - k)
-    else:
+    elif mode == GATED:
         for i in range(q.shape[0]):
             g = p[i] if float(q[i]) * sg > t else p[i] * low
             s1 += g
             s2 += g * (q[i] - k)
+    else:
+        inverse = like(zero, sg)
+        for i in range(q.shape[0]):
+            z = q[i]
+            g = p[i] if z > zero else p[i] * low
+            s1 += g
+            s2 += g * ((z * inverse if z < zero else z) - k)
     return s1, s2
 
 
 @njit(error_model="numpy", cache=True, inline="always")
-def _chunked(p, q, k, zero, mode, sg, t, low):
+def sums(p, q, k, zero, mode, sg, t, low):
     """``_run_sums`` over runs of ``CHUNK`` values, the runs' sums added in float64."""
     n = q.shape[0]
     if n <= CHUNK:
@@ -93,35 +104,21 @@ def moments(x, k, zero):
     as float64 (LLVM spreads a run over dozens of lane accumulators, so each holds a few
     values: float32 rounding of a run's sum stays near 1e-7 relative); the runs' sums are
     added in float64."""
-    return _chunked(x, x, k, zero, MOMENTS, 1.0, 0.0, zero)
+    return sums(x, x, k, zero, MOMENTS, 1.0, 0.0, zero)
 
 
 @njit(error_model="numpy", cache=True, inline="always")
 def grad_sums(dy, x, k, zero):
     """(sum(dy), sum(dy * (x - k))) as float64, summed as in ``moments``; k is the mean
     rounded to x's dtype (the caller restores the rest in float64)."""
-    return _chunked(dy, x, k, zero, GRAD, 1.0, 0.0, zero)
+    return sums(dy, x, k, zero, GRAD, 1.0, 0.0, zero)
 
 
 @njit(error_model="numpy", cache=True, inline="always")
 def gated_sums(dz, x, k, zero, sg, t, low):
     """``grad_sums`` of dy = dz where float(x) * sg > t, dz * low elsewhere (``low`` in x's
     dtype)."""
-    return _chunked(dz, x, k, zero, GATED, sg, t, low)
-
-
-@njit(error_model="numpy", cache=True, fastmath=_REDUCE)
-def act_sums(dz, z, shift, rscale, code, alpha):
-    """(sum(dy), sum(dy * x_hat)) of BN + invertible activation from the output z:
-    y = act^-1(z), dy = dz * act'(y), x_hat = (y - shift) * rscale."""
-    s1 = 0.0
-    s2 = 0.0
-    for i in range(z.shape[0]):
-        zi = float(z[i])
-        dy = float(dz[i]) * A.grad_from_output(zi, code, alpha)
-        s1 += dy
-        s2 += dy * (A.inverse(zi, code, alpha) - shift) * rscale
-    return s1, s2
+    return sums(dz, x, k, zero, GATED, sg, t, low)
 
 
 @njit(error_model="numpy", cache=True, inline="always")
@@ -173,12 +170,12 @@ def smooth_dy(dz, x, out, hi, lo, scale, shift, code):
 
 
 @njit(error_model="numpy", cache=True, inline="always")
-def act_grad_x(dz, z, out, a, b, c, shift, rscale, code, alpha):
-    """dx of BN + invertible activation from z: a * dy + b * x_hat + c (b = c = 0 in eval).
-
-    The CPU backend sends only leaky_relu here (identity and elu go through BN's fused
-    backward), so the loop is compiled for that code alone."""
+def leaky_grad_x(dz, z, out, a, hi, lo, b, c, low, inverse):
+    """``grad_x`` of BN + leaky_relu from its output z: out = a * g + (b * ((y - hi) - lo)
+    + c), with g and y = act^-1(z) as FROM_OUTPUT of ``_run_sums`` (``inverse`` = 1 / alpha
+    and ``low`` = alpha in z's dtype; b = c = 0 in eval)."""
+    zero = like(low, 0.0)
     for i in range(out.shape[0]):
-        zi = float(z[i])
-        dy = float(dz[i]) * A.grad_from_output(zi, A.LEAKY_RELU, alpha)
-        out[i] = a * dy + (b * ((A.inverse(zi, A.LEAKY_RELU, alpha) - shift) * rscale) + c)
+        zi = z[i]
+        g = dz[i] if zi > zero else dz[i] * low
+        out[i] = a * g + (b * (((zi * inverse if zi < zero else zi) - hi) - lo) + c)

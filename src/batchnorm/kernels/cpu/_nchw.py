@@ -23,6 +23,7 @@ from numba import njit, prange
 from . import _act as A
 from . import _loops as L
 from . import _params as P
+from ._math import like
 
 #: Channel blocks of the unfused element kernels: a few per thread, for balance.
 BLOCK_TASKS = 8
@@ -35,9 +36,9 @@ def span(p, parts, n):
 
 
 @njit(error_model="numpy", cache=True)
-def _channel_sums(p, q, c, k, zero, grad, a, b):
-    """``_cpu_loops.grad_sums(p, q, ...)`` (``grad``) or ``moments(q, ...)`` of channel c
-    over its flat range [a, b)."""
+def _channel_sums(p, q, c, k, zero, mode, sg, low, a, b):
+    """``_cpu_loops.sums(p, q, k, zero, mode, sg, 0, low)`` of channel c over its flat
+    range [a, b) (float64)."""
     M = p.shape[2]
     s1 = 0.0
     s2 = 0.0
@@ -45,10 +46,7 @@ def _channel_sums(p, q, c, k, zero, grad, a, b):
     while a < b:
         i0 = a - n * M
         i1 = min(M, i0 + b - a)
-        if grad:
-            r1, r2 = L.grad_sums(p[n, c, i0:i1], q[n, c, i0:i1], k, zero)
-        else:
-            r1, r2 = L.moments(q[n, c, i0:i1], k, zero)
+        r1, r2 = L.sums(p[n, c, i0:i1], q[n, c, i0:i1], k, zero, mode, sg, 0.0, low)
         s1 += r1
         s2 += r2
         a += i1 - i0
@@ -121,7 +119,7 @@ def stats(x, parts):
         c = t // parts
         k = x[0, c, 0]
         a, b = span(t % parts, parts, count)
-        r1, r2 = _channel_sums(x, x, c, k, zero, False, a, b)
+        r1, r2 = _channel_sums(x, x, c, k, zero, L.MOMENTS, 1.0, zero, a, b)
         s1[c, t % parts] = r1
         s2[c, t % parts] = r2
     mean = np.empty(C)
@@ -215,7 +213,7 @@ def reduce(dy, x, mean, parts):
     for t in prange(C * parts):
         c = t // parts
         a, b = span(t % parts, parts, N * M)
-        r1, r2 = _channel_sums(dy, x, c, hi[c], zero, True, a, b)
+        r1, r2 = _channel_sums(dy, x, c, hi[c], zero, L.GRAD, 1.0, zero, a, b)
         s1[c, t % parts] = r1
         s2[c, t % parts] = r2
     sd = _totals(s1)
@@ -375,36 +373,43 @@ def act_backward_fused(dz, x, mean, invstd, weight, bias, out, code, low, traini
 
 
 @njit(parallel=True, error_model="numpy", cache=True)
-def act_reduce(dz, z, shift, rscale, parts, code, alpha):
-    """Per-channel float64 (sum(dy), sum(dy * x_hat)) of BN + invertible activation from z."""
+def act_reduce(dz, z, shift, rscale, parts, low, inverse):
+    """Per-channel float64 (sum(dy), sum(dy * x_hat)) of BN + leaky_relu from its output z:
+    dy = dz * act'(y), y = act^-1(z) (``low`` = alpha and ``inverse`` = 1 / alpha in z's
+    dtype: ``_cpu_loops``' FROM_OUTPUT), x_hat = (y - shift) * rscale (float64 vectors).
+    Summed as ``reduce``: y shifted by the shift rounded to z's dtype (hi), the rest (lo)
+    restored in float64."""
     N, C, M = z.shape
     s1 = np.empty((C, parts))
     s2 = np.empty((C, parts))
+    hi, lo = P.split(shift, z)
+    zero = np.zeros(1, z.dtype)[0]
     for t in prange(C * parts):
         c = t // parts
         a, b = span(t % parts, parts, N * M)
-        r1 = 0.0
-        r2 = 0.0
-        n = a // M
-        while a < b:
-            i0 = a - n * M
-            i1 = min(M, i0 + b - a)
-            q1, q2 = L.act_sums(
-                dz[n, c, i0:i1], z[n, c, i0:i1], shift[c], rscale[c], code, alpha
-            )
-            r1 += q1
-            r2 += q2
-            a += i1 - i0
-            n += 1
+        r1, r2 = _channel_sums(dz, z, c, hi[c], zero, L.FROM_OUTPUT, inverse, low, a, b)
         s1[c, t % parts] = r1
         s2[c, t % parts] = r2
-    return _totals(s1), _totals(s2)
+    sd = _totals(s1)
+    sdx = _totals(s2)
+    for c in range(C):
+        sdx[c] = (sdx[c] - float(lo[c]) * sd[c]) * rscale[c]
+    return sd, sdx
 
 
 @njit(parallel=True, error_model="numpy", cache=True)
-def act_grad_x(dz, z, out, ga, gb, gc, shift, rscale, parts, code, alpha):
-    """dx = ga * dy + (gb * x_hat + gc) of BN + invertible activation, from z."""
+def act_grad_x(dz, z, out, ga, gb, gc, shift, rscale, parts, low, inverse):
+    """dx = ga * dy + (gb * x_hat + gc) of BN + leaky_relu from z (float64 vectors; dy, y
+    and x_hat as in ``act_reduce``), computed in z's dtype as ``grad_x``:
+    a * dy + (b * ((y - hi) - lo) + c) with b = gb * rscale."""
     N, C, M = z.shape
+    hi, lo = P.split(shift, z)
+    inverse = like(low, inverse)
+    k = np.empty((C, 3), z.dtype)  # (a, b, c) per channel, rounded to z's dtype
+    for c in range(C):
+        k[c, 0] = ga[c]
+        k[c, 1] = gb[c] * rscale[c]
+        k[c, 2] = gc[c]
     for t in prange(C * parts):
         c = t // parts
         a, b = span(t % parts, parts, N * M)
@@ -412,9 +417,7 @@ def act_grad_x(dz, z, out, ga, gb, gc, shift, rscale, parts, code, alpha):
         while a < b:
             i0 = a - n * M
             i1 = min(M, i0 + b - a)
-            L.act_grad_x(
-                dz[n, c, i0:i1], z[n, c, i0:i1], out[n, c, i0:i1],
-                ga[c], gb[c], gc[c], shift[c], rscale[c], code, alpha,
-            )
+            L.leaky_grad_x(dz[n, c, i0:i1], z[n, c, i0:i1], out[n, c, i0:i1], k[c, 0], hi[c],
+                           lo[c], k[c, 1], k[c, 2], low, inverse)
             a += i1 - i0
             n += 1

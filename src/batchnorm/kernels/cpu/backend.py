@@ -448,7 +448,9 @@ def backward_act(
         zn, dzn = _view(z, layout), _view(_like(dz, z), layout)
         kernels = NCHW if layout == "nchw" else NHWC
         parts = _parts(z, layout, threads)
-        sd, sdx = kernels.act_reduce(dzn, zn, shift, rscale, parts, code, alpha)
+        # channel-major: the slope and 1 / alpha in z's dtype (the loops run in it)
+        act = (_ACC[z.dtype](alpha), 1.0 / alpha) if layout == "nchw" else (code, alpha)
+        sd, sdx = kernels.act_reduce(dzn, zn, shift, rscale, parts, *act)
         k = w * _vec(invstd, z)
         if training:
             m = z.numel() // c
@@ -456,7 +458,7 @@ def backward_act(
         else:
             gb, gc = np.zeros(c), np.zeros(c)
         out = torch.empty_like(z)
-        kernels.act_grad_x(dzn, zn, _view(out, layout), k, gb, gc, shift, rscale, parts, code, alpha)
+        kernels.act_grad_x(dzn, zn, _view(out, layout), k, gb, gc, shift, rscale, parts, *act)
         return out, _acc(sdx, z), _acc(sd, z)
 
 
