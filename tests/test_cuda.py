@@ -476,14 +476,27 @@ VARIANTS = {
 }
 
 
+# Every layer kind in ``auto``, and BN + activation with ATen's kernels forced (``native``:
+# on CUDA its BN, activation and the memory-saving backward from z as ATen operations, the
+# route whose host cost benchmarks/gpu/profile_layer.py compares with Triton's).
+VARIANT_CASES = [(name, "auto") for name in VARIANTS] + [
+    (name, "native") for name in ("act-leaky-saving", "act-relu", "act-elu-saving")]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("name", list(VARIANTS))
-def test_variant_matches_itself_in_float64_on_cpu(name, layout, dtype):
+@pytest.mark.parametrize("name,backend", VARIANT_CASES,
+                         ids=[f"{n}-{b}" for n, b in VARIANT_CASES])
+def test_variant_matches_itself_in_float64_on_cpu(name, backend, layout, dtype):
     """Three training steps and an eval forward of each layer kind on this device (the
     input's dtype, float32 parameters) against a copy of the layer in float64 on CPU (the
     pure-torch backend; the CPU tests check those against their formulas). SyncBatchNorm:
     one process, no process group (the collective is tested on CPU in test_distributed)."""
+    with kernels.use_backend(backend):
+        _variant_matches(name, layout, dtype)
+
+
+def _variant_matches(name, layout, dtype):
     factory, extra = VARIANTS[name]
     shape = on_gpu((5, 7, 6, 5), (5, 7, 3, 2))
     m = math.prod(shape) // 7

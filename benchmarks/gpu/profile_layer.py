@@ -35,6 +35,10 @@ def layers(c: int, device: str):
         ("batchnorm.BatchNorm2d (triton)", batchnorm.BatchNorm2d(c), "triton"),
         ("batchnorm.BatchNormAct2d leaky_relu (auto)",
          batchnorm.BatchNormAct2d(c, act="leaky_relu", alpha=0.01), None),
+        # the same layer on ATen's BN + activation kernels (its memory-saving backward
+        # from z as ATen operations): fewer host microseconds than Triton's launches?
+        ("batchnorm.BatchNormAct2d leaky_relu (native)",
+         batchnorm.BatchNormAct2d(c, act="leaky_relu", alpha=0.01), "native"),
     ]
 
 
