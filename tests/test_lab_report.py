@@ -64,7 +64,7 @@ def test_results_schema(lab: tuple[Path, str]) -> None:
             assert (out / f).read_bytes()[:8] == PNG_MAGIC
             assert imread(out / f).shape[0] > 100  # decodes to a real image
         for t in c["tables"]:
-            rows = list(csv.reader((out / t).open()))
+            rows = list(csv.reader((out / t).read_text().splitlines()))
             assert len(rows) > 1 and all(len(row) == len(rows[0]) for row in rows)
     c1 = next(c for c in r["claims"] if c["id"] == "C1")
     for key in ("final_test_accuracy_bn", "final_test_accuracy_no_bn", "conv_final_test_accuracy_bn"):
