@@ -254,12 +254,12 @@ def _dx_coefficients(invstd, weight, sd, sdx, count, c, training, par):
 
 
 @njit(error_model="numpy", cache=True)
-def _rounded(sd, sdx, invstd, like):
-    """(sum(dy), sum(dy * x_hat)) in like's dtype from the float64 sum(dy) and
+def _rounded(sd, sdx, invstd, x):
+    """(sum(dy), sum(dy * x_hat)) in x's dtype from the float64 sum(dy) and
     sum(dy * (x - mean))."""
     C = sd.shape[0]
-    a = np.empty(C, like.dtype)
-    b = np.empty(C, like.dtype)
+    a = np.empty(C, x.dtype)
+    b = np.empty(C, x.dtype)
     for c in range(C):
         a[c] = sd[c]
         b[c] = sdx[c] * float(invstd[c])

@@ -103,13 +103,13 @@ def supports(x: Tensor) -> bool:
 #: Elements from which these kernels beat PyTorch's ATen kernels (training) and a single
 #: torch.addcmul pass (eval) on channel-major tensors, on every machine measured
 #: (benchmarks/crossover.py, module steps, 2 threads): a 2-core Zen 4 had them win every
-#: shape from 196K elements on; a 2-core Intel Xeon (2 MiB L2, 2026-12-04) had ATen
-#: 1.13x-1.26x faster at 196K, 0.98x-1.13x at 262K, and these kernels faster at 8 of 9
-#: shapes of 327K-524K (0.80x-0.93x; 8x2560x4x4 1.05x).
+#: shape from 196K elements on; a 2-core Intel Xeon (2 MiB L2, 2026-12-04) had ATen's
+#: kernels as fast or faster up to 262K (ours 1.00x-1.30x their time) but at 2x2 spatial
+#: rows, and these kernels faster at 327K-786K (0.66x-0.91x; 8x2560x4x4 1.06x).
 PREFER_MIN = 300_000
 #: The same for BN + activation (``*_act`` operations), where one fused kernel replaces
 #: ATen's BN and its separate activation pass: these kernels were faster from 131K
-#: elements on both machines (Xeon: 0.87x-0.94x of ATen's route at 131K-524K).
+#: elements on both machines (Xeon: 0.70x-0.84x of ATen's route at 131K-524K; tie at 65K).
 PREFER_MIN_ACT = 100_000
 _ACT_OPS = frozenset(("forward_train_act", "forward_eval_act", "backward_act",
                       "backward_act_input"))
