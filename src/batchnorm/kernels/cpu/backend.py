@@ -449,8 +449,8 @@ def backward_act(
         kernels = NCHW if layout == "nchw" else NHWC
         parts = _parts(z, layout, threads)
         # channel-major: the slope and 1 / alpha in z's dtype (the loops run in it)
-        act = (_ACC[z.dtype](alpha), 1.0 / alpha) if layout == "nchw" else (code, alpha)
-        sd, sdx = kernels.act_reduce(dzn, zn, shift, rscale, parts, *act)
+        leaky = (_ACC[z.dtype](alpha), 1.0 / alpha) if layout == "nchw" else (code, alpha)
+        sd, sdx = kernels.act_reduce(dzn, zn, shift, rscale, parts, *leaky)
         k = w * _vec(invstd, z)
         if training:
             m = z.numel() // c
@@ -458,7 +458,7 @@ def backward_act(
         else:
             gb, gc = np.zeros(c), np.zeros(c)
         out = torch.empty_like(z)
-        kernels.act_grad_x(dzn, zn, _view(out, layout), k, gb, gc, shift, rscale, parts, *act)
+        kernels.act_grad_x(dzn, zn, _view(out, layout), k, gb, gc, shift, rscale, parts, *leaky)
         return out, _acc(sdx, z), _acc(sd, z)
 
 
