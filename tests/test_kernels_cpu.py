@@ -350,3 +350,50 @@ def test_which_input_saving_backwards_run_the_fused_kernel(act, dtype, fused, mo
     got = C.backward_act_input(dz, x, mean, invstd, w, b, act, alpha, True)
     _close(got, T.backward_act_input(dz, x, mean, invstd, w, b, act, alpha, True), dtype)
     assert calls == ([A.CODES[act]] if fused else [])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 13, 5, 7), (2, 1, 9, 11), (4, 40, 2, 3)])
+def test_fused_kernels_give_the_same_bits_for_any_pipeline(shape, dtype):
+    """The fused kernels' pipeline (``_cpu_nchw._stage``: a task writes block k while it
+    reduces block k + 1, ``group`` channels of each at a time; group 0: one block after the
+    other) only reorders work between channels: every block size, task count and group
+    (blocks of uneven size, more tasks than blocks, a group wider than a block) gives the
+    bits of one block on one task.
+    Forward, backward (with and without dx) and the BN + activation backward (relu's gate
+    and silu's scratch dy, of which the pipeline keeps two)."""
+    from batchnorm.kernels.cpu import _act as A
+    from batchnorm.kernels.cpu import _nchw as NCHW
+
+    x, dy, w, b = _inputs(shape, "nchw", dtype)
+    n, c = shape[:2]
+    xn, dn = x.numpy().reshape(n, c, -1), dy.numpy().reshape(n, c, -1)
+    wn, bn = w.numpy(), b.numpy()
+    mean, invstd = NCHW.forward_fused(xn, wn, bn, 1e-5, xn.copy(), 0, 0.0, c, 1, c)
+    low = xn.dtype.type(0.0)
+
+    def run(block, tasks, group):
+        outs = [xn.copy() * 0 for _ in range(4)]
+        got = [*NCHW.forward_fused(xn, wn, bn, 1e-5, outs[0], A.LEAKY_RELU, 0.1, block, tasks, group),
+               *NCHW.backward_fused(dn, xn, mean, invstd, wn, outs[1], True, block, tasks, group),
+               *NCHW.backward_fused(dn, xn, mean, invstd, wn, xn[:0], False, block, tasks, group),
+               *NCHW.act_backward_fused(dn, xn, mean, invstd, wn, bn, outs[2], A.RELU, low, True,
+                                        block, tasks, group)]
+        if dtype == torch.float32:
+            got += NCHW.act_backward_fused(dn, xn, mean, invstd, wn, bn, outs[3], A.SILU, low,
+                                           True, block, tasks, group)
+        return got + outs
+
+    reference = run(c, 1, c)
+    # ... and those bits are right: the pure-torch twin of the forward and the backward
+    want_y = T.forward_train_act(x, w, b, 1e-5, "leaky_relu", 0.1)[0]
+    want_dx = T.backward(dy, x, torch.from_numpy(mean), torch.from_numpy(invstd), w)[0]
+    got_y, got_dx = reference[-4], reference[-3]
+    _close(torch.from_numpy(got_y).reshape(shape), want_y, dtype)
+    _close(torch.from_numpy(got_dx).reshape(shape), want_dx, dtype)
+    for block in sorted({1, 2, 3, max(1, c // 3), c}):
+        for tasks in (1, 2, 3, c + 2):
+            for group in (0, 1, 2, c + 1):
+                for got, want in zip(run(block, tasks, group), reference):
+                    assert (got == want).all() or (got.size == 0 and want.size == 0), (
+                        block, tasks, group)

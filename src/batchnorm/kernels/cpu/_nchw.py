@@ -5,9 +5,13 @@ Work is split into tasks of (channel, part): part p of channel c covers the flat
 length <= M. With many channels ``parts`` is 1 (parallel over channels); with few, each
 channel is split over the batch and spatial axes and the per-part float64 sums are added.
 
-The *fused* kernels (one task per block of channels) compute a block's sums and then at
-once write its output, while the block's values are still in the core's cache: the
-training forward then reads x from memory once, the backward reads dy and x once.
+The *fused* kernels compute a block of channels' sums and then write its output while
+the block's values are still in the core's cache: the training forward then reads x from
+memory once, the backward reads dy and x once. Each of ``tasks`` tasks (one per thread)
+owns a run of consecutive blocks and pipelines them (``_stage``): while it writes block
+k's output from cache it reduces block k + 1, ``group`` channels of each in turn within a
+sample's row, so that the reads from memory overlap the writes (one stream after the
+other left a core's memory bandwidth half used: benchmarks/cache_regime.py).
 
 Per-channel scalars handed to element loops are in x's dtype; statistics and sums are
 float64 (the caller casts them to the accumulation dtype).
@@ -151,16 +155,39 @@ def affine(x, out, hi, lo, scale, shift, parts, code, alpha):
         _channel_affine(x, out, c, hi, lo, scale, shift, code, alpha, a, b)
 
 
-@njit(parallel=True, error_model="numpy", cache=True)
-def forward_fused(x, weight, bias, eps, out, code, alpha, block):
-    """Training forward, one task per block of ``block`` channels: the block's statistics,
-    then its output while the block is still in cache.
+@njit(error_model="numpy", cache=True, inline="always")
+def _stages(b0, b1, group):
+    """How many stages a task's pipeline over its blocks [b0, b1) has (``_stage``)."""
+    return b1 - b0 + 1 if group else 2 * (b1 - b0)
 
-    A block is walked batch row by batch row, so each row is one contiguous run of
-    block * M values (short spatial rows alone would defeat the hardware prefetcher).
-    ``weight``/``bias`` are float vectors, empty for none. Returns (mean, invstd =
-    1 / sqrt(var + eps)), formed in float64 and rounded to x's dtype (the accumulation
-    dtype of the contract for float32/float64)."""
+
+@njit(error_model="numpy", cache=True, inline="always")
+def _stage(i, b0, b1, block, C, group):
+    """Stage i of a task's pipeline over its blocks [b0, b1): (w0, w1, r0, r1), the
+    channels whose output it writes (from cache) and those it reduces (from memory).
+    ``group`` > 0 (overlapped): stage i writes block b0 + i - 1 and reduces block b0 + i
+    (nothing at the two ends). ``group`` 0 (blocks too large for two to share a core's
+    cache): block b0 + i // 2 is reduced (i even), then written (i odd)."""
+    if group:
+        w = b0 + i - 1 if i > 0 else b1
+        r = b0 + i
+    else:
+        w = b0 + i // 2 if i % 2 else b1
+        r = b1 if i % 2 else b0 + i // 2
+    w0 = w * block if w < b1 else 0
+    r0 = r * block if r < b1 else 0
+    return w0, min(C, w0 + block) if w < b1 else 0, r0, min(C, r0 + block) if r < b1 else 0
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def forward_fused(x, weight, bias, eps, out, code, alpha, block, tasks, group):
+    """Training forward, pipelined over blocks of ``block`` channels (module docstring):
+    a block's statistics, then its output while the next block's statistics are summed.
+
+    Each sample's rows of a block are one contiguous run (short spatial rows alone would
+    defeat the hardware prefetcher). ``weight``/``bias`` are float vectors, empty for none.
+    Returns (mean, invstd = 1 / sqrt(var + eps)), formed in float64 and rounded to x's
+    dtype (the accumulation dtype of the contract for float32/float64)."""
     N, C, M = x.shape
     count = N * M
     mean = np.empty(C, x.dtype)
@@ -173,29 +200,33 @@ def forward_fused(x, weight, bias, eps, out, code, alpha, block):
     scales = np.empty(C, x.dtype)
     shifts = np.empty(C, x.dtype)
     zero = np.zeros(1, x.dtype)[0]
-    for blk in prange((C + block - 1) // block):
-        c0 = blk * block
-        c1 = min(C, c0 + block)
-        for n in range(N):
-            for c in range(c0, c1):
-                k = x[0, c, 0]
-                r1, r2 = L.moments(x[n, c], k, zero)
-                s1[c] += r1
-                s2[c] += r2
-        for c in range(c0, c1):
-            mu, v = _moments(s1[c], s2[c], float(x[0, c, 0]), count)
-            scale = 1.0 / math.sqrt(v + eps)
-            mean[c] = mu
-            invstd[c] = scale
-            if weight.size:
-                scale *= weight[c]
-            hi[c] = mu
-            lo[c] = mu - hi[c]
-            scales[c] = scale
-            shifts[c] = bias[c] if bias.size else 0.0
-        for n in range(N):
-            L.affine_rows(x[n, c0:c1], out[n, c0:c1], hi[c0:c1], lo[c0:c1], scales[c0:c1],
-                          shifts[c0:c1], code, alpha)
+    blocks = (C + block - 1) // block
+    g = group if group else block  # channels of each block per step of a stage
+    for t in prange(tasks):
+        b0, b1 = span(t, tasks, blocks)
+        for i in range(_stages(b0, b1, group)):
+            w0, w1, r0, r1 = _stage(i, b0, b1, block, C, group)
+            for n in range(N):
+                for j in range(0, max(w1 - w0, r1 - r0), g):
+                    a, b = w0 + j, min(w1, w0 + j + g)
+                    if a < b:
+                        L.affine_rows(x[n, a:b], out[n, a:b], hi[a:b], lo[a:b], scales[a:b],
+                                      shifts[a:b], code, alpha)
+                    for c in range(r0 + j, min(r1, r0 + j + g)):
+                        m1, m2 = L.moments(x[n, c], x[0, c, 0], zero)
+                        s1[c] += m1
+                        s2[c] += m2
+            for c in range(r0, r1):
+                mu, v = _moments(s1[c], s2[c], float(x[0, c, 0]), count)
+                scale = 1.0 / math.sqrt(v + eps)
+                mean[c] = mu
+                invstd[c] = scale
+                if weight.size:
+                    scale *= weight[c]
+                hi[c] = mu
+                lo[c] = mu - hi[c]
+                scales[c] = scale
+                shifts[c] = bias[c] if bias.size else 0.0
     return mean, invstd
 
 
@@ -267,9 +298,9 @@ def _rounded(sd, sdx, invstd, x):
 
 
 @njit(parallel=True, error_model="numpy", cache=True)
-def backward_fused(dy, x, mean, invstd, weight, out, want_dx, block):
-    """Training backward, one task per block of channels (walked as in ``forward_fused``):
-    the two sums, then dx while the block is still in cache.
+def backward_fused(dy, x, mean, invstd, weight, out, want_dx, block, tasks, group):
+    """Training backward, pipelined as ``forward_fused``: a block's two sums, then its dx
+    while the next block's sums are taken.
 
     Returns (sum(dy), sum(dy * x_hat)), summed in float64 and rounded to x's dtype; writes
     dx into ``out`` if ``want_dx``."""
@@ -280,24 +311,27 @@ def backward_fused(dy, x, mean, invstd, weight, out, want_dx, block):
     par = np.empty((C, 3), x.dtype)  # per-channel scalars rounded to x's dtype
     hi, lo = P.split(mean, x)  # x is shifted by hi in the sums; lo restored in float64
     zero = np.zeros(1, x.dtype)[0]
-    for blk in prange((C + block - 1) // block):
-        c0 = blk * block
-        c1 = min(C, c0 + block)
-        for n in range(N):
-            for c in range(c0, c1):
-                r1, r2 = L.grad_sums(dy[n, c], x[n, c], hi[c], zero)
-                sd[c] += r1
-                sdx[c] += r2
-        for c in range(c0, c1):
-            sdx[c] -= float(lo[c]) * sd[c]
-        if not want_dx:
-            continue
-        for c in range(c0, c1):
-            _dx_coefficients(invstd, weight, sd, sdx, count, c, True, par)
-        for n in range(N):
-            for c in range(c0, c1):
-                L.grad_x(dy[n, c], x[n, c], out[n, c], par[c, 0], hi[c], lo[c],
-                         par[c, 1], par[c, 2])
+    blocks = (C + block - 1) // block
+    g = group if group else block  # channels of each block per step of a stage
+    for t in prange(tasks):
+        b0, b1 = span(t, tasks, blocks)
+        for i in range(_stages(b0, b1, group)):
+            w0, w1, r0, r1 = _stage(i, b0, b1, block, C, group)
+            if not want_dx:
+                w1 = w0
+            for n in range(N):
+                for j in range(0, max(w1 - w0, r1 - r0), g):
+                    for c in range(w0 + j, min(w1, w0 + j + g)):
+                        L.grad_x(dy[n, c], x[n, c], out[n, c], par[c, 0], hi[c], lo[c],
+                                 par[c, 1], par[c, 2])
+                    for c in range(r0 + j, min(r1, r0 + j + g)):
+                        g1, g2 = L.grad_sums(dy[n, c], x[n, c], hi[c], zero)
+                        sd[c] += g1
+                        sdx[c] += g2
+            for c in range(r0, r1):
+                sdx[c] -= float(lo[c]) * sd[c]
+                if want_dx:
+                    _dx_coefficients(invstd, weight, sd, sdx, count, c, True, par)
     return _rounded(sd, sdx, invstd, x)
 
 
@@ -321,15 +355,17 @@ def _gate(mean, invstd, weight, bias):
 
 
 @njit(parallel=True, error_model="numpy", cache=True)
-def act_backward_fused(dz, x, mean, invstd, weight, bias, out, code, low, training, block):
-    """Backward of BN + activation from the input x, fused per block of channels as
-    ``backward_fused``: a pass reads dz and x only, dy = dz * act'(y) is made on the way.
+def act_backward_fused(dz, x, mean, invstd, weight, bias, out, code, low, training, block,
+                       tasks, group):
+    """Backward of BN + activation from the input x, pipelined as ``backward_fused``: a
+    pass reads dz and x only, dy = dz * act'(y) is made on the way.
 
     * relu (``low`` 0) and leaky_relu (``low`` alpha): the slope is decided on x
       (``_gate``: y's sign without computing y; y = 0 takes ``low``, as torch);
     * silu and gelu: y is recomputed from x and dy written to a scratch copy of the block
-      (``_cpu_loops.smooth_dy``, compiled without fast-math), which the sums and then dx
-      read: the derivative, a dozen times the cost of a plain pass, is evaluated once.
+      (``_cpu_loops.smooth_dy``, compiled without fast-math; two, one per block in the
+      pipeline), which the sums and then dx read: the derivative, a dozen times the cost
+      of a plain pass, is evaluated once.
 
     ``training`` False: fixed statistics, dx = weight * invstd * dy. Returns float64
     (sum(dy), sum(dy * x_hat)); writes dx into ``out``."""
@@ -342,31 +378,37 @@ def act_backward_fused(dz, x, mean, invstd, weight, bias, out, code, low, traini
     smooth = code == A.SILU or code == A.GELU
     sg, t = _gate(mean, invstd, weight, bias)
     zero = np.zeros(1, x.dtype)[0]
-    for blk in prange((C + block - 1) // block):
-        c0 = blk * block
-        c1 = min(C, c0 + block)
-        dy = np.empty((N, c1 - c0, M) if smooth else (0, 0, 0), x.dtype)
-        for n in range(N):
-            for c in range(c0, c1):
-                if smooth:
-                    L.smooth_dy(dz[n, c], x[n, c], dy[n, c - c0], hi[c], lo[c], scale[c],
-                                shift[c], code)
-                    r1, r2 = L.grad_sums(dy[n, c - c0], x[n, c], hi[c], zero)
-                else:
-                    r1, r2 = L.gated_sums(dz[n, c], x[n, c], hi[c], zero, sg[c], t[c], low)
-                sd[c] += r1
-                sdx[c] += r2
-        for c in range(c0, c1):
-            sdx[c] -= float(lo[c]) * sd[c]
-            _dx_coefficients(invstd, weight, sd, sdx, count, c, training, par)
-        for n in range(N):
-            for c in range(c0, c1):
-                if smooth:
-                    L.grad_x(dy[n, c - c0], x[n, c], out[n, c], par[c, 0], hi[c], lo[c],
-                             par[c, 1], par[c, 2])
-                else:
-                    L.gated_grad_x(dz[n, c], x[n, c], out[n, c], par[c, 0], hi[c], lo[c],
-                                   par[c, 1], par[c, 2], sg[c], t[c], low)
+    blocks = (C + block - 1) // block
+    g = group if group else block  # channels of each block per step of a stage
+    for task in prange(tasks):
+        b0, b1 = span(task, tasks, blocks)
+        dy = np.empty((2, N, block, M) if smooth else (2, 0, 0, 0), x.dtype)
+        for i in range(_stages(b0, b1, group)):
+            w0, w1, r0, r1 = _stage(i, b0, b1, block, C, group)
+            dw = dy[w0 // block % 2]  # the written block's dy (reduced at a stage before)
+            dr = dy[r0 // block % 2]
+            for n in range(N):
+                for j in range(0, max(w1 - w0, r1 - r0), g):
+                    for c in range(w0 + j, min(w1, w0 + j + g)):
+                        if smooth:
+                            L.grad_x(dw[n, c - w0], x[n, c], out[n, c], par[c, 0], hi[c],
+                                     lo[c], par[c, 1], par[c, 2])
+                        else:
+                            L.gated_grad_x(dz[n, c], x[n, c], out[n, c], par[c, 0], hi[c],
+                                           lo[c], par[c, 1], par[c, 2], sg[c], t[c], low)
+                    for c in range(r0 + j, min(r1, r0 + j + g)):
+                        if smooth:
+                            L.smooth_dy(dz[n, c], x[n, c], dr[n, c - r0], hi[c], lo[c],
+                                        scale[c], shift[c], code)
+                            g1, g2 = L.grad_sums(dr[n, c - r0], x[n, c], hi[c], zero)
+                        else:
+                            g1, g2 = L.gated_sums(dz[n, c], x[n, c], hi[c], zero, sg[c], t[c],
+                                                  low)
+                        sd[c] += g1
+                        sdx[c] += g2
+            for c in range(r0, r1):
+                sdx[c] -= float(lo[c]) * sd[c]
+                _dx_coefficients(invstd, weight, sd, sdx, count, c, training, par)
     for c in range(C):
         sdx[c] *= float(invstd[c])
     return sd, sdx

@@ -17,8 +17,9 @@ Passes over memory (m = elements per channel):
   write of y. Channel-major tensors with many channels are cut into blocks of channels
   that fit in a core's cache; one thread computes a block's statistics and then its
   output, so the second read of x comes from cache (``FUSE_BYTES``,
-  ``FUSE_BLOCK_BYTES``). Channels-last tensors and channel-major ones with few, large
-  channels take two passes;
+  ``FUSE_BLOCK_BYTES``), and reads the next block while it writes (a pipeline, see
+  ``_cpu_nchw``; ``GROUP_BYTES``). Channels-last tensors and channel-major ones with few,
+  large channels take two passes;
 * training backward: one read of (dy, x) for sum(dy) and sum(dy * x_hat), one write of
   dx, fused per block in the same way;
 * eval forward: one read, one write.
@@ -67,11 +68,17 @@ PARALLEL_MIN = 32768
 #: Bytes of one channel's arrays (inputs and output) up to which the fused kernels apply:
 #: one channel still fits in a core's cache (2 MiB of L2 here).
 FUSE_BYTES = 2 << 20
-#: Bytes of one fused task's arrays the channel blocks aim for: a quarter of a core's L2,
-#: leaving room for what else the cache holds between the task's two passes. Blocks of a
-#: whole L2 (2 MiB) made a layer's training forward + backward 1.11x-1.27x slower at
-#: 8x512x28x28, 8x1024x14x14 and 8x2048x7x7 (benchmarks/fuse_block.py, 2026-12-04).
+#: Bytes of one block's arrays the fused kernels' channel blocks aim for: a quarter of a
+#: core's L2, leaving room for the next block, which the pipeline reads in meanwhile, and
+#: for what else the cache holds. Blocks of a whole L2 (2 MiB) made a layer's training
+#: forward + backward 1.11x-1.27x slower at 8x512x28x28, 8x1024x14x14 and 8x2048x7x7
+#: (benchmarks/fuse_block.py, 2026-12-04, before the pipeline).
 FUSE_BLOCK_BYTES = 512 << 10
+#: Bytes of each sample's rows that the pipeline of a fused kernel handles in turn from the
+#: block it writes and from the block it reduces (at least one channel's row): small
+#: enough that the two memory streams overlap, large enough that a step's loop overhead
+#: stays small (1-4 KiB measured alike, 8 KiB worse from memory; benchmarks/cache_regime.py).
+GROUP_BYTES = 2 << 10
 
 _EMPTY = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
 #: numpy dtype of the accumulation dtype of each supported dtype (float32 -> float32:
@@ -190,17 +197,27 @@ def _parts(x: Tensor, layout: str, threads: int) -> int:
     return max(1, min(4 * threads, x.numel() // MIN_TASK))
 
 
-def _block(x: Tensor, layout: str, parts: int, arrays: int, threads: int) -> int:
-    """Channels per task of a fused kernel (whose ``arrays`` tensors of one block must stay
-    in cache between its two passes), or 0 where the fused kernels do not apply."""
-    per_channel = x.numel() // x.shape[1] * x.element_size() * arrays
+def _block(x: Tensor, layout: str, parts: int, arrays: int, threads: int) -> tuple[int, int]:
+    """(block, group) of a fused kernel, whose ``arrays`` tensors of one block must stay in
+    cache between its two passes: channels per block, and per step of the pipeline
+    (``GROUP_BYTES`` of each sample's rows; 0: no overlap, a block's channels exceed
+    ``FUSE_BLOCK_BYTES`` and two would not share a core's cache); (0, 0) where the fused
+    kernels do not apply. Each of the ``threads`` tasks gets the same number of blocks, at
+    least two where there are channels enough (the pipeline overlaps a block's reads with
+    the previous block's writes)."""
+    c = x.shape[1]
+    per_channel = x.numel() // c * x.element_size() * arrays
     if layout != "nchw" or parts != 1 or per_channel > FUSE_BYTES:
-        return 0
-    most = -(-x.shape[1] // (2 * threads))  # >= 2 tasks per thread
+        return 0, 0
     # channels below the block target are grouped up to it; larger ones (up to
     # FUSE_BYTES) as many as fit in FUSE_BYTES, as before the target existed
-    per_task = FUSE_BLOCK_BYTES // per_channel or FUSE_BYTES // per_channel
-    return max(1, min(per_task, most))
+    per_block = FUSE_BLOCK_BYTES // per_channel or FUSE_BYTES // per_channel
+    share = -(-c // threads)  # channels per task
+    blocks = min(share, max(2, -(-share // per_block)))  # blocks per task
+    if per_channel > FUSE_BLOCK_BYTES:
+        return -(-share // blocks), 0
+    row = x.numel() // (x.shape[0] * c) * x.element_size()  # one channel of one sample
+    return -(-share // blocks), max(1, GROUP_BYTES // row)
 
 
 def accepts_running(x: Tensor, running_mean: Tensor, running_var: Tensor) -> bool:
@@ -318,12 +335,12 @@ def forward_train_act(
             return activations.apply_(y, act, alpha), mean, invstd
         code = activations.CODES[act]
         parts = _parts(x, layout, threads)
-        block = _block(x, layout, parts, 2, threads)
+        block, group = _block(x, layout, parts, 2, threads)
         if block:
             out = torch.empty_like(x)
             mean, invstd = NCHW.forward_fused(
                 _view(x, layout), _vec(weight, x), _vec(bias, x), eps, _view(out, layout),
-                code, alpha, block,
+                code, alpha, block, threads, group,
             )
             return out, torch.from_numpy(mean), torch.from_numpy(invstd)
         kernels = NCHW if layout == "nchw" else NHWC
@@ -384,14 +401,14 @@ def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Vector
             return torch_backend.backward(dy, x, mean, invstd, weight, output_mask)
         _check(x, dy, mean=mean, invstd=invstd, weight=weight)
         parts = _parts(x, layout, threads)
-        block = _block(x, layout, parts, 3, threads)
+        block, group = _block(x, layout, parts, 3, threads)
         if block:
             xn = _view(x, layout)
             out = torch.empty_like(x) if output_mask[0] else None
             sd, sdx = NCHW.backward_fused(
                 _view(_like(dy, x), layout), xn, _vec(mean, x), _vec(invstd, x), _vec(weight, x),
                 np.empty((0, 0, 0), xn.dtype) if out is None else _view(out, layout), out is not None,
-                block,
+                block, threads, group,
             )
             return torch_backend.masked(output_mask, out, torch.from_numpy(sdx),
                                         torch.from_numpy(sd))
@@ -481,7 +498,7 @@ def backward_act_input(
         activations.check(act, alpha)
         # dz, x and dx stay in cache between the two passes; silu and gelu add a scratch dy
         arrays = 4 if act in SMOOTH else 3
-        block = _block(x, layout, _parts(x, layout, threads), arrays, threads)
+        block, group = _block(x, layout, _parts(x, layout, threads), arrays, threads)
         if not block or not _fused_backward(act, x):
             y = normalize(x, mean, invstd, weight, bias)
             dy = activations.backward(_like(dz, x), y, act, alpha)
@@ -492,7 +509,7 @@ def backward_act_input(
         sd, sdx = NCHW.act_backward_fused(
             _view(_like(dz, x), layout), _view(x, layout), _vec(mean, x), _vec(invstd, x),
             _vec(weight, x), _vec(bias, x), _view(out, layout), activations.CODES[act], low, training,
-            block,
+            block, threads, group,
         )
         return out, _acc(sdx, x), _acc(sd, x)
 
