@@ -6,12 +6,14 @@ ms of the training forward and backward kernels, batchnorm's fused numba kernels
 (``native_batch_norm`` / ``native_batch_norm_backward``: what ``torch.nn`` runs), and of a
 copy of the tensor (``copy_``: the memory bound of a pass that reads x and writes y).
 Each timed call comes right after a copy of ``FLUSH`` MB (0: none), so its data is where
-the flush leaves it: in a core's cache or the shared L3 (small flush), or in DRAM (a
-flush larger than the L3). The kernels' order is the same in every round; the allocator
+the flush leaves it: in a core's cache or the shared L3 (small flush), or mostly in DRAM
+(a flush of hundreds of MB: on the 2-core Xeon, whose host's 480 MB L3 is shared with
+other tenants, 400 MB doubles a copy's time). The kernels' order is the same in every round; the allocator
 is pinned (set the two variables below) so that new outputs do not page-fault.
 
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \\
-        PYTHONPATH=src .venv/bin/python benchmarks/cache_regime.py [--flush 0 25 400]
+        PYTHONPATH=src .venv/bin/python benchmarks/cache_regime.py [--flush 0 25 400] \\
+        [--shapes 8x256x56x56 8x1024x14x14]
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--flush", type=int, nargs="+", default=[0, 25, 400],
                         help="MB copied before each timed call (default: 0 25 400)")
+    parser.add_argument("--shapes", nargs="+", default=["x".join(map(str, s)) for s in SHAPES],
+                        help="NCHW shapes such as 8x1024x14x14 (default: ResNet-50's at batch 8)")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -72,7 +76,7 @@ def main() -> None:
     print("| shape | flush MB | copy | ours fwd | ours bwd | ATen fwd | ATen bwd "
           "| ATen / ours fwd+bwd | ours fwd+bwd / copy |")
     print("|---|--:|--:|--:|--:|--:|--:|--:|--:|")
-    for shape in SHAPES:
+    for shape in [tuple(int(n) for n in text.split("x")) for text in args.shapes]:
         for flush in args.flush:
             t = regime_ms(shape, flush, args.rounds)
             ours = t["ours fwd"] + t["ours bwd"]
