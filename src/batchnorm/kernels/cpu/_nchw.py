@@ -156,9 +156,12 @@ def affine(x, out, hi, lo, scale, shift, parts, code, alpha):
 
 
 @njit(error_model="numpy", cache=True, inline="always")
-def _stages(b0, b1, group):
-    """How many stages a task's pipeline over its blocks [b0, b1) has (``_stage``)."""
-    return b1 - b0 + 1 if group else 2 * (b1 - b0)
+def _task(t, tasks, C, block, group):
+    """(b0, b1, stages, g) of task t of ``tasks``: its blocks [b0, b1) of ``block``
+    channels, how many stages its pipeline has (``_stage``), and the channels of a block
+    handled per step of a stage (``group``, or the whole block when it is 0)."""
+    b0, b1 = span(t, tasks, (C + block - 1) // block)
+    return b0, b1, b1 - b0 + 1 if group else 2 * (b1 - b0), group if group else block
 
 
 @njit(error_model="numpy", cache=True, inline="always")
@@ -200,11 +203,9 @@ def forward_fused(x, weight, bias, eps, out, code, alpha, block, tasks, group):
     scales = np.empty(C, x.dtype)
     shifts = np.empty(C, x.dtype)
     zero = np.zeros(1, x.dtype)[0]
-    blocks = (C + block - 1) // block
-    g = group if group else block  # channels of each block per step of a stage
     for t in prange(tasks):
-        b0, b1 = span(t, tasks, blocks)
-        for i in range(_stages(b0, b1, group)):
+        b0, b1, stages, g = _task(t, tasks, C, block, group)
+        for i in range(stages):
             w0, w1, r0, r1 = _stage(i, b0, b1, block, C, group)
             for n in range(N):
                 for j in range(0, max(w1 - w0, r1 - r0), g):
@@ -311,11 +312,9 @@ def backward_fused(dy, x, mean, invstd, weight, out, want_dx, block, tasks, grou
     par = np.empty((C, 3), x.dtype)  # per-channel scalars rounded to x's dtype
     hi, lo = P.split(mean, x)  # x is shifted by hi in the sums; lo restored in float64
     zero = np.zeros(1, x.dtype)[0]
-    blocks = (C + block - 1) // block
-    g = group if group else block  # channels of each block per step of a stage
     for t in prange(tasks):
-        b0, b1 = span(t, tasks, blocks)
-        for i in range(_stages(b0, b1, group)):
+        b0, b1, stages, g = _task(t, tasks, C, block, group)
+        for i in range(stages):
             w0, w1, r0, r1 = _stage(i, b0, b1, block, C, group)
             if not want_dx:
                 w1 = w0
@@ -378,12 +377,10 @@ def act_backward_fused(dz, x, mean, invstd, weight, bias, out, code, low, traini
     smooth = code == A.SILU or code == A.GELU
     sg, t = _gate(mean, invstd, weight, bias)
     zero = np.zeros(1, x.dtype)[0]
-    blocks = (C + block - 1) // block
-    g = group if group else block  # channels of each block per step of a stage
     for task in prange(tasks):
-        b0, b1 = span(task, tasks, blocks)
+        b0, b1, stages, g = _task(task, tasks, C, block, group)
         dy = np.empty((2, N, block, M) if smooth else (2, 0, 0, 0), x.dtype)
-        for i in range(_stages(b0, b1, group)):
+        for i in range(stages):
             w0, w1, r0, r1 = _stage(i, b0, b1, block, C, group)
             dw = dy[w0 // block % 2]  # the written block's dy (reduced at a stage before)
             dr = dy[r0 // block % 2]

@@ -18,7 +18,7 @@ Passes over memory (m = elements per channel):
   that fit in a core's cache; one thread computes a block's statistics and then its
   output, so the second read of x comes from cache (``FUSE_BYTES``,
   ``FUSE_BLOCK_BYTES``), and reads the next block while it writes (a pipeline, see
-  ``_cpu_nchw``; ``GROUP_BYTES``). Channels-last tensors and channel-major ones with few,
+  ``_nchw``; ``GROUP_BYTES``). Channels-last tensors and channel-major ones with few,
   large channels take two passes;
 * training backward: one read of (dy, x) for sum(dy) and sum(dy * x_hat), one write of
   dx, fused per block in the same way;
@@ -77,7 +77,8 @@ FUSE_BLOCK_BYTES = 512 << 10
 #: Bytes of each sample's rows that the pipeline of a fused kernel handles in turn from the
 #: block it writes and from the block it reduces (at least one channel's row): small
 #: enough that the two memory streams overlap, large enough that a step's loop overhead
-#: stays small (1-4 KiB measured alike, 8 KiB worse from memory; benchmarks/cache_regime.py).
+#: stays small (a sweep of a draft, 2026-12-04, not a committed command: 1-4 KiB alike, 8
+#: KiB slower from memory at 8x1024x14x14 and 8x2048x7x7).
 GROUP_BYTES = 2 << 10
 
 _EMPTY = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
