@@ -35,7 +35,8 @@ print(json.dumps({"code": result.exit_code, "output": result.output, "kernels": 
 #: Called from Python by kernels/cpu/backend.py and backup.py (the others run inside the
 #: parallel kernels).
 _FROM_PYTHON = ("_params.finite_batch", "_params.running_update", "_params.affine",
-                "_params.grad", "backup._save", "backup._finite", "backup._restore")
+                "_params.grad", "backup._save", "backup._finite", "backup._restore",
+                "backup._update")
 
 
 def test_warmup_compiles_every_kernel_for_both_dtypes():

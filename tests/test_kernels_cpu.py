@@ -292,6 +292,62 @@ def test_running_update_declines_what_it_cannot_write():
     assert C.update_running(inf_m, inf_v, mean, invstd, 1e-5, 1.0, 0.1) is None
 
 
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_running_update_through_a_layers_backup_is_the_same_update(momentum):
+    """``backup=`` (a layer's RunningBackup): the buffers are reached through the numpy
+    views it keeps, made again when a buffer is replaced; the same bits, verdicts and count
+    as the update that checks every tensor, and what the views cannot take goes that way."""
+    from batchnorm.kernels.cpu.backup import RunningBackup
+
+    backup = RunningBackup()
+    rm, rv, mean, invstd = _running_case()
+    twin = [rm.clone(), rv.clone()]
+    count, twin_count = torch.tensor(3), torch.tensor(3)
+    for step in range(3):
+        if step == 2:  # a buffer replaced: viewed anew
+            rm, twin[0] = rm.clone(), twin[0].clone()
+        version = rm._version
+        assert C.update_running(rm, rv, mean, invstd, 1e-3, 50 / 49, momentum, count,
+                                backup=backup) is True
+        assert C.update_running(*twin, mean, invstd, 1e-3, 50 / 49, momentum, twin_count)
+        assert torch.equal(rm, twin[0]) and torch.equal(rv, twin[1])
+        assert int(count) == int(twin_count) == 4 + step and rm._version > version
+    bad = mean.clone()
+    bad[3] = float("nan")
+    before = rm.clone(), rv.clone()
+    assert C.update_running(rm, rv, bad, invstd, 1e-3, 50 / 49, momentum, count,
+                            backup=backup) is False
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1]) and int(count) == 6
+    with pytest.raises(ValueError, match="running_mean must have 4 elements"):
+        C.update_running(rm, rv, mean[:4], invstd[:4], 1e-3, 1.0, momentum, count,
+                         backup=backup)
+    assert C.update_running(rm, rv, mean.clone().requires_grad_(), invstd, 1e-3, 1.0,
+                            momentum, count, backup=backup) is None
+    assert torch.equal(rm, before[0]) and int(count) == 6
+
+
+def test_the_thread_setting_is_read_as_numba_sets_it():
+    """The kernels read numba's thread setting without ``numba.get_num_threads``' locks:
+    the same number, after ``set_num_threads`` and in a new thread."""
+    import threading
+
+    import numba
+
+    previous = numba.get_num_threads()
+    try:
+        for n in range(1, numba.config.NUMBA_NUM_THREADS + 1):
+            numba.set_num_threads(n)
+            assert C._read_threads() == n == numba.get_num_threads()
+    finally:
+        numba.set_num_threads(previous)
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append((C._read_threads(),
+                                                           numba.get_num_threads())))
+    thread.start()
+    thread.join()
+    assert seen[0][0] == seen[0][1] >= 1
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_constant_channel_with_zero_eps_gives_ieee_infinity(layout, path):
     """1 / sqrt(0) is +inf as in IEEE arithmetic (and torch), not a Python ZeroDivisionError."""

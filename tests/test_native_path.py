@@ -123,10 +123,17 @@ def _guarded_step_keeps(bn, x):
         assert torch.equal(bn.state_dict()[key], value), key
 
 
-def test_guard_follows_buffers_that_were_replaced_or_moved():
-    """The layer's backup keeps numpy views of the buffers it saved last: a buffer assigned
+@pytest.mark.parametrize("backend", ["auto", "cpu"])
+def test_guard_follows_buffers_that_were_replaced_or_moved(backend):
+    """The layer's backup keeps numpy views of the buffers it saved last (ATen's route) or
+    updates them through (the numba kernels' route, ``backend="cpu"``): a buffer assigned
     anew, converted by ``.double()`` or moved into shared memory must be re-viewed, or the
-    guard would check (and restore) the old memory."""
+    guard would check (and restore) or update the old memory."""
+    with kernels.use_backend(backend):
+        _replaced_or_moved()
+
+
+def _replaced_or_moved():
     bn = batchnorm.BatchNorm2d(3)
     bn(torch.randn(4, 3, 5, 5))  # views made
     bn.running_mean = torch.full((3,), 2.0)

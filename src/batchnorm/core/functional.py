@@ -247,11 +247,14 @@ def check_vectors(input: Tensor, weight: Tensor | None, bias: Tensor | None,
     """Every per-channel vector given is floating point, of shape (C,) for the input's C
     channels, on the input's device: checked before any kernel reads it or any buffer is
     written (a shorter vector would be read past its end by kernels that trust it).
-    ``owner``: the layer (or the function's name) the error names."""
-    size, device = (input.shape[1],), input.device
+    ``owner``: the layer (or the function's name) the error names. (On every call: for
+    CPU input no device object is built, and no size object.)"""
+    c, cpu = input.shape[1], input.is_cpu
+    device = None if cpu else input.device
     for t in (weight, bias, running_mean, running_var):
         if t is not None and (
-            t.shape != size or t.device != device or not t.is_floating_point()
+            t.dim() != 1 or t.size(0) != c or not t.is_floating_point()
+            or (not t.is_cpu if cpu else t.device != device)
         ):
             _refuse_vectors(input, weight, bias, running_mean, running_var, _name(owner))
 

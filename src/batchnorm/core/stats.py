@@ -120,6 +120,7 @@ def update_running(
     eps: float = 0.0,
     aside=None,
     inplace: bool = True,
+    backup=None,
 ) -> tuple[Tensor, Tensor] | None:
     """Fold one batch's statistics into the running buffers: the one guarded update of
     every module, variant, SyncBatchNorm and functional form.
@@ -144,6 +145,8 @@ def update_running(
     (and counted), else the buffers are put back. ``inplace=False``: nothing is written;
     returns the new ``(running_mean, running_var)`` (for ``batch_norm_stateless``, under
     torch.func transforms: no host read, no warning, ``num_batches_tracked`` unused).
+    ``backup``: the layer's ``kernels.cpu_backup.RunningBackup``, handed to the backend's
+    fused update (the CPU one reaches the buffers through its views).
     """
     if running_mean.is_cuda and aside is None and inplace and not traced.active(mean):
         return update_on_device(running_mean, running_var, mean, var, count, momentum,
@@ -174,7 +177,7 @@ def update_running(
         backend = kernels.updater(running_mean)
         verdict = None if backend is None else backend.update_running(
             running_mean, running_var, mean, invstd, eps, correction, momentum,
-            num_batches_tracked,
+            num_batches_tracked, backup,
         )
         if verdict is not None and bool(verdict):  # (a device verdict: one host read)
             return None

@@ -123,10 +123,13 @@ class Backend(Protocol):
 
     def update_running(self, running_mean: Tensor, running_var: Tensor, mean: Tensor,
                        invstd: Tensor, eps: float, correction: float, momentum: float | None,
-                       num_batches_tracked: Tensor | None = None) -> bool | Tensor | None:
+                       num_batches_tracked: Tensor | None = None,
+                       backup=None) -> bool | Tensor | None:
         """``batchnorm.stats``' guarded running update fused: var = max(invstd^-2 - eps, 0)
         in float64; if every channel's mean and var is finite, the buffers blend towards
         (mean, var * correction) with weight ``momentum`` (None: 1 / num_batches_tracked
         after the increment) and ``num_batches_tracked`` counts the batch, else nothing is
         written. Returns the verdict (a bool read on the host, or a 0-d bool tensor on the
-        device that the host has not read), or None where it does not apply."""
+        device that the host has not read), or None where it does not apply. ``backup``:
+        the layer's ``cpu_backup.RunningBackup`` (or None), which a backend may use to reach
+        the buffers (the CPU one: its numpy views)."""

@@ -39,6 +39,7 @@ with IEEE semantics (``error_model="numpy"``): 1/sqrt(0) is +inf, never an excep
 from __future__ import annotations
 
 import numba
+from numba.np.ufunc import parallel as _numba_parallel
 import numpy as np
 import torch
 from torch import Tensor
@@ -225,6 +226,15 @@ def accepts_running(x: Tensor, running_mean: Tensor, running_var: Tensor) -> boo
     return False
 
 
+numba.get_num_threads()  # starts numba's threads, as a first kernel would: then
+#: numba's own reader of its thread setting (the calling thread's, as
+#: ``numba.get_num_threads``), which skips the public function's check that the threads
+#: are up (two locks on every call: about 2.5% of a BN layer's training step at
+#: 8x1024x14x14 when other layers ran in between, benchmarks/README.md); the public
+#: function where a numba release lacks it.
+_read_threads = getattr(_numba_parallel, "_get_num_threads", None) or numba.get_num_threads
+
+
 class _sized:
     """``with _sized(x) as threads:`` runs the block's kernels on one numba thread when
     ``x`` is small (a context, not a decorator: no extra frame between a caller and a
@@ -233,7 +243,9 @@ class _sized:
     __slots__ = ("threads", "used")
 
     def __init__(self, x: Tensor) -> None:
-        threads = numba.get_num_threads()
+        threads = _read_threads()
+        if threads < 1:  # (never seen) the public function says what is wrong
+            threads = numba.get_num_threads()
         small = threads > 1 and x.numel() < PARALLEL_MIN
         self.threads = threads if small else 0
         self.used = 1 if small else threads
@@ -569,13 +581,22 @@ def magnitudes_at_least(w: Tensor, floor: float) -> bool | None:
 def update_running(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, invstd: Tensor, eps: float,
     correction: float, momentum: float | None, num_batches_tracked: Tensor | None = None,
+    backup=None,
 ) -> bool | None:
     """The running-statistic update of ``batchnorm.stats`` in one compiled call (a dozen
     small torch operations otherwise; ``interface.Backend.update_running``): True if
     applied (``num_batches_tracked`` incremented), False if a statistic is not finite
     (nothing written), None where it does not apply (the caller then uses torch).
     ``momentum=None``: the cumulative average, factor 1 / num_batches_tracked after the
-    increment (one host read of the count: CPU tensors)."""
+    increment (one host read of the count: CPU tensors). ``backup``: the layer's
+    ``cpu_backup.RunningBackup``, whose numpy views of the buffers, made once, spare the
+    checks of every tensor on every step (about 4% of a BN layer's training step at
+    8x1024x14x14, benchmarks/README.md)."""
+    if backup is not None:
+        verdict = backup.update(running_mean, running_var, num_batches_tracked, mean, invstd,
+                                eps, correction, momentum)
+        if verdict is not None:
+            return verdict
     if not (_plain(running_mean) and _plain(running_var) and _plain(mean) and _plain(invstd)):
         return None
     _check(mean[None], running_mean=running_mean, running_var=running_var, invstd=invstd)

@@ -11,6 +11,10 @@ per layer and kept (re-made when a buffer is replaced or moves, e.g. ``.to()`` o
 ``num_batches_tracked``) are one compiled call each, and the check reads the updated
 buffers: ATen computes ``(1 - f) * running + f * stat``, which is
 finite only if the batch statistic is (``0 * nan`` is nan even for ``f = 0``).
+
+On the numba kernels' route the same views carry the guarded update itself
+(``RunningBackup.update``, called by ``cpu_backend.update_running``): one identity check of
+the buffers instead of checking every tensor again on every training step.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import numpy as np
 import torch
 from numba import njit
 from torch import Tensor
+
+from ._params import running_update
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -53,6 +59,18 @@ def _finite(mean, var, counter):
     return bad == 0
 
 
+@njit(error_model="numpy", cache=True)
+def _update(mean, var, counter, batch_mean, invstd, eps, correction, momentum, cumulative):
+    """``_params.running_update`` of the buffers (views) with the batch (mean, invstd), the
+    factor ``momentum`` or, ``cumulative``, 1 / the count after its increment; a finite
+    batch adds 1 to ``counter`` (one element, or empty for none). Returns the verdict."""
+    factor = 1.0 / max(counter[0] + 1, 1) if cumulative else momentum
+    ok = running_update(mean, var, batch_mean, invstd, eps, correction, factor)
+    if ok and counter.size:
+        counter[0] += 1
+    return ok
+
+
 def viewable(t: Tensor, dtypes: tuple[torch.dtype, ...], dim: int) -> bool:
     """A plain contiguous CPU tensor of ``dim`` dimensions and one of ``dtypes`` that numpy
     may view: not wrapped by torch.func, not an inference tensor, not requiring grad. (On
@@ -70,12 +88,13 @@ _NO_COUNTER = np.empty(0, np.int64)
 
 class RunningBackup:
     """``save(mean, var, counter)`` before the update, ``commit()`` after it (True: the
-    buffers are finite and the counter went up by one), ``restore()`` if it said False.
+    buffers are finite and the counter went up by one), ``restore()`` if it said False;
+    or ``update(...)``, the guarded update itself through the same views.
 
     ``counter`` is ``num_batches_tracked`` (or None): counted here, through its numpy view
     (cheaper than a torch ``add_``; its version counter, which nothing saves for backward,
-    is left as it is). One per layer (``batchnorm.BatchNorm*d`` keep one); it
-    holds views of the last buffers it saved, so copies of a layer (``copy.deepcopy``,
+    is left as it is). One per layer (``batchnorm.BatchNorm*d`` keep one); it holds views
+    of the last buffers it saved or updated, so copies of a layer (``copy.deepcopy``,
     pickling) start with a fresh one.
     """
 
@@ -94,16 +113,47 @@ class RunningBackup:
         self, running_mean: Tensor, running_var: Tensor, counter: Tensor | None
     ) -> bool:
         """Copy both buffers aside; False (nothing kept) where numpy cannot view them."""
+        if not self._holds(running_mean, running_var, counter):
+            return False
+        views = self._views
+        _save(views[0], views[1], self._backup)
+        return True
+
+    def update(
+        self, running_mean: Tensor, running_var: Tensor, counter: Tensor | None,
+        mean: Tensor, invstd: Tensor, eps: float, correction: float, momentum: float | None,
+    ) -> bool | None:
+        """``cpu_backend.update_running`` through the views kept of these buffers (one
+        identity check instead of checking four tensors again on every step): the verdict,
+        or None where numpy cannot view the buffers or the batch's statistics are not CPU
+        float vectors of their length (the caller then checks and updates the usual way)."""
+        if mean.dtype not in _DTYPES or invstd.dtype not in _DTYPES or (
+            momentum is None and counter is None
+        ) or not self._holds(running_mean, running_var, counter):
+            return None
+        try:  # refuses tensors that require grad, live elsewhere or are wrapped by torch.func
+            m, s = mean.numpy(), invstd.numpy()
+        except (RuntimeError, TypeError):
+            return None
+        views = self._views
+        if m.shape != views[0].shape or s.shape != views[0].shape:
+            return None
+        ok = _update(views[0], views[1], views[2], m, s, float(eps), float(correction),
+                     0.0 if momentum is None else float(momentum), momentum is None)
+        if ok:  # written through numpy: tell autograd the buffers changed, as an add_ would
+            torch.autograd.graph.increment_version(self._buffers[:2])
+        return ok
+
+    def _holds(self, running_mean: Tensor, running_var: Tensor, counter: Tensor | None) -> bool:
+        """Whether the views are of these buffers, made again if need be; False where numpy
+        cannot view them."""
         buffers = self._buffers
         if (
             not buffers or running_mean is not buffers[0] or running_var is not buffers[1]
             or counter is not buffers[2]
             or self._pointers != _pointers(running_mean, running_var, counter)
         ):
-            if not self._bind(running_mean, running_var, counter):
-                return False
-        views = self._views
-        _save(views[0], views[1], self._backup)
+            return self._bind(running_mean, running_var, counter)
         return True
 
     def _bind(self, running_mean: Tensor, running_var: Tensor, counter: Tensor | None) -> bool:

@@ -61,6 +61,7 @@ def _run(x: torch.Tensor) -> None:
     backup.save(*running, torch.zeros((), dtype=torch.int64))
     backup.commit()
     backup.restore()
+    backup.update(*running, torch.zeros((), dtype=torch.int64), mean, invstd, 1e-5, 1.0, 0.1)
 
 
 def cases() -> Iterator[tuple[str, Callable[[], None]]]:

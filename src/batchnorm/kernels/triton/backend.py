@@ -558,6 +558,7 @@ def _f64_bits(value: float) -> int:
 def update_running(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, invstd: Tensor, eps: float,
     correction: float, momentum: float | None, num_batches_tracked: Tensor | None = None,
+    backup=None,
 ) -> Tensor | None:
     """``batchnorm.stats``' guarded running update as one launch, without a host read
     (the cpu backend's ``update_running`` on the GPU; ``running_update_kernel``): with
@@ -570,7 +571,7 @@ def update_running(
     device, not requiring grad), the batch's float32 ``mean`` and ``invstd`` (C each),
     ``eps``, ``correction`` = count / (count - 1), ``momentum`` (None: the cumulative
     average, which needs ``num_batches_tracked``), the int64 0-d ``num_batches_tracked``
-    or None.
+    or None; ``backup`` (a layer's CPU-side RunningBackup) is not used here.
 
     Returns the verdict as a 0-d bool tensor on the device (True: applied), which the
     host has not read; None where the kernel does not apply (the caller then runs torch
