@@ -3,6 +3,7 @@ cycle, every backend implements the one interface, and a BN call reaches its ker
 through a handful of the package's frames (docs/design.md draws the path)."""
 
 import ast
+import inspect
 import pathlib
 import sys
 
@@ -142,8 +143,11 @@ def test_every_backend_implements_the_interface(name):
     for member in ("supports", "prefers", "accepts_running", *backend.OPS):
         assert callable(getattr(backend, member)), member
     assert isinstance(backend.records_autograd, bool) and isinstance(backend.blends_running, bool)
+    assert isinstance(backend.takes_backup, bool)
     if backend.blends_running:
         assert "forward_train_update" in backend.OPS
+    if backend.takes_backup:
+        assert "running" in inspect.signature(backend.forward_train).parameters
 
 
 def test_kernels_number_activations_from_one_table():

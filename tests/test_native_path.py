@@ -148,6 +148,27 @@ def _replaced_or_moved():
     assert int(bn.num_batches_tracked) == 3
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (16, 3)], ids=["fused", "two_pass"])
+def test_numba_route_folds_the_batch_in_right_after_its_kernel(shape, grad, momentum):
+    """On the numba kernels' route the layer's backup is handed to the training forward,
+    which updates the running buffers as soon as its kernel has the statistics
+    (``RunningBackup.blend``): torch.nn's running statistics and count, with and without
+    autograd, on the fused kernels and the two-pass ones (few channels, cut in parts)."""
+    name = "BatchNorm1d" if len(shape) == 2 else "BatchNorm2d"  # (N, C): channels-last rows
+    ours = getattr(batchnorm, name)(3, momentum=momentum)
+    theirs = getattr(torch.nn, name)(3, momentum=momentum)
+    with kernels.use_backend("cpu"), torch.set_grad_enabled(grad):
+        for _ in range(3):
+            x = torch.randn(shape) * 2 + 1
+            ours(x.clone().requires_grad_(grad)), theirs(x)
+            assert ours._running_backup.blended()  # the update ran in the kernels' call
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-5, atol=1e-6)
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 3
+
+
 def test_copies_of_a_layer_guard_their_own_buffers():
     import copy
     import pickle

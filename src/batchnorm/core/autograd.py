@@ -95,15 +95,20 @@ def _unfold(y: Tensor, batch: int) -> Tensor:
 
 
 class BatchNormTrain(torch.autograd.Function):
-    """y, mean, invstd = BN over the batch's own statistics (mean/invstd not differentiable)."""
+    """y, mean, invstd = BN over the batch's own statistics (mean/invstd not differentiable).
+    ``running``: a layer's RunningBackup prepared for the step, for backends that fold the
+    batch into the running buffers themselves (``takes_backup``); None otherwise."""
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, kernels=None):
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, kernels=None,
+                running=None):
+        if running is not None:
+            return kernels.forward_train(x, weight, bias, eps, running)
         return (kernels or ops).forward_train(x, weight, bias, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, _bias, eps, kernels = inputs
+        x, weight, _bias, eps, kernels, _running = inputs
         _y, mean, invstd = output
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.eps, ctx.kernels = eps, kernels
@@ -114,7 +119,7 @@ class BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dmean, _dinvstd):
         if dy is None:  # no gradient reached y (grads are not materialised): all zero
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         x, weight, mean, invstd = ctx.saved_tensors
         if torch.is_grad_enabled():
             dx, dw, db = differentiable_backward(dy, x, weight, ctx.eps)
@@ -127,10 +132,11 @@ class BatchNormTrain(torch.autograd.Function):
             cast_grad(db, weight, need[2]),
             None,
             None,
+            None,
         )
 
     @staticmethod
-    def vmap(info, in_dims, x, weight, bias, eps, kernels=None):
+    def vmap(info, in_dims, x, weight, bias, eps, kernels=None, running=None):
         b = info.batch_size
         y, mean, invstd = BatchNormTrain.apply(
             _fold(x, in_dims[0], b),
@@ -138,6 +144,7 @@ class BatchNormTrain(torch.autograd.Function):
             _batched(bias, in_dims[2], b),
             eps,
             kernels,
+            running,
         )
         return (_unfold(y, b), mean.view(b, -1), invstd.view(b, -1)), (0, 0, 0)
 

@@ -17,7 +17,7 @@ these two functions. Routes:
   (vmap, grad) the autograd Functions over the ``batchnorm::`` custom ops of
   ``batchnorm.ops`` instead (their vmap rules reshape the tensors first).
 
-The three shortcuts that keep a call cheap live here, each in one place (see "Shortcut").
+The four shortcuts that keep a call cheap live here, each in one place (see "Shortcut").
 """
 
 from __future__ import annotations
@@ -156,12 +156,26 @@ def train(
         y, mean, invstd = plan.kernels.forward_train_update(
             x, weight, bias, eps, running_mean, running_var, factor
         )
-    elif plan.function is not None:
-        y, mean, invstd = plan.function(x, weight, bias, eps, plan.kernels)
-        aside = None
     else:
-        y, mean, invstd = (plan.kernels or ops).forward_train(x, weight, bias, eps)
-        aside = None
+        # Shortcut 4: the numba kernels fold the batch into the buffers right after their
+        # kernel, through the views the layer's RunningBackup keeps (``takes_backup``;
+        # guarded: nothing written for a non-finite batch), instead of a second trip
+        # through ``stats`` and its checks (benchmarks/README.md); the verdict then comes
+        # to ``stats.update_running`` as ``aside``'s.
+        running = None
+        if (
+            backup is not None and running_mean is not None and plan.kernels is not None
+            and plan.kernels.takes_backup
+            and backup.prepare(running_mean, running_var, num_batches_tracked, momentum)
+        ):
+            running = backup
+        if plan.function is not None:
+            y, mean, invstd = plan.function(x, weight, bias, eps, plan.kernels, running)
+        elif running is not None:
+            y, mean, invstd = plan.kernels.forward_train(x, weight, bias, eps, running)
+        else:
+            y, mean, invstd = (plan.kernels or ops).forward_train(x, weight, bias, eps)
+        aside = running if running is not None and running.blended() else None
     if running_mean is not None:
         stats.update_running(
             running_mean, running_var, mean, None, x.numel() // x.shape[1], momentum,

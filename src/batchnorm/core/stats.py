@@ -142,7 +142,9 @@ def update_running(
 
     ``aside`` (from ``set_aside``): the kernel has blended the batch into the buffers
     already (ATen's, for torch.nn's numbers bit for bit); the blend is kept if finite
-    (and counted), else the buffers are put back. ``inplace=False``: nothing is written;
+    (and counted), else the buffers are put back. (Or the layer's RunningBackup after the
+    numba kernels folded the batch in through it, guarded: ``commit`` gives that verdict,
+    ``restore`` has nothing to put back.) ``inplace=False``: nothing is written;
     returns the new ``(running_mean, running_var)`` (for ``batch_norm_stateless``, under
     torch.func transforms: no host read, no warning, ``num_batches_tracked`` unused).
     ``backup``: the layer's ``kernels.cpu_backup.RunningBackup``, handed to the backend's

@@ -7,7 +7,9 @@ operations it implements (``OPS``, a subset of ``OPERATIONS``), where it runs
 (``records_autograd``: its training forward may be recorded by ATen's autograd instead of
 our autograd Function; ``blends_running``: its training forwards (plain and with an
 activation) can blend the batch into the running buffers inside the kernel,
-``accepts_running`` saying for which buffers). The
+``accepts_running`` saying for which buffers; ``takes_backup``: its ``forward_train``
+also takes ``running=``, a layer's ``cpu_backup.RunningBackup`` prepared for the step,
+and folds the batch into the buffers through it, guarded, right after its kernel). The
 dispatcher (``batchnorm.kernels.pick``) reads these members, never probes for others; the
 pure-torch backend implements every operation but ``update_running``, so a call never
 fails for want of one (``update_running``, the one operation that writes into its
@@ -47,6 +49,7 @@ class Backend(Protocol):
     OPS: frozenset[str]
     records_autograd: bool
     blends_running: bool
+    takes_backup: bool
 
     def supports(self, x: Tensor) -> bool:
         """Whether the backend can run on ``x`` at all."""

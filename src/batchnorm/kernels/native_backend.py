@@ -51,6 +51,7 @@ OPS = frozenset((
 #: autograd (``batchnorm.plan`` decides when): the derivative then runs in C++.
 records_autograd = True
 blends_running = True
+takes_backup = False
 _DTYPES = (torch.float32, torch.float64)
 #: On CUDA the half types too (the vectors in float32, see above).
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

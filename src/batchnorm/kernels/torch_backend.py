@@ -22,6 +22,7 @@ OPS = frozenset((
 ))
 records_autograd = False
 blends_running = False
+takes_backup = False
 
 
 def supports(x: Tensor) -> bool:

@@ -156,6 +156,7 @@ class _BatchNormAct(_BatchNorm):
             stats.update_running(
                 running_mean, running_var, mean, None, input.numel() // input.shape[1],
                 self.momentum, tracked, invstd=invstd, eps=self.eps, aside=aside,
+                backup=self._backup() if eager else None,
             )
         return z
 

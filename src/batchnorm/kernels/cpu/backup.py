@@ -12,9 +12,11 @@ per layer and kept (re-made when a buffer is replaced or moves, e.g. ``.to()`` o
 buffers: ATen computes ``(1 - f) * running + f * stat``, which is
 finite only if the batch statistic is (``0 * nan`` is nan even for ``f = 0``).
 
-On the numba kernels' route the same views carry the guarded update itself
-(``RunningBackup.update``, called by ``cpu_backend.update_running``): one identity check of
-the buffers instead of checking every tensor again on every training step.
+On the numba kernels' route the same views carry the guarded update itself: the
+training forward folds the batch in right after its kernel (``prepare``, then ``blend``
+from ``cpu_backend.forward_train``), and ``cpu_backend.update_running`` goes through them
+(``update``): one identity check of the buffers instead of checking every tensor again on
+every training step.
 """
 
 from __future__ import annotations
@@ -89,7 +91,9 @@ _NO_COUNTER = np.empty(0, np.int64)
 class RunningBackup:
     """``save(mean, var, counter)`` before the update, ``commit()`` after it (True: the
     buffers are finite and the counter went up by one), ``restore()`` if it said False;
-    or ``update(...)``, the guarded update itself through the same views.
+    or the guarded update itself through the same views: ``update(...)`` from tensors, or
+    ``prepare(...)`` and then a kernel's ``blend(...)`` of its fresh statistics (``commit``
+    then gives its verdict, ``restore`` has nothing to do).
 
     ``counter`` is ``num_batches_tracked`` (or None): counted here, through its numpy view
     (cheaper than a torch ``add_``; its version counter, which nothing saves for backward,
@@ -98,13 +102,15 @@ class RunningBackup:
     pickling) start with a fresh one.
     """
 
-    __slots__ = ("_buffers", "_pointers", "_views", "_backup")
+    __slots__ = ("_buffers", "_pointers", "_views", "_backup", "_momentum", "_verdict")
 
     def __init__(self) -> None:
         self._buffers: tuple[Tensor | None, ...] = ()
         self._pointers: tuple[int, ...] = ()
         self._views: tuple[np.ndarray, ...] = ()
         self._backup = np.empty(0)
+        self._momentum: float | None = None
+        self._verdict: bool | None = None  # ``blend``'s, until the next save or prepare
 
     def __reduce__(self):
         return (type(self), ())
@@ -113,6 +119,7 @@ class RunningBackup:
         self, running_mean: Tensor, running_var: Tensor, counter: Tensor | None
     ) -> bool:
         """Copy both buffers aside; False (nothing kept) where numpy cannot view them."""
+        self._verdict = None
         if not self._holds(running_mean, running_var, counter):
             return False
         views = self._views
@@ -135,10 +142,41 @@ class RunningBackup:
             m, s = mean.numpy(), invstd.numpy()
         except (RuntimeError, TypeError):
             return None
-        views = self._views
-        if m.shape != views[0].shape or s.shape != views[0].shape:
+        if m.shape != self._views[0].shape or s.shape != self._views[0].shape:
             return None
-        ok = _update(views[0], views[1], views[2], m, s, float(eps), float(correction),
+        return self._apply(m, s, eps, correction, momentum)
+
+    def prepare(self, running_mean: Tensor, running_var: Tensor, counter: Tensor | None,
+                momentum: float | None) -> bool:
+        """Make ready for ``blend`` in this step (views of these buffers, the step's
+        momentum: None for the cumulative average); False where numpy cannot view them or
+        momentum=None comes without a counter (the caller then updates the usual way)."""
+        self._verdict = None
+        if (momentum is None and counter is None) or not self._holds(
+            running_mean, running_var, counter
+        ):
+            return False
+        self._momentum = momentum
+        return True
+
+    def blend(self, mean: np.ndarray, invstd: np.ndarray, eps: float, count: int) -> None:
+        """The guarded update of the prepared buffers with a batch of ``count`` values per
+        channel, from the (mean, invstd) a kernel has just returned (numpy vectors, in the
+        dtype the contract returns them in), right where they were made; the verdict is
+        kept for ``commit`` (``blended``). Vectors of another length than the buffers' are
+        left to the caller's update, which refuses them."""
+        if mean.shape == self._views[0].shape == invstd.shape:
+            self._verdict = self._apply(mean, invstd, eps, count / (count - 1) if count > 1
+                                        else 1.0, self._momentum)
+
+    def blended(self) -> bool:
+        """Whether ``blend`` ran since ``prepare``."""
+        return self._verdict is not None
+
+    def _apply(self, mean: np.ndarray, invstd: np.ndarray, eps: float, correction: float,
+               momentum: float | None) -> bool:
+        views = self._views
+        ok = _update(views[0], views[1], views[2], mean, invstd, float(eps), float(correction),
                      0.0 if momentum is None else float(momentum), momentum is None)
         if ok:  # written through numpy: tell autograd the buffers changed, as an add_ would
             torch.autograd.graph.increment_version(self._buffers[:2])
@@ -174,11 +212,16 @@ class RunningBackup:
 
     def commit(self) -> bool:
         """Whether both buffers (as they are now) hold only finite values; if so, the
-        counter goes up by one."""
+        counter goes up by one. After ``blend``: its verdict (the count went up with it)."""
+        if self._verdict is not None:
+            return self._verdict
         return bool(_finite(*self._views))
 
     def restore(self) -> None:
-        """Put the saved values back (and tell autograd the buffers changed)."""
+        """Put the saved values back (and tell autograd the buffers changed); nothing after
+        ``blend``, which writes nothing for a non-finite batch."""
+        if self._verdict is not None:
+            return
         _restore(self._views[0], self._views[1], self._backup)
         torch.autograd.graph.increment_version(self._buffers[:2])
 

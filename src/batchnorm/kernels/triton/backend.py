@@ -58,6 +58,7 @@ name = "triton"
 OPS = (torch_backend.OPS - {"backward_act_input"}) | {"update_running"}
 records_autograd = False
 blends_running = False
+takes_backup = False
 
 # The kernels were built for Triton's CPU interpreter (decided when triton.jit ran).
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
