@@ -9,6 +9,9 @@ channel cut into parts whose partial sums are added), forced by shrinking the th
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -337,15 +340,48 @@ def test_the_thread_setting_is_read_as_numba_sets_it():
     try:
         for n in range(1, numba.config.NUMBA_NUM_THREADS + 1):
             numba.set_num_threads(n)
-            assert C._read_threads() == n == numba.get_num_threads()
+            assert C._num_threads() == n == numba.get_num_threads()
     finally:
         numba.set_num_threads(previous)
     seen = []
-    thread = threading.Thread(target=lambda: seen.append((C._read_threads(),
+    thread = threading.Thread(target=lambda: seen.append((C._num_threads(),
                                                            numba.get_num_threads())))
     thread.start()
     thread.join()
     assert seen[0][0] == seen[0][1] >= 1
+
+
+_FORKED = """
+import multiprocessing as mp
+import torch, batchnorm
+from batchnorm import kernels
+
+def child(q):
+    m = batchnorm.BatchNorm2d(64)
+    m(torch.randn(8, 64, 32, 32, requires_grad=True)).sum().backward()
+    q.put(int(m.num_batches_tracked))
+
+kernels.load("cpu")  # what a process's first BN call on CPU does
+ctx = mp.get_context("fork")
+q = ctx.Queue()
+p = ctx.Process(target=child, args=(q,), daemon=True)
+p.start()
+p.join(120)
+print(p.exitcode, q.get(timeout=5) if p.exitcode == 0 else None)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork() and GNU OpenMP: Linux")
+def test_a_process_forked_after_loading_the_kernels_can_run_them():
+    """Loading the backend does not start numba's threads (numba terminates a forked
+    child that runs a parallel kernel once its parent started them: "fork() called from a
+    process already using GNU OpenMP"): a worker forked after the parent loaded the
+    kernels trains on the numba route. (A parent that has run an OpenMP parallel region,
+    numba's or ATen's, cannot hand GNU OpenMP to a forked child at all: use "spawn".)"""
+    done = subprocess.run([sys.executable, "-c", _FORKED], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["0", "1"], (done.stdout, done.stderr[-2000:])
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

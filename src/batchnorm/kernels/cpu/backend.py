@@ -227,13 +227,24 @@ def accepts_running(x: Tensor, running_mean: Tensor, running_var: Tensor) -> boo
     return False
 
 
-numba.get_num_threads()  # starts numba's threads, as a first kernel would: then
-#: numba's own reader of its thread setting (the calling thread's, as
-#: ``numba.get_num_threads``), which skips the public function's check that the threads
-#: are up (two locks on every call: about 2.5% of a BN layer's training step at
-#: 8x1024x14x14 when other layers ran in between, benchmarks/README.md); the public
-#: function where a numba release lacks it.
-_read_threads = getattr(_numba_parallel, "_get_num_threads", None) or numba.get_num_threads
+_reader = None  # numba's own reader of its thread setting, from the first kernel call on
+
+
+def _num_threads() -> int:
+    """``numba.get_num_threads()``: numba's setting for the calling thread. That function
+    checks on every call that numba's threads are up (two locks: about 2.5% of a BN layer's
+    training step at 8x1024x14x14 when other layers ran in between, benchmarks/README.md),
+    so after the first call, which starts them as the first kernel call always did (not at
+    import: numba refuses parallel kernels in a process forked after its start), numba's
+    own reader of the setting answers; the public function where a numba release lacks it
+    or it answers what numba would refuse."""
+    global _reader
+    if _reader is None:
+        threads = numba.get_num_threads()
+        _reader = getattr(_numba_parallel, "_get_num_threads", None) or numba.get_num_threads
+        return threads
+    threads = _reader()
+    return threads if threads >= 1 else numba.get_num_threads()
 
 
 class _sized:
@@ -244,9 +255,7 @@ class _sized:
     __slots__ = ("threads", "used")
 
     def __init__(self, x: Tensor) -> None:
-        threads = _read_threads()
-        if threads < 1:  # (never seen) the public function says what is wrong
-            threads = numba.get_num_threads()
+        threads = _num_threads()
         small = threads > 1 and x.numel() < PARALLEL_MIN
         self.threads = threads if small else 0
         self.used = 1 if small else threads
