@@ -179,7 +179,7 @@ def train(
     if running_mean is not None:
         stats.update_running(
             running_mean, running_var, mean, None, x.numel() // x.shape[1], momentum,
-            num_batches_tracked, invstd=invstd, eps=eps, aside=aside, backup=backup,
+            num_batches_tracked, invstd=invstd, eps=eps, aside=aside,
         )
     return y, mean, invstd
 
