@@ -342,7 +342,7 @@ def forward_train(
     Returns (y, mean, invstd). ``running``: the layer's ``cpu_backup.RunningBackup``,
     prepared for this step (``takes_backup``), which folds the batch into the running
     buffers right after the kernel (``RunningBackup.blend``: no trip back through
-    ``batchnorm.stats``, about 2% of a BN layer's training step at 8x1024x14x14,
+    ``batchnorm.stats``, about 1.5% of a BN layer's training step at 8x1024x14x14,
     benchmarks/README.md)."""
     return forward_train_act(x, weight, bias, eps, "identity", 0.0, running)
 
@@ -610,8 +610,8 @@ def update_running(
     ``momentum=None``: the cumulative average, factor 1 / num_batches_tracked after the
     increment (one host read of the count: CPU tensors). ``backup``: the layer's
     ``cpu_backup.RunningBackup``, whose numpy views of the buffers, made once, spare the
-    checks of every tensor on every step (about 4% of a BN layer's training step at
-    8x1024x14x14, benchmarks/README.md)."""
+    checks of every tensor on every step (BatchNormAct's update; plain BN on these kernels
+    folds the batch in inside ``forward_train`` through the same views)."""
     if backup is not None:
         verdict = backup.update(running_mean, running_var, num_batches_tracked, mean, invstd,
                                 eps, correction, momentum)
