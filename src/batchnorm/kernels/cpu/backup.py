@@ -134,17 +134,15 @@ class RunningBackup:
         identity check instead of checking four tensors again on every step): the verdict,
         or None where numpy cannot view the buffers or the batch's statistics are not CPU
         float vectors of their length (the caller then checks and updates the usual way)."""
-        if mean.dtype not in _DTYPES or invstd.dtype not in _DTYPES or (
-            momentum is None and counter is None
-        ) or not self._holds(running_mean, running_var, counter):
+        if mean.dtype not in _DTYPES or invstd.dtype not in _DTYPES or not self.prepare(
+            running_mean, running_var, counter, momentum
+        ):
             return None
         try:  # refuses tensors that require grad, live elsewhere or are wrapped by torch.func
             m, s = mean.numpy(), invstd.numpy()
         except (RuntimeError, TypeError):
             return None
-        if m.shape != self._views[0].shape or s.shape != self._views[0].shape:
-            return None
-        return self._apply(m, s, eps, correction, momentum)
+        return self._apply(m, s, eps, correction)
 
     def prepare(self, running_mean: Tensor, running_var: Tensor, counter: Tensor | None,
                 momentum: float | None) -> bool:
@@ -165,17 +163,20 @@ class RunningBackup:
         dtype the contract returns them in), right where they were made; the verdict is
         kept for ``commit`` (``blended``). Vectors of another length than the buffers' are
         left to the caller's update, which refuses them."""
-        if mean.shape == self._views[0].shape == invstd.shape:
-            self._verdict = self._apply(mean, invstd, eps, count / (count - 1) if count > 1
-                                        else 1.0, self._momentum)
+        self._verdict = self._apply(mean, invstd, eps, count / (count - 1) if count > 1 else 1.0)
 
     def blended(self) -> bool:
         """Whether ``blend`` ran since ``prepare``."""
         return self._verdict is not None
 
-    def _apply(self, mean: np.ndarray, invstd: np.ndarray, eps: float, correction: float,
-               momentum: float | None) -> bool:
+    def _apply(self, mean: np.ndarray, invstd: np.ndarray, eps: float,
+               correction: float) -> bool | None:
+        """The prepared update with these statistics: the verdict, or None (nothing done)
+        for vectors of another length than the buffers'."""
         views = self._views
+        if mean.shape != views[0].shape or invstd.shape != views[0].shape:
+            return None
+        momentum = self._momentum
         ok = _update(views[0], views[1], views[2], mean, invstd, float(eps), float(correction),
                      0.0 if momentum is None else float(momentum), momentum is None)
         if ok:  # written through numpy: tell autograd the buffers changed, as an add_ would
