@@ -148,9 +148,20 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[
     return step
 
 
+def fresh_compiler() -> None:
+    """Forget what torch.compile compiled before. Every ``torch.compile(module)`` of torch
+    2.13 runs through one wrapper function, whose compile cache is shared: a layer
+    compiled after another input size gets a dynamic-shape graph ("automatic dynamic"),
+    which is not what a user compiling one model at one shape gets, and the cache holds 8
+    entries (``recompile_limit``) before calls fall back to eager. Each model and each
+    layer shape here starts from an empty cache (static shapes)."""
+    torch._dynamo.reset()
+
+
 def model_steps(
     name: str, batch: int, rounds: int, warmup: int, modes: list[str]
 ) -> dict[str, dict[str, float]]:
+    fresh_compiler()
     torch.manual_seed(0)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     reference = MODELS[name](NORMS["torch.nn"])
@@ -167,6 +178,7 @@ def model_steps(
 
 def layer_steps(shape: tuple[int, ...], rounds: int) -> dict[str, dict[str, float]]:
     """One BN layer, forward + backward of ``y.backward(dy)``."""
+    fresh_compiler()
     x = torch.randn(shape, requires_grad=True)
     dy = torch.randn(shape)
     fns = {}
