@@ -20,9 +20,9 @@ from numba.core.registry import CPUDispatcher
 from typer.testing import CliRunner
 from batchnorm.cli import app
 result = CliRunner().invoke(app, ["warmup"])
-from batchnorm.kernels.cpu import _nchw, _nhwc, _params, backup
+from batchnorm.kernels.cpu import _address, _nchw, _nhwc, _params, backup
 kernels = {}
-for mod in (_nchw, _nhwc, _params, backup):
+for mod in (_address, _nchw, _nhwc, _params, backup):
     for name, obj in vars(mod).items():
         if isinstance(obj, CPUDispatcher) and obj.py_func.__module__ == mod.__name__:
             kernels[mod.__name__.rsplit(".", 1)[1] + "." + name] = {
@@ -36,7 +36,11 @@ print(json.dumps({"code": result.exit_code, "output": result.output, "kernels": 
 #: parallel kernels).
 _FROM_PYTHON = ("_params.finite_batch", "_params.running_update", "_params.affine",
                 "_params.grad", "backup._save", "backup._finite", "backup._restore",
-                "backup._update")
+                "backup._update", "_address.forward_fused", "_address.backward_fused",
+                "_address.act_backward_fused")
+#: Parallel kernels that run only inside the ``_address`` entries (compiled into them: a
+#: process that loads the entries from numba's cache never compiles these on their own).
+_BY_ADDRESS = ("_nchw.forward_fused", "_nchw.backward_fused", "_nchw.act_backward_fused")
 
 
 def test_warmup_compiles_every_kernel_for_both_dtypes():
@@ -47,9 +51,9 @@ def test_warmup_compiles_every_kernel_for_both_dtypes():
     assert report["code"] == 0, report["output"]
     assert "CPU kernels ready in" in report["output"]
     kernels = report["kernels"]
-    wanted = [name for name, k in kernels.items() if k["parallel"]]
+    wanted = [name for name, k in kernels.items() if k["parallel"] and name not in _BY_ADDRESS]
     wanted += _FROM_PYTHON
-    assert len(wanted) >= 21, sorted(kernels)  # 8 channel-major, 6 channels-last, 7 more
+    assert len(wanted) >= 21, sorted(kernels)  # 5 channel-major, 6 channels-last, 11 more
     for name in wanted:
         signatures = " ".join(kernels[name]["signatures"])
         for dtype in ("float32", "float64"):

@@ -351,6 +351,109 @@ def test_the_thread_setting_is_read_as_numba_sets_it():
     assert seen[0][0] == seen[0][1] >= 1
 
 
+def test_a_small_input_runs_on_one_thread_and_the_setting_comes_back(monkeypatch):
+    """Below ``PARALLEL_MIN`` elements the wrappers set numba to one thread for their
+    kernels (``_on_one_thread``) and put the setting back, also when a check raises; the
+    layout, threads and blocks are looked up once per size (``_geometry``) and follow the
+    module's thresholds when they change."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread")
+    previous = numba.get_num_threads()
+    seen = []
+    real = C._on_one_thread
+
+    def spy(function, *args):
+        seen.append(function.__name__)
+        return real(function, *args)
+
+    monkeypatch.setattr(C, "_on_one_thread", spy)
+    try:
+        numba.set_num_threads(2)
+        x, dy, w, b = _inputs((2, 8, 4, 4), "nchw", torch.float32)
+        y, mean, invstd = C.forward_train(x, w, b, 1e-5)
+        grads = C.backward(dy, x, mean, invstd, w)
+        assert seen == ["forward_train_act", "backward"]
+        assert numba.get_num_threads() == 2
+        _close((y, mean, invstd), T.forward_train(x, w, b, 1e-5), torch.float32)
+        _close(grads, T.backward(dy, x, mean, invstd, w), torch.float32)
+        assert C._geometry(x).threads == 1 and C._geometry(x).one_thread
+        with pytest.raises(ValueError, match="must have 8 elements"):
+            C.forward_train(x, w[:3], b, 1e-5)
+        assert numba.get_num_threads() == 2
+        monkeypatch.setattr(C, "PARALLEL_MIN", 0)  # a new threshold: a new geometry
+        assert C._geometry(x).threads == 2 and not C._geometry(x).one_thread
+    finally:
+        numba.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("affine", [True, False])
+def test_the_address_entries_give_the_array_kernels_bits(dtype, affine):
+    """``_address``'s entries view the tensors at the given addresses and run the ``_nchw``
+    kernel: the same bits as the kernel on numpy views of the same tensors (forward,
+    backward with and without dx, the BN + activation backward), with and without weight
+    and bias."""
+    from batchnorm.kernels.cpu import _act as A
+    from batchnorm.kernels.cpu import _address
+    from batchnorm.kernels.cpu import _nchw as NCHW
+
+    shape = (3, 12, 5, 7)
+    n, c, m = shape[0], shape[1], 35
+    x, dy, w, b = _inputs(shape, "nchw", dtype)
+    w, b = (w, b) if affine else (None, None)
+    like = C._EMPTY[dtype]
+    view = lambda t: t.numpy().reshape(n, c, m)  # noqa: E731
+    vec = lambda t: like if t is None else t.numpy()  # noqa: E731
+    at = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    k = 0 if w is None else c
+    block, group, tasks = 5, 2, 2
+    out_a, out_b = torch.empty_like(x), torch.empty_like(x)
+    got = _address.forward_fused(like, at(x), at(w), k, at(b), k, at(out_a), n, c, m, 1e-5,
+                                 A.LEAKY_RELU, 0.1, block, tasks, group)
+    want = NCHW.forward_fused(view(x), vec(w), vec(b), 1e-5, view(out_b), A.LEAKY_RELU, 0.1,
+                              block, tasks, group)
+    assert all((g == h).all() for g, h in zip(got, want)) and torch.equal(out_a, out_b)
+    mean, invstd = (torch.from_numpy(v) for v in want)
+    for want_dx in (True, False):
+        out_a, out_b = torch.zeros_like(x), torch.zeros_like(x)
+        got = _address.backward_fused(like, at(dy), at(x), at(mean), at(invstd), at(w), k,
+                                      at(out_a), want_dx, n, c, m, block, tasks, group)
+        want = NCHW.backward_fused(view(dy), view(x), mean.numpy(), invstd.numpy(), vec(w),
+                                   view(out_b) if want_dx else view(out_b)[:, :0], want_dx,
+                                   block, tasks, group)
+        assert all((g == h).all() for g, h in zip(got, want)) and torch.equal(out_a, out_b)
+        assert want_dx or not out_a.any()
+    low = like.dtype.type(0.0)
+    out_a, out_b = torch.empty_like(x), torch.empty_like(x)
+    got = _address.act_backward_fused(like, at(dy), at(x), at(mean), at(invstd), at(w), k,
+                                      at(b), k, at(out_a), A.RELU, low, True, n, c, m, block,
+                                      tasks, group)
+    want = NCHW.act_backward_fused(view(dy), view(x), mean.numpy(), invstd.numpy(), vec(w),
+                                   vec(b), view(out_b), A.RELU, low, True, block, tasks, group)
+    assert all((g == h).all() for g, h in zip(got, want)) and torch.equal(out_a, out_b)
+
+
+def test_the_fused_wrappers_take_vectors_in_any_dtype_layout_and_device_they_accept():
+    """What the address entries read is made contiguous, on the CPU and in x's dtype
+    first (``_contiguous``): strided float64 statistics and weights on float32 input give
+    torch_backend's numbers."""
+    x, dy, w, b = _inputs((4, 16, 6, 6), "nchw", torch.float32)
+    assert C._geometry(x).fused[1][0], "the fused backward runs"
+    wide = lambda v: torch.stack([v.double(), v.double()], 1)[:, 0]  # noqa: E731
+    w64, b64 = wide(w), wide(b)
+    assert not w64.is_contiguous() and w64.dtype == torch.float64
+    got = C.forward_train_act(x, w64, b64, 1e-5, "relu", 0.0)
+    _close(got, T.forward_train_act(x, w, b, 1e-5, "relu", 0.0), torch.float32)
+    _, mean, invstd = got
+    got = C.backward(dy, x, wide(mean), wide(invstd), w64)
+    _close(got, T.backward(dy, x, mean, invstd, w), torch.float32)
+    got = C.backward_act_input(dy, x, wide(mean), wide(invstd), w64, b64, "relu", 0.0, True)
+    _close(got, T.backward_act_input(dy, x, mean, invstd, w, b, "relu", 0.0, True),
+           torch.float32)
+
+
 _FORKED = """
 import multiprocessing as mp
 import torch, batchnorm
@@ -425,16 +528,16 @@ def test_which_input_saving_backwards_run_the_fused_kernel(act, dtype, fused, mo
     """silu and gelu take the fused kernel in float32 only (float64 would call libm per
     element); elu never (ATen's kernels)."""
     from batchnorm.kernels.cpu import _act as A
-    from batchnorm.kernels.cpu import _nchw as _cpu_nchw
+    from batchnorm.kernels.cpu import _address
 
     calls = []
-    real = _cpu_nchw.act_backward_fused
+    real = _address.act_backward_fused
 
     def spy(*args):
-        calls.append(args[7])  # the activation code
+        calls.append(args[10])  # the activation code
         return real(*args)
 
-    monkeypatch.setattr(_cpu_nchw, "act_backward_fused", spy)
+    monkeypatch.setattr(_address, "act_backward_fused", spy)
     x, dz, w, b = _inputs((2, 40, 3, 3), "nchw", dtype)
     mean, var = T.batch_stats(x)
     invstd = torch.rsqrt(var + 1e-5)

@@ -164,7 +164,8 @@ def _package_frames_at_first_kernel(run) -> int | None:
     starts (a numba kernel, whose call numba reports to the profiler, or ATen's batch
     norm op); None when no package frame reaches one (ATen's autograd in C++)."""
     seen = []
-    kernel_files = tuple(f"kernels/cpu/_{name}.py" for name in ("nchw", "nhwc", "loops", "params"))
+    kernel_files = tuple(f"kernels/cpu/_{name}.py"
+                         for name in ("address", "nchw", "nhwc", "loops", "params"))
     aten_ops = {"native_batch_norm", "batch_norm", "native_batch_norm_backward"}
 
     def count(frame) -> int:

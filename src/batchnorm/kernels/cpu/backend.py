@@ -38,6 +38,8 @@ with IEEE semantics (``error_model="numpy"``): 1/sqrt(0) is +inf, never an excep
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numba
 from numba.np.ufunc import parallel as _numba_parallel
 import numpy as np
@@ -51,6 +53,7 @@ from .backup import viewable
 
 try:  # a read-only install with no writable cache directory must not break import
     from . import _act as A
+    from . import _address as ADDRESS
     from . import _nchw as NCHW
     from . import _nhwc as NHWC
     from . import _params as P
@@ -247,27 +250,75 @@ def _num_threads() -> int:
     return threads if threads >= 1 else numba.get_num_threads()
 
 
-class _sized:
-    """``with _sized(x) as threads:`` runs the block's kernels on one numba thread when
-    ``x`` is small (a context, not a decorator: no extra frame between a caller and a
-    kernel); ``threads`` is the number in effect (numba's setting is read once a call)."""
+class _Geometry(NamedTuple):
+    """What the kernels need to know of an input beyond its values (``_geometry``)."""
 
-    __slots__ = ("threads", "used")
+    layout: str | None  # ``_layout``: "nchw", "nhwc", or None (not these kernels' input)
+    threads: int  # numba threads its kernels run on: 1 below ``PARALLEL_MIN`` elements
+    one_thread: bool  # numba is set to more threads than that: set it to 1 for the call
+    parts: int  # ``_parts``
+    fused: tuple[tuple[int, int], ...]  # ``_block``'s (block, group) for 2, 3 and 4 arrays
+    sizes: tuple[int, int, int]  # (N, C, M) of the channel-major view
 
-    def __init__(self, x: Tensor) -> None:
-        threads = _num_threads()
-        small = threads > 1 and x.numel() < PARALLEL_MIN
-        self.threads = threads if small else 0
-        self.used = 1 if small else threads
 
-    def __enter__(self) -> int:
-        if self.threads:
-            numba.set_num_threads(1)
-        return self.used
+_geometries: dict[tuple, _Geometry] = {}
 
-    def __exit__(self, *exc) -> None:
-        if self.threads:
-            numba.set_num_threads(self.threads)
+
+def _geometry(x: Tensor) -> _Geometry:
+    """The layout, threads and blocks of the kernels' calls on ``x``, worked out once per
+    size, strides, dtype and setting (numba's threads and this module's thresholds, which
+    tests and benchmarks change): every wrapper below starts here, on every call, and
+    looking them up spares about fifteen tensor reads and four Python calls (1.5% of a BN
+    layer's training step at 8x1024x14x14, benchmarks/README.md)."""
+    setting = _num_threads()
+    key = (x.shape, x.stride(), x.dtype, x.is_cpu, setting, MIN_TASK, PARALLEL_MIN,
+           FUSE_BYTES, FUSE_BLOCK_BYTES, GROUP_BYTES)
+    geometry = _geometries.get(key)
+    if geometry is None:
+        if len(_geometries) >= 256:  # a run of ever new sizes: start over
+            _geometries.clear()
+        geometry = _geometries[key] = _measure(x, setting)
+    return geometry
+
+
+def _measure(x: Tensor, setting: int) -> _Geometry:
+    layout = _layout(x)
+    if layout is None:  # the wrappers hand it to torch_backend
+        return _Geometry(None, setting, False, 1, ((0, 0),) * 3, (0, 0, 0))
+    small = x.numel() < PARALLEL_MIN
+    threads = 1 if small else setting
+    parts = _parts(x, layout, threads)
+    n, c = x.shape[0], x.shape[1]
+    return _Geometry(
+        layout, threads, small and setting > 1, parts,
+        tuple(_block(x, layout, parts, arrays, threads) for arrays in (2, 3, 4)),
+        (n, c, x.numel() // (n * c)),
+    )
+
+
+def _on_one_thread(function, *args):
+    """``function(*args)`` with numba set to one thread (then restored): a small input's
+    kernels, where waking a second thread costs more than it saves. ``function`` is the
+    wrapper itself, called again: its ``_geometry`` then finds the setting at 1."""
+    setting = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        return function(*args)
+    finally:
+        numba.set_num_threads(setting)
+
+
+def _contiguous(v: Tensor | None, x: Tensor) -> Tensor | None:
+    """A per-channel vector as a contiguous CPU tensor in x's dtype (the accumulation dtype
+    of float32/float64 input), as it is where it is one already: the tensor whose address
+    an ``_address`` entry reads (the caller holds it for the call). None stays None."""
+    if v is None or (v.dtype == x.dtype and v.is_cpu and v.is_contiguous()):
+        return v
+    return v.detach().to(device="cpu", dtype=x.dtype).contiguous()
+
+
+def _address(v: Tensor | None) -> int:
+    return 0 if v is None else v.data_ptr()
 
 
 #: Activations computed inside the numba element loops: the piecewise linear ones.
@@ -286,26 +337,25 @@ def _fused_backward(act: str, x: Tensor) -> bool:
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance (float64 shifted sums, one pass)."""
-    with _sized(x) as threads:
-        layout = _layout(x)
-        if layout is None:
-            return torch_backend.batch_stats(x)
-        kernels = NCHW if layout == "nchw" else NHWC
-        mean, var = kernels.stats(_view(x, layout), _parts(x, layout, threads))
-        return _acc(mean, x), _acc(var, x)
+    g = _geometry(x)
+    if g.one_thread:
+        return _on_one_thread(batch_stats, x)
+    if g.layout is None:
+        return torch_backend.batch_stats(x)
+    kernels = NCHW if g.layout == "nchw" else NHWC
+    mean, var = kernels.stats(_view(x, g.layout), g.parts)
+    return _acc(mean, x), _acc(var, x)
 
 
 def _affine(
-    x: Tensor, layout: str, mean: np.ndarray, invstd: np.ndarray,
-    weight: Tensor | None, bias: Tensor | None, code: int, alpha: float, threads: int,
+    x: Tensor, g: _Geometry, mean: np.ndarray, invstd: np.ndarray,
+    weight: Tensor | None, bias: Tensor | None, code: int, alpha: float,
 ) -> Tensor:
-    xn = _view(x, layout)
+    xn = _view(x, g.layout)
     out = torch.empty_like(x)
     hi, lo, scale, shift = P.affine(mean, invstd, _vec(weight, x), _vec(bias, x), xn)
-    kernels = NCHW if layout == "nchw" else NHWC
-    kernels.affine(
-        xn, _view(out, layout), hi, lo, scale, shift, _parts(x, layout, threads), code, alpha
-    )
+    kernels = NCHW if g.layout == "nchw" else NHWC
+    kernels.affine(xn, _view(out, g.layout), hi, lo, scale, shift, g.parts, code, alpha)
     return out
 
 
@@ -321,18 +371,18 @@ def forward_eval_act(
     act: str, alpha: float,
 ) -> Tensor:
     """Eval forward of BN (given statistics) followed by an activation, one pass."""
-    with _sized(x) as threads:
-        layout = _layout(x)
-        if layout is None:
-            return torch_backend.forward_eval_act(x, mean, invstd, weight, bias, act, alpha)
-        _check(x, mean=mean, invstd=invstd, weight=weight, bias=bias)
-        activations.check(act, alpha)
-        if act not in LINEAR:
-            return activations.apply_(normalize(x, mean, invstd, weight, bias), act, alpha)
-        return _affine(
-            x, layout, _vec(mean, x), _vec(invstd, x), weight, bias, activations.CODES[act], alpha,
-            threads,
-        )
+    g = _geometry(x)
+    if g.one_thread:
+        return _on_one_thread(forward_eval_act, x, mean, invstd, weight, bias, act, alpha)
+    if g.layout is None:
+        return torch_backend.forward_eval_act(x, mean, invstd, weight, bias, act, alpha)
+    _check(x, mean=mean, invstd=invstd, weight=weight, bias=bias)
+    activations.check(act, alpha)
+    if act not in LINEAR:
+        return activations.apply_(normalize(x, mean, invstd, weight, bias), act, alpha)
+    return _affine(
+        x, g, _vec(mean, x), _vec(invstd, x), weight, bias, activations.CODES[act], alpha
+    )
 
 
 def forward_train(
@@ -353,49 +403,52 @@ def forward_train_act(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training forward of BN followed by an activation. Returns (z, mean, invstd);
     ``running`` as for ``forward_train``."""
-    with _sized(x) as threads:
-        layout = _layout(x)
-        if layout is None:
-            return torch_backend.forward_train_act(x, weight, bias, eps, act, alpha)
-        _check(x, weight=weight, bias=bias)
-        activations.check(act, alpha)
-        if act not in LINEAR:
-            y, mean, invstd = forward_train(x, weight, bias, eps, running)
-            return activations.apply_(y, act, alpha), mean, invstd
-        code = activations.CODES[act]
-        parts = _parts(x, layout, threads)
-        block, group = _block(x, layout, parts, 2, threads)
-        if block:
-            out = torch.empty_like(x)
-            mean, invstd = NCHW.forward_fused(
-                _view(x, layout), _vec(weight, x), _vec(bias, x), eps, _view(out, layout),
-                code, alpha, block, threads, group,
-            )
-        else:
-            kernels = NCHW if layout == "nchw" else NHWC
-            mean, var = kernels.stats(_view(x, layout), parts)
-            invstd = P.invstd(var, eps)
-            out = _affine(x, layout, mean, invstd, weight, bias, code, alpha, threads)
-            acc = _ACC[x.dtype]  # the contract's dtype, as the fused kernel returns them
-            mean, invstd = mean.astype(acc, copy=False), invstd.astype(acc, copy=False)
-        if running is not None:
-            running.blend(mean, invstd, eps, x.numel() // x.shape[1])
-        return out, torch.from_numpy(mean), torch.from_numpy(invstd)
+    g = _geometry(x)
+    if g.one_thread:
+        return _on_one_thread(forward_train_act, x, weight, bias, eps, act, alpha, running)
+    if g.layout is None:
+        return torch_backend.forward_train_act(x, weight, bias, eps, act, alpha)
+    _check(x, weight=weight, bias=bias)
+    activations.check(act, alpha)
+    if act not in LINEAR:
+        y, mean, invstd = forward_train(x, weight, bias, eps, running)
+        return activations.apply_(y, act, alpha), mean, invstd
+    code = activations.CODES[act]
+    block, group = g.fused[0]
+    if block:
+        out = torch.empty_like(x)
+        n, c, m = g.sizes
+        w, b = _contiguous(weight, x), _contiguous(bias, x)
+        mean, invstd = ADDRESS.forward_fused(
+            _EMPTY[x.dtype], x.data_ptr(), _address(w), 0 if w is None else c, _address(b),
+            0 if b is None else c, out.data_ptr(), n, c, m, eps, code, alpha, block, g.threads,
+            group,
+        )
+    else:
+        kernels = NCHW if g.layout == "nchw" else NHWC
+        mean, var = kernels.stats(_view(x, g.layout), g.parts)
+        invstd = P.invstd(var, eps)
+        out = _affine(x, g, mean, invstd, weight, bias, code, alpha)
+        acc = _ACC[x.dtype]  # the contract's dtype, as the fused kernel returns them
+        mean, invstd = mean.astype(acc, copy=False), invstd.astype(acc, copy=False)
+    if running is not None:
+        running.blend(mean, invstd, eps, x.numel() // x.shape[1])
+    return out, torch.from_numpy(mean), torch.from_numpy(invstd)
 
 
 def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
     """sum(dy) and sum(dy * x_hat) per channel, one pass over (dy, x)."""
-    with _sized(dy) as threads:
-        layout = _layout(x)
-        if layout is None:
-            return torch_backend.backward_reduce(dy, x, mean, invstd)
-        _check(x, dy, mean=mean, invstd=invstd)
-        kernels = NCHW if layout == "nchw" else NHWC
-        sd, sdx = kernels.reduce(
-            _view(_like(dy, x), layout), _view(x, layout), _vec(mean, x),
-            _parts(x, layout, threads),
-        )
-        return _acc(sd, x), _acc(sdx * _vec(invstd, x), x)
+    g = _geometry(x)
+    if g.one_thread:
+        return _on_one_thread(backward_reduce, dy, x, mean, invstd)
+    if g.layout is None:
+        return torch_backend.backward_reduce(dy, x, mean, invstd)
+    _check(x, dy, mean=mean, invstd=invstd)
+    kernels = NCHW if g.layout == "nchw" else NHWC
+    sd, sdx = kernels.reduce(
+        _view(_like(dy, x), g.layout), _view(x, g.layout), _vec(mean, x), g.parts
+    )
+    return _acc(sd, x), _acc(sdx * _vec(invstd, x), x)
 
 
 def backward_elemt(
@@ -403,73 +456,77 @@ def backward_elemt(
     sum_dy: Tensor, sum_dy_xhat: Tensor, count: float,
 ) -> Tensor:
     """dx = weight * invstd * (dy - sum_dy / m - x_hat * sum_dy_xhat / m), one pass."""
-    with _sized(dy) as threads:
-        layout = _layout(x)
-        if layout is None:
-            return torch_backend.backward_elemt(
-                dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count
-            )
-        _check(x, dy, mean=mean, invstd=invstd, weight=weight, sum_dy=sum_dy,
-               sum_dy_xhat=sum_dy_xhat)
-        xn = _view(x, layout)
-        ga, hi, lo, gb, gc = P.grad(
-            _vec(mean, x), _vec(invstd, x), _vec(weight, x), _vec(sum_dy, x),
-            _vec(sum_dy_xhat, x), float(count), xn,
+    g = _geometry(x)
+    if g.one_thread:
+        return _on_one_thread(backward_elemt, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat,
+                              count)
+    if g.layout is None:
+        return torch_backend.backward_elemt(
+            dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count
         )
-        out = torch.empty_like(x)
-        kernels = NCHW if layout == "nchw" else NHWC
-        kernels.grad_x(
-            _view(_like(dy, x), layout), xn, _view(out, layout), ga, hi, lo, gb, gc,
-            _parts(x, layout, threads),
-        )
-        return out
+    _check(x, dy, mean=mean, invstd=invstd, weight=weight, sum_dy=sum_dy,
+           sum_dy_xhat=sum_dy_xhat)
+    xn = _view(x, g.layout)
+    ga, hi, lo, gb, gc = P.grad(
+        _vec(mean, x), _vec(invstd, x), _vec(weight, x), _vec(sum_dy, x),
+        _vec(sum_dy_xhat, x), float(count), xn,
+    )
+    out = torch.empty_like(x)
+    kernels = NCHW if g.layout == "nchw" else NHWC
+    kernels.grad_x(
+        _view(_like(dy, x), g.layout), xn, _view(out, g.layout), ga, hi, lo, gb, gc, g.parts
+    )
+    return out
 
 
 def backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Vector,
              output_mask: Mask = ALL) -> Grads:
     """Closed-form training backward: (dx, dweight, dbias), None where masked off."""
-    with _sized(dy) as threads:
-        layout = _layout(x)
-        if layout is None:
-            return torch_backend.backward(dy, x, mean, invstd, weight, output_mask)
-        _check(x, dy, mean=mean, invstd=invstd, weight=weight)
-        parts = _parts(x, layout, threads)
-        block, group = _block(x, layout, parts, 3, threads)
-        if block:
-            xn = _view(x, layout)
-            out = torch.empty_like(x) if output_mask[0] else None
-            sd, sdx = NCHW.backward_fused(
-                _view(_like(dy, x), layout), xn, _vec(mean, x), _vec(invstd, x), _vec(weight, x),
-                np.empty((0, 0, 0), xn.dtype) if out is None else _view(out, layout), out is not None,
-                block, threads, group,
-            )
-            return torch_backend.masked(output_mask, out, torch.from_numpy(sdx),
-                                        torch.from_numpy(sd))
-        return torch_backend.backward_by_parts(
-            backward_reduce, backward_elemt, dy, x, mean, invstd, weight, output_mask
+    g = _geometry(x)
+    if g.one_thread:
+        return _on_one_thread(backward, dy, x, mean, invstd, weight, output_mask)
+    if g.layout is None:
+        return torch_backend.backward(dy, x, mean, invstd, weight, output_mask)
+    _check(x, dy, mean=mean, invstd=invstd, weight=weight)
+    block, group = g.fused[1]
+    if block:
+        n, c, m = g.sizes
+        out = torch.empty_like(x) if output_mask[0] else None
+        dy, mean, invstd = _like(dy, x), _contiguous(mean, x), _contiguous(invstd, x)
+        w = _contiguous(weight, x)
+        sd, sdx = ADDRESS.backward_fused(
+            _EMPTY[x.dtype], dy.data_ptr(), x.data_ptr(), mean.data_ptr(), invstd.data_ptr(),
+            _address(w), 0 if w is None else c, _address(out), out is not None, n, c, m,
+            block, g.threads, group,
         )
+        return torch_backend.masked(output_mask, out, torch.from_numpy(sdx),
+                                    torch.from_numpy(sd))
+    return torch_backend.backward_by_parts(
+        backward_reduce, backward_elemt, dy, x, mean, invstd, weight, output_mask
+    )
 
 
 def backward_eval(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Vector,
                   output_mask: Mask = ALL) -> Grads:
     """Backward of the eval forward (fixed statistics): dx = dy * weight * invstd."""
-    with _sized(dy) as threads:
-        layout = _layout(x)
-        if layout is None:
-            return torch_backend.backward_eval(dy, x, mean, invstd, weight, output_mask)
-        _check(x, dy, mean=mean, invstd=invstd, weight=weight)
-        sums = (None, None)
-        if output_mask[1] or output_mask[2]:
-            sums = backward_reduce(dy, x, mean, invstd)
-        dx = None
-        if output_mask[0]:
-            # dx = ((dy - 0) - 0) * (weight * invstd) + 0: the affine kernel applied to dy
-            zero = torch.zeros_like(mean)
-            dx = _affine(
-                _like(dy, x), layout, _vec(zero, x), _vec(invstd, x), weight, None,
-                activations.CODES["identity"], 0.0, threads,
-            )
-        return torch_backend.masked(output_mask, dx, sums[1], sums[0])
+    g = _geometry(x)
+    if g.one_thread:
+        return _on_one_thread(backward_eval, dy, x, mean, invstd, weight, output_mask)
+    if g.layout is None:
+        return torch_backend.backward_eval(dy, x, mean, invstd, weight, output_mask)
+    _check(x, dy, mean=mean, invstd=invstd, weight=weight)
+    sums = (None, None)
+    if output_mask[1] or output_mask[2]:
+        sums = backward_reduce(dy, x, mean, invstd)
+    dx = None
+    if output_mask[0]:
+        # dx = ((dy - 0) - 0) * (weight * invstd) + 0: the affine kernel applied to dy
+        zero = torch.zeros_like(mean)
+        dx = _affine(
+            _like(dy, x), g, _vec(zero, x), _vec(invstd, x), weight, None,
+            activations.CODES["identity"], 0.0,
+        )
+    return torch_backend.masked(output_mask, dx, sums[1], sums[0])
 
 
 def backward_act(
@@ -478,38 +535,39 @@ def backward_act(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of BN + invertible activation from its output z alone: one pass for the
     sums, one for dx (see ``torch_backend.backward_act``)."""
-    with _sized(dz) as threads:
-        layout = _layout(z)
-        if layout is None:
-            return torch_backend.backward_act(
-                dz, z, mean, invstd, weight, bias, act, alpha, training
-            )
-        _check(z, dz, mean=mean, invstd=invstd, weight=weight, bias=bias)
-        activations.check(act, alpha)
-        if not activations.is_invertible(act, alpha):
-            raise ValueError(f"activation {act!r} (alpha={alpha}) is not invertible")
-        if act != "leaky_relu":
-            return _backward_act_via_bn(dz, z, mean, invstd, weight, bias, act, alpha, training)
-        code = activations.CODES[act]
-        c = z.shape[1]
-        shift = np.zeros(c) if bias is None else _vec(bias, z).astype(np.float64)
-        w = np.ones(c) if weight is None else _vec(weight, z).astype(np.float64)
-        rscale = 1.0 / w
-        zn, dzn = _view(z, layout), _view(_like(dz, z), layout)
-        kernels = NCHW if layout == "nchw" else NHWC
-        parts = _parts(z, layout, threads)
-        # channel-major: the slope and 1 / alpha in z's dtype (the loops run in it)
-        leaky = (_ACC[z.dtype](alpha), 1.0 / alpha) if layout == "nchw" else (code, alpha)
-        sd, sdx = kernels.act_reduce(dzn, zn, shift, rscale, parts, *leaky)
-        k = w * _vec(invstd, z)
-        if training:
-            m = z.numel() // c
-            gb, gc = -k * sdx / m, -k * sd / m
-        else:
-            gb, gc = np.zeros(c), np.zeros(c)
-        out = torch.empty_like(z)
-        kernels.act_grad_x(dzn, zn, _view(out, layout), k, gb, gc, shift, rscale, parts, *leaky)
-        return out, _acc(sdx, z), _acc(sd, z)
+    g = _geometry(z)
+    if g.one_thread:
+        return _on_one_thread(backward_act, dz, z, mean, invstd, weight, bias, act, alpha,
+                              training)
+    if g.layout is None:
+        return torch_backend.backward_act(
+            dz, z, mean, invstd, weight, bias, act, alpha, training
+        )
+    _check(z, dz, mean=mean, invstd=invstd, weight=weight, bias=bias)
+    activations.check(act, alpha)
+    if not activations.is_invertible(act, alpha):
+        raise ValueError(f"activation {act!r} (alpha={alpha}) is not invertible")
+    if act != "leaky_relu":
+        return _backward_act_via_bn(dz, z, mean, invstd, weight, bias, act, alpha, training)
+    code = activations.CODES[act]
+    c = z.shape[1]
+    shift = np.zeros(c) if bias is None else _vec(bias, z).astype(np.float64)
+    w = np.ones(c) if weight is None else _vec(weight, z).astype(np.float64)
+    rscale = 1.0 / w
+    zn, dzn = _view(z, g.layout), _view(_like(dz, z), g.layout)
+    kernels = NCHW if g.layout == "nchw" else NHWC
+    # channel-major: the slope and 1 / alpha in z's dtype (the loops run in it)
+    leaky = (_ACC[z.dtype](alpha), 1.0 / alpha) if g.layout == "nchw" else (code, alpha)
+    sd, sdx = kernels.act_reduce(dzn, zn, shift, rscale, g.parts, *leaky)
+    k = w * _vec(invstd, z)
+    if training:
+        m = z.numel() // c
+        gb, gc = -k * sdx / m, -k * sd / m
+    else:
+        gb, gc = np.zeros(c), np.zeros(c)
+    out = torch.empty_like(z)
+    kernels.act_grad_x(dzn, zn, _view(out, g.layout), k, gb, gc, shift, rscale, g.parts, *leaky)
+    return out, _acc(sdx, z), _acc(sd, z)
 
 
 def backward_act_input(
@@ -521,30 +579,34 @@ def backward_act_input(
     the plain backward (relu's slope decided on x, silu's and gelu's derivative at y
     recomputed from x); otherwise y, then dy by ATen's activation backward, then BN's
     backward."""
-    with _sized(dz) as threads:
-        layout = _layout(x)
-        if layout is None:
-            return torch_backend.backward_act_input(
-                dz, x, mean, invstd, weight, bias, act, alpha, training
-            )
-        _check(x, dz, mean=mean, invstd=invstd, weight=weight, bias=bias)
-        activations.check(act, alpha)
-        # dz, x and dx stay in cache between the two passes; silu and gelu add a scratch dy
-        arrays = 4 if act in SMOOTH else 3
-        block, group = _block(x, layout, _parts(x, layout, threads), arrays, threads)
-        if not block or not _fused_backward(act, x):
-            y = normalize(x, mean, invstd, weight, bias)
-            dy = activations.backward(_like(dz, x), y, act, alpha)
-            grads = (backward if training else backward_eval)(dy, x, mean, invstd, weight)
-            return grads[0], grads[1], grads[2]
-        out = torch.empty_like(x)
-        low = _ACC[x.dtype](alpha if act == "leaky_relu" else 0.0)  # the slope at y <= 0
-        sd, sdx = NCHW.act_backward_fused(
-            _view(_like(dz, x), layout), _view(x, layout), _vec(mean, x), _vec(invstd, x),
-            _vec(weight, x), _vec(bias, x), _view(out, layout), activations.CODES[act], low, training,
-            block, threads, group,
+    g = _geometry(x)
+    if g.one_thread:
+        return _on_one_thread(backward_act_input, dz, x, mean, invstd, weight, bias, act, alpha,
+                              training)
+    if g.layout is None:
+        return torch_backend.backward_act_input(
+            dz, x, mean, invstd, weight, bias, act, alpha, training
         )
-        return out, _acc(sdx, x), _acc(sd, x)
+    _check(x, dz, mean=mean, invstd=invstd, weight=weight, bias=bias)
+    activations.check(act, alpha)
+    # dz, x and dx stay in cache between the two passes; silu and gelu add a scratch dy
+    block, group = g.fused[2 if act in SMOOTH else 1]
+    if not block or not _fused_backward(act, x):
+        y = normalize(x, mean, invstd, weight, bias)
+        dy = activations.backward(_like(dz, x), y, act, alpha)
+        grads = (backward if training else backward_eval)(dy, x, mean, invstd, weight)
+        return grads[0], grads[1], grads[2]
+    n, c, m = g.sizes
+    out = torch.empty_like(x)
+    low = _ACC[x.dtype](alpha if act == "leaky_relu" else 0.0)  # the slope at y <= 0
+    dz, mean, invstd = _like(dz, x), _contiguous(mean, x), _contiguous(invstd, x)
+    w, b = _contiguous(weight, x), _contiguous(bias, x)
+    sd, sdx = ADDRESS.act_backward_fused(
+        _EMPTY[x.dtype], dz.data_ptr(), x.data_ptr(), mean.data_ptr(), invstd.data_ptr(),
+        _address(w), 0 if w is None else c, _address(b), 0 if b is None else c, out.data_ptr(),
+        activations.CODES[act], low, training, n, c, m, block, g.threads, group,
+    )
+    return out, _acc(sdx, x), _acc(sd, x)
 
 
 def _backward_act_via_bn(
