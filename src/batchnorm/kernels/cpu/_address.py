@@ -5,8 +5,9 @@ Handing a tensor to a numba kernel as a numpy array takes three new objects per 
 kernel has streamed megabytes through the caches, and a BN layer's training forward and
 backward hand over ten. These entries take each tensor's address (``Tensor.data_ptr()``:
 an integer, no object) with its sizes, and view the memory as arrays inside compiled code
-(``numba.carray``) before running the ``_nchw`` kernel: 3-4% of a BN layer's training
-step at 8x1024x14x14 (benchmarks/README.md, "Kernel entries by address").
+(``numba.carray``) before running the ``_nchw`` kernel: with ``cpu_backend._geometry``
++4.2% on a BN layer's training step against torch.nn at 8x1024x14x14, about 3.5% of it
+from the addresses (benchmarks/README.md, "Kernel entries by address").
 
 What the caller guarantees (``cpu_backend``): every tensor is a contiguous CPU tensor,
 alive for the call, in the dtype of ``like`` (an empty array of x's dtype): x, dy and the

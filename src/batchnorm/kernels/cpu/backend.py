@@ -268,8 +268,9 @@ def _geometry(x: Tensor) -> _Geometry:
     """The layout, threads and blocks of the kernels' calls on ``x``, worked out once per
     size, strides, dtype and setting (numba's threads and this module's thresholds, which
     tests and benchmarks change): every wrapper below starts here, on every call, and
-    looking them up spares about fifteen tensor reads and four Python calls (1.5% of a BN
-    layer's training step at 8x1024x14x14, benchmarks/README.md)."""
+    looking them up spares about fifteen tensor reads and four Python calls (about 1.5% of
+    a BN layer's training step at 8x1024x14x14, benchmarks/README.md, "Kernel entries by
+    address")."""
     setting = _num_threads()
     key = (x.shape, x.stride(), x.dtype, x.is_cpu, setting, MIN_TASK, PARALLEL_MIN,
            FUSE_BYTES, FUSE_BLOCK_BYTES, GROUP_BYTES)
