@@ -3,10 +3,10 @@ change to the per-call code moved the layer against torch.nn.
 
 The other commit's ``src/`` is unpacked into a temporary folder (``git archive``). Child
 processes then alternate between the two trees (base, this, base, this, ...); each runs
-compile_step.py's rotation at one shape (our layer and torch.nn's, eager and compiled,
-forward + backward of ``y.backward(dy)``, in random order every round) and reports the
-medians and the ratio torch.nn eager / ours eager, so that each ratio comes from one
-process and the machine's drift between processes cancels in it.
+``compile_step.layer_steps`` at one shape (our layer and torch.nn's, eager and compiled,
+forward + backward of ``y.backward(dy)``, in turn, the order reversed every other round)
+and reports the medians and the ratio torch.nn eager / ours eager, so that each ratio
+comes from one process and the machine's drift between processes cancels in it.
 
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \\
         .venv/bin/python benchmarks/layer_ab.py --base HEAD~1 --shape 8x1024x14x14
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -32,36 +31,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 _CHILD = r"""
-import json, random, statistics, sys, time
-import torch, batchnorm
-from torch import nn
+import json, sys
+import torch
+sys.path.insert(0, sys.argv[4])
+import compile_step
 torch.set_num_threads(int(sys.argv[3]))
-shape = tuple(int(s) for s in sys.argv[1].split("x"))
-rounds = int(sys.argv[2])
-x = torch.randn(shape, requires_grad=True)
-dy = torch.randn(shape)
-fns = {}
-for compiled in (False, True):
-    for name, norm in (("torch.nn", nn.BatchNorm2d), ("batchnorm", batchnorm.BatchNorm2d)):
-        layer = norm(shape[1])
-        run = torch.compile(layer, fullgraph=True) if compiled else layer
-        def fn(run=run):
-            run(x).backward(dy)
-            x.grad = None
-        fns[f"{name} {'compiled' if compiled else 'eager'}"] = fn
-for fn in fns.values():
-    for _ in range(5):
-        fn()
-times = {name: [] for name in fns}
-order = list(fns)
-for _ in range(rounds):
-    random.shuffle(order)
-    for name in order:
-        start = time.perf_counter()
-        fns[name]()
-        times[name].append(time.perf_counter() - start)
-medians = {name: statistics.median(t) for name, t in times.items()}
-print(json.dumps(medians))
+times = compile_step.layer_steps(tuple(int(s) for s in sys.argv[1].split("x")), int(sys.argv[2]))
+print(json.dumps({name: t["wall"] for name, t in times.items() if not name.startswith("paired")}))
 """
 
 
@@ -78,7 +54,8 @@ def unpack(rev: str, into: Path) -> Path:
 
 def child(src: Path, shape: str, rounds: int, threads: int) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(src)}
-    done = subprocess.run([sys.executable, "-c", _CHILD, shape, str(rounds), str(threads)],
+    done = subprocess.run([sys.executable, "-c", _CHILD, shape, str(rounds), str(threads),
+                           str(ROOT / "benchmarks")],
                           env=env, capture_output=True, text=True, check=True, timeout=1800)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -121,5 +98,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    random.seed(0)
     main()

@@ -6,7 +6,7 @@ kernel has streamed megabytes through the caches, and a BN layer's training forw
 backward hand over ten. These entries take each tensor's address (``Tensor.data_ptr()``:
 an integer, no object) with its sizes, and view the memory as arrays inside compiled code
 (``numba.carray``) before running the ``_nchw`` kernel: with ``cpu_backend._geometry``
-+4.2% on a BN layer's training step against torch.nn at 8x1024x14x14, about 3.5% of it
++3.7% on a BN layer's training step against torch.nn at 8x1024x14x14, most of it
 from the addresses (benchmarks/README.md, "Kernel entries by address").
 
 What the caller guarantees (``cpu_backend``): every tensor is a contiguous CPU tensor,
